@@ -1,0 +1,340 @@
+"""Reading and writing NIfTI volumes in the project's canonical layout.
+
+Canonical layout: the image is reoriented to the closest RAS+ orientation
+(``nib.as_closest_canonical``), voxel values are the stored values with the header's
+slope/intercept applied (Hounsfield units for CT), and the array is transposed to
+``[D, H, W] = (z, y, x)``. The original affine and shape are kept so that results (attention
+maps, masks) can be written back on the input's own voxel grid (``to_original_orientation``).
+
+Every expected problem with an input file raises ``DataError(path, cause)`` with a one-line
+cause. The rules (documented in docs/data.md, pinned by tests/data/test_io.py):
+
+* missing, empty, truncated or non-NIfTI file -> refused;
+* fewer than 3 dimensions, or a "3D" image with fewer than ``MIN_AXIS_VOXELS`` voxels on an
+  axis (a single slice saved as 3D) -> refused as 2D;
+* 4D: a trailing axis of size 1 is dropped silently; more than one volume is refused (taking
+  the first would silently pick an arbitrary phase/echo, a wrong answer users would not see);
+* NaN or Inf voxels -> refused;
+* spacing outside ``SPACING_RANGE_MM`` (zero, negative, absurdly small or large) -> refused;
+* images (not masks) that are clearly not in HU -> refused; see ``check_hounsfield``;
+* constant images (all voxels equal, e.g. all air) -> refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+import uuid
+
+import nibabel as nib
+import numpy as np
+
+from dsan_jax.errors import DataError
+
+# Voxel sizes outside this range (mm) are header errors, not scans.
+SPACING_RANGE_MM = (0.05, 20.0)
+# A "3D" volume with fewer voxels than this on an axis is a slice (or a stack of 2), not a CT.
+MIN_AXIS_VOXELS = 3
+# Raw scanner values: min >= 0 and max above this with no rescale -> not HU (see check_hounsfield).
+RAW_UNSIGNED_MAX_HU = 2000.0
+# Values no CT in HU reaches; beyond them the data is not HU at all.
+HU_PLAUSIBLE_RANGE = (-4000.0, 40000.0)
+# Affines of an image and its masks may differ by float rounding of this much (mm).
+AFFINE_ATOL_MM = 1e-2
+
+
+@dataclasses.dataclass
+class Volume:
+  """A volume in canonical layout.
+
+  Attributes:
+    array: [D, H, W] float32 (z, y, x), RAS+ canonical; HU for images, {0, 1} for masks.
+    spacing_zyx: voxel size in mm, (z, y, x).
+    affine: 4x4 voxel->world affine of the canonical image, indexed (x, y, z) like NIfTI.
+    original_affine: 4x4 affine of the file as stored.
+    original_shape: spatial shape of the file as stored, (i, j, k).
+    path: the file it came from.
+  """
+  array: np.ndarray
+  spacing_zyx: tuple[float, float, float]
+  affine: np.ndarray
+  original_affine: np.ndarray
+  original_shape: tuple[int, int, int]
+  path: Path
+
+
+@dataclasses.dataclass(frozen=True)
+class HeaderInfo:
+  """What the header says, without reading voxels (cheap; used by manifest validation).
+
+  Attributes:
+    shape: spatial shape as stored (i, j, k).
+    affine: stored 4x4 affine.
+    canonical_shape_zyx: [D, H, W] after canonical reorientation.
+    canonical_affine: affine after canonical reorientation.
+    spacing_zyx: voxel size in mm, (z, y, x), canonical.
+    slope, intercept: scaling from the header (None when absent).
+  """
+  shape: tuple[int, int, int]
+  affine: np.ndarray
+  canonical_shape_zyx: tuple[int, int, int]
+  canonical_affine: np.ndarray
+  spacing_zyx: tuple[float, float, float]
+  slope: float | None
+  intercept: float | None
+
+
+def _load(path: Path) -> nib.Nifti1Image:
+  if not path.exists():
+    raise DataError(path, "file not found")
+  if path.is_dir():
+    raise DataError(path, "is a directory, expected a NIfTI file")
+  if path.stat().st_size == 0:
+    raise DataError(path, "empty file")
+  try:
+    img = nib.load(str(path))
+  except nib.filebasedimages.ImageFileError as e:
+    raise DataError(path, f"not a readable NIfTI file ({_short(e)})") from None
+  except Exception as e:  # OSError, EOFError, HeaderDataError, struct.error...: all damage.
+    raise DataError(path, f"cannot read header, truncated or corrupt ({_short(e)})") from None
+  if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+    raise DataError(path, f"not a NIfTI image (nibabel reads it as {type(img).__name__})")
+  return img
+
+
+def _short(e: BaseException) -> str:
+  msg = " ".join(str(e).split())
+  msg = msg if len(msg) < 160 else msg[:157] + "..."
+  return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def _spatial_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, int, int]:
+  """Validates dimensionality; returns the 3 spatial sizes (squeezing trailing singletons)."""
+  shape = tuple(int(s) for s in shape)
+  if len(shape) < 3:
+    raise DataError(path, f"{len(shape)}D image of shape {shape}, expected a 3D volume")
+  extra = shape[3:]
+  if any(s != 1 for s in extra):
+    raise DataError(
+        path, f"4D image of shape {shape} holds {int(np.prod(extra))} volumes; refusing to "
+        "guess which one is the CT (extract the volume, e.g. with fslroi, and retry)")
+  spatial = shape[:3]
+  if min(spatial) < MIN_AXIS_VOXELS:
+    raise DataError(
+        path, f"image of shape {spatial} is 2D (an axis has fewer than {MIN_AXIS_VOXELS} "
+        "voxels), expected a 3D volume")
+  return spatial  # type: ignore[return-value]
+
+
+def _canonical_geometry(shape, affine):
+  """Canonical (RAS+) shape (x, y, z) and affine, from the header alone."""
+  ornt = nib.io_orientation(affine)
+  canonical_affine = affine @ nib.orientations.inv_ornt_aff(ornt, shape)
+  # io_orientation gives, per stored axis, the world axis it maps to; invert that permutation.
+  perm = [0, 0, 0]
+  for stored_axis, (world_axis, _) in enumerate(ornt):
+    perm[int(world_axis)] = stored_axis
+  canonical_shape = tuple(int(shape[p]) for p in perm)
+  return canonical_shape, canonical_affine
+
+
+def _check_spacing(path: Path, spacing) -> tuple[float, float, float]:
+  spacing = tuple(float(s) for s in spacing)
+  lo, hi = SPACING_RANGE_MM
+  if not all(np.isfinite(s) and lo <= s <= hi for s in spacing):
+    raise DataError(
+        path, f"voxel spacing {tuple(round(s, 6) for s in spacing)} mm is zero, negative or "
+        f"outside [{lo}, {hi}] mm; fix the header (pixdim / affine)")
+  return spacing  # type: ignore[return-value]
+
+
+def _check_raw_pixdim(path: Path, img) -> None:
+  """Refuses zero/negative pixdim when the affine is built from it.
+
+  nibabel "fixes" pixdim 0 to 1 mm while loading (a silent wrong spacing), so the header is
+  re-read unchecked. With an sform the affine does not depend on pixdim and wins.
+  """
+  if int(img.header["sform_code"]) > 0:
+    return
+  try:
+    with nib.openers.ImageOpener(str(path)) as f:
+      raw = type(img.header).from_fileobj(f, check=False)
+  except Exception:  # The checked header was readable; nothing more to learn here.
+    return
+  pixdim = np.asarray(raw["pixdim"][1:4], np.float64)
+  if not np.all(np.isfinite(pixdim) & (pixdim > 0)):
+    raise DataError(
+        path, f"voxel spacing (pixdim) {tuple(float(p) for p in pixdim)} mm is zero or "
+        "negative and the file has no sform; fix the header")
+
+
+def read_header(path: str | os.PathLike) -> HeaderInfo:
+  """Reads and validates a NIfTI header only (no voxel data).
+
+  Args:
+    path: a .nii or .nii.gz file.
+
+  Returns:
+    HeaderInfo.
+
+  Raises:
+    DataError: missing/empty/non-NIfTI file, not 3D, bad spacing or affine.
+  """
+  path = Path(path)
+  img = _load(path)
+  shape = _spatial_shape(path, img.shape)
+  affine = np.asarray(img.affine, dtype=np.float64)
+  _check_raw_pixdim(path, img)
+  if not np.all(np.isfinite(affine)):
+    raise DataError(path, "affine is not finite; fix the header (sform/qform)")
+  _check_spacing(path, np.sqrt((affine[:3, :3] ** 2).sum(axis=0))[::-1])
+  if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+    raise DataError(path, "affine is singular (voxel axes not independent); fix the header")
+  canonical_shape, canonical_affine = _canonical_geometry(shape, affine)
+  spacing_xyz = np.sqrt((canonical_affine[:3, :3] ** 2).sum(axis=0))
+  spacing_zyx = _check_spacing(path, spacing_xyz[::-1])
+  slope, inter = img.dataobj.slope, img.dataobj.inter
+  return HeaderInfo(
+      shape=shape,
+      affine=affine,
+      canonical_shape_zyx=canonical_shape[::-1],
+      canonical_affine=canonical_affine,
+      spacing_zyx=spacing_zyx,
+      slope=None if slope is None or not np.isfinite(slope) else float(slope),
+      intercept=None if inter is None or not np.isfinite(inter) else float(inter),
+  )
+
+
+def check_hounsfield(path, array: np.ndarray, slope, intercept) -> None:
+  """Refuses images that are clearly not in Hounsfield units.
+
+  Rule (docs/data.md): a CT in HU has air near -1000. If the smallest value is >= 0, the
+  largest exceeds ``RAW_UNSIGNED_MAX_HU`` and the header has no rescale (intercept 0 or
+  absent, slope 1 or absent), the file holds raw unsigned scanner values (typically 0..4095)
+  whose intercept (usually -1024) was lost in conversion. Values outside
+  ``HU_PLAUSIBLE_RANGE`` are refused as well. A scan with min >= 0 but max <= 2000, or with a
+  header intercept, passes (it may be cropped to the body).
+
+  Raises:
+    DataError: with the observed range and the likely fix.
+  """
+  lo, hi = float(array.min()), float(array.max())
+  no_rescale = (intercept in (None, 0.0)) and (slope in (None, 1.0))
+  if lo >= 0 and hi > RAW_UNSIGNED_MAX_HU and no_rescale:
+    raise DataError(
+        path, f"values {lo:g}..{hi:g} with no rescale intercept look like raw unsigned scanner "
+        "values, not Hounsfield units (air should be near -1000); convert with the DICOM "
+        "RescaleIntercept (usually -1024)")
+  if lo < HU_PLAUSIBLE_RANGE[0] or hi > HU_PLAUSIBLE_RANGE[1]:
+    raise DataError(
+        path, f"values {lo:g}..{hi:g} are outside any CT range in Hounsfield units "
+        f"{HU_PLAUSIBLE_RANGE}")
+
+
+def read_volume(path: str | os.PathLike, *, is_mask: bool = False) -> Volume:
+  """Reads a NIfTI file into canonical layout, validating it.
+
+  Args:
+    path: a .nii or .nii.gz file.
+    is_mask: the file is a segmentation mask: values are binarised (integer labels: > 0;
+      non-integer values, i.e. probabilities: >= 0.5) and the HU and constant checks are
+      skipped (an empty mask is the caller's to judge).
+
+  Returns:
+    Volume with ``array`` [D, H, W] float32 (HU, or {0, 1} for masks).
+
+  Raises:
+    DataError: for every rule in the module docstring.
+  """
+  path = Path(path)
+  header = read_header(path)
+  img = _load(path)
+  try:
+    # Unscaled + float32 scaling here: nibabel would scale in float64 (2x the memory, slower).
+    data = np.asarray(img.dataobj.get_unscaled())
+  except Exception as e:  # nibabel/gzip raise many types for damaged data; all mean the same.
+    raise DataError(path, f"cannot read voxel data, truncated or corrupt ({_short(e)})") from None
+  data = data.reshape(data.shape[:3]).astype(np.float32)
+  slope, inter = img.dataobj.slope, img.dataobj.inter  # 1 and 0 when the header has none.
+  if slope != 1:
+    data *= np.float32(slope)
+  if inter != 0:
+    data += np.float32(inter)
+  if not np.all(np.isfinite(data)):
+    n_bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+    raise DataError(path, f"{n_bad} NaN or Inf voxels")
+  # Reorient the array exactly as as_closest_canonical does, without a second copy of the image.
+  ornt = nib.io_orientation(header.affine)
+  data = nib.orientations.apply_orientation(data, ornt)
+  array = np.ascontiguousarray(data.transpose(2, 1, 0))
+  if is_mask:
+    # Label maps (0/1, 0/1/2, 0/255) -> > 0; soft masks (probabilities) -> >= 0.5.
+    soft = bool(np.any(array != np.round(array)))
+    array = ((array >= 0.5) if soft else (array > 0)).astype(np.float32)
+  else:
+    if array.min() == array.max():
+      raise DataError(path, f"constant image (every voxel is {float(array.min()):g})")
+    check_hounsfield(path, array, header.slope, header.intercept)
+  return Volume(
+      array=array,
+      spacing_zyx=header.spacing_zyx,
+      affine=header.canonical_affine,
+      original_affine=header.affine,
+      original_shape=header.shape,
+      path=path,
+  )
+
+
+def same_grid(a_shape, a_affine, b_shape, b_affine, atol: float = AFFINE_ATOL_MM) -> bool:
+  """Whether two (shape, affine) pairs describe the same voxel grid, within ``atol`` mm."""
+  return tuple(a_shape) == tuple(b_shape) and np.allclose(a_affine, b_affine, atol=atol)
+
+
+def to_original_orientation(array_dhw: np.ndarray, original_affine: np.ndarray) -> np.ndarray:
+  """Inverse of the canonical reorientation: [D, H, W] canonical -> array in the file's order.
+
+  Args:
+    array_dhw: [D, H, W] array on the canonical grid of an image read with ``read_volume``.
+    original_affine: that image's stored affine (``Volume.original_affine``).
+
+  Returns:
+    Array indexed like the stored file (i, j, k); save it with ``original_affine``.
+  """
+  xyz = array_dhw.transpose(2, 1, 0)
+  # apply_orientation(data, ornt) maps stored -> canonical; ornt_transform(RAS, ornt) inverts it.
+  inverse = nib.orientations.ornt_transform(
+      nib.orientations.axcodes2ornt("RAS"), nib.io_orientation(original_affine))
+  return np.ascontiguousarray(nib.orientations.apply_orientation(xyz, inverse))
+
+
+def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray,
+                header: nib.Nifti1Header | None = None) -> Path:
+  """Writes a NIfTI file atomically (temporary file in the same folder, then ``os.replace``).
+
+  A process killed mid-write leaves at most a hidden temporary file, never a truncated
+  ``path``.
+
+  Args:
+    path: destination, .nii or .nii.gz.
+    array: voxel array indexed like ``affine`` (i, j, k).
+    affine: 4x4 voxel->world affine.
+    header: optional header to copy (dtype, units...).
+
+  Returns:
+    The destination path.
+  """
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
+  tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}"
+  img = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64), header=header)
+  img.set_qform(affine, code=1)
+  img.set_sform(affine, code=1)
+  try:
+    nib.save(img, str(tmp))
+    os.replace(tmp, path)
+  finally:
+    if tmp.exists():
+      tmp.unlink()
+  return path

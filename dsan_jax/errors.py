@@ -1,0 +1,33 @@
+"""Errors that the command-line tools report as one line (file and cause), without a traceback."""
+
+
+class DsanError(Exception):
+  """Base class of expected, user-facing errors (bad input, bad config, no space...)."""
+
+
+class DataError(DsanError):
+  """A data file or manifest is unusable. The message names the file and the cause."""
+
+  def __init__(self, path, cause: str):
+    self.path = str(path)
+    self.cause = cause
+    super().__init__(f"{self.path}: {cause}")
+
+
+class ManifestError(DsanError):
+  """A manifest has one or more bad rows; ``problems`` lists every one of them."""
+
+  def __init__(self, manifest_path, problems: list[str]):
+    self.manifest_path = str(manifest_path)
+    self.problems = list(problems)
+    lines = "\n".join(f"  - {p}" for p in self.problems)
+    super().__init__(
+        f"{self.manifest_path}: {len(self.problems)} problem(s) found:\n{lines}")
+
+
+class ConfigError(DsanError):
+  """The configuration is inconsistent (e.g. batch not divisible by the device count)."""
+
+
+class ResourceError(DsanError):
+  """Not enough disk space, an unwritable work directory, ..."""

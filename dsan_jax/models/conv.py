@@ -1,0 +1,258 @@
+"""3D convolution with a selectable implementation.
+
+Every implementation computes the same function from the same parameter (``kernel:
+[kd, kh, kw, C, O]``), so checkpoints are interchangeable between them:
+
+* ``"xla"``: ``lax.conv_general_dilated`` on the 3D kernel. On GPU/TPU this is cuDNN's (or
+  the TPU's) native 3D convolution, the fastest there is. On XLA:CPU (jaxlib 0.10) 3D
+  convolutions run through slow generic code: 50-100 GFLOP/s forward and about 9 GFLOP/s for
+  the backward of strided convolutions on 2 cores (issue 5, benchmarks/README.md).
+* ``"folded"``: the depth taps are folded into channels and the result is one 2D
+  convolution, which XLA:CPU sends to its fast library path. For a kernel
+  ``[kd, kh, kw, C, O]`` and depth stride ``sd`` the ``kd`` depth-shifted slices
+  ``x[:, i::sd][:D']`` are stacked on the channel axis, giving ``[B * D', H, W, kd * C]``,
+  which is convolved with the kernel reshaped to ``[kh, kw, kd * C, O]``. The folded input
+  is ``kd / sd`` times the size of ``x`` (and is kept for the backward pass). 1x1x1
+  convolutions (the projection shortcuts) are a strided slice and a matmul
+  (``dot_general``), which needs no copy at all.
+
+``"auto"`` (the config default) resolves per backend with ``resolve_conv_impl``: ``"folded"``
+on CPU (measured faster, see benchmarks/README.md), ``"xla"`` elsewhere.
+
+XLA:CPU also has a flag that changes the speed *and* precision of 2D convolutions;
+``recommended_cpu_xla_flags`` returns it when this jaxlib supports it. It must be in
+``XLA_FLAGS`` before JAX initialises its backend: see ``apply_recommended_cpu_xla_flags``.
+"""
+
+import functools
+import os
+import subprocess
+import sys
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+CONV_IMPLS = ("xla", "folded")
+
+# Removes individual convolutions from XLA:CPU's YNNPACK rewriting, so 2D convolutions use
+# Eigen's kernels: on this jaxlib that is both faster for this network and keeps fp32
+# gradients of the folded path at float32 accuracy (about 5e-6 relative to float64 instead
+# of about 5e-3 with YNNPACK's convolutions). See benchmarks/README.md for the measurements.
+YNN_CONV_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+
+_DIMS_3D = ("NDHWC", "DHWIO", "NDHWC")
+_DIMS_2D = ("NHWC", "HWIO", "NHWC")
+
+
+def _default_impl_for_backend(backend: str) -> str:
+  # cuDNN and the TPU compiler have native 3D convolutions; folding there only adds copies
+  # (the kd-fold input) and memory. On CPU the 2D library path wins (benchmarks/README.md).
+  return "folded" if backend == "cpu" else "xla"
+
+
+def resolve_conv_impl(impl: str, backend: str | None = None) -> str:
+  """Maps "auto" to the implementation chosen for a backend and validates names.
+
+  Args:
+    impl: "auto" or one of ``CONV_IMPLS``.
+    backend: platform name ("cpu", "gpu", "tpu"); None -> ``jax.default_backend()``.
+
+  Returns:
+    One of ``CONV_IMPLS``.
+
+  Raises:
+    ValueError: for an unknown name.
+  """
+  if impl == "auto":
+    return _default_impl_for_backend(backend or jax.default_backend())
+  if impl not in CONV_IMPLS:
+    raise ValueError(f"Unknown conv_impl {impl!r}; expected 'auto' or one of {CONV_IMPLS}.")
+  return impl
+
+
+def _out_size(size: int, k: int, s: int, lo: int, hi: int) -> int:
+  return (size + lo + hi - k) // s + 1
+
+
+def _conv3d_xla(x, kernel, strides, padding):
+  return lax.conv_general_dilated(
+      x, kernel, window_strides=tuple(strides), padding=tuple(padding),
+      dimension_numbers=_DIMS_3D)
+
+
+def _conv3d_pointwise(x, kernel, strides, padding):
+  """1x1x1 convolution as a strided slice plus a matmul over channels."""
+  if any(lo or hi for lo, hi in padding):
+    x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+  sd, sh, sw = strides
+  if (sd, sh, sw) != (1, 1, 1):
+    x = x[:, ::sd, ::sh, ::sw]
+  w = kernel.reshape(kernel.shape[-2:])
+  # [B, D', H', W', C] x [C, O] -> [B, D', H', W', O]
+  return lax.dot_general(x, w, (((4,), (0,)), ((), ())))
+
+
+def _conv3d_folded(x, kernel, strides, padding):
+  """3D convolution as a 2D convolution over depth taps stacked on channels."""
+  kd, kh, kw, c, o = kernel.shape
+  if (kd, kh, kw) == (1, 1, 1):
+    return _conv3d_pointwise(x, kernel, strides, padding)
+  b, d, h, w, _ = x.shape
+  sd, sh, sw = strides
+  (pd_lo, pd_hi), pad_h, pad_w = padding
+  d_out = _out_size(d, kd, sd, pd_lo, pd_hi)
+  if pd_lo or pd_hi:
+    x = jnp.pad(x, ((0, 0), (pd_lo, pd_hi), (0, 0), (0, 0), (0, 0)))
+  # Tap i of output depth j reads padded depth j * sd + i.
+  span = sd * (d_out - 1) + 1
+  taps = [lax.slice_in_dim(x, i, i + span, stride=sd, axis=1) for i in range(kd)]
+  # [B, D', H, W, kd, C] -> [B * D', H, W, kd * C]; channel index = i * C + c.
+  folded = jnp.stack(taps, axis=4).reshape(b * d_out, h, w, kd * c)
+  # [kd, kh, kw, C, O] -> [kh, kw, kd, C, O] -> [kh, kw, kd * C, O], matching the order above.
+  kernel2d = jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(kh, kw, kd * c, o)
+  y = lax.conv_general_dilated(
+      folded, kernel2d, window_strides=(sh, sw), padding=(tuple(pad_h), tuple(pad_w)),
+      dimension_numbers=_DIMS_2D)
+  return y.reshape(b, d_out, *y.shape[1:])
+
+
+_IMPL_FNS = {"xla": _conv3d_xla, "folded": _conv3d_folded}
+
+
+def conv3d(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
+           padding: Sequence[tuple[int, int]], impl: str = "xla") -> jax.Array:
+  """3D convolution, channels last.
+
+  Args:
+    x: [B, D, H, W, C] input.
+    kernel: [kd, kh, kw, C, O] kernel.
+    strides: (sd, sh, sw).
+    padding: ((lo, hi),) * 3 explicit zero padding on (D, H, W).
+    impl: "auto" or one of ``CONV_IMPLS`` (see the module docstring).
+
+  Returns:
+    [B, D', H', W', O] output, D' = (D + lo + hi - kd) // sd + 1 (likewise H', W').
+  """
+  impl = resolve_conv_impl(impl)
+  if x.ndim != 5 or kernel.ndim != 5 or x.shape[-1] != kernel.shape[3]:
+    raise ValueError(f"conv3d expects x [B, D, H, W, C] and kernel [kd, kh, kw, C, O]; got "
+                     f"{x.shape} and {kernel.shape}.")
+  strides = tuple(int(s) for s in strides)
+  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  return _IMPL_FNS[impl](x, kernel, strides, padding)
+
+
+class Conv3D(nn.Module):
+  """Bias-free-by-default 3D convolution with 'SAME'-style symmetric padding k // 2.
+
+  Parameters are named and shaped as ``flax.linen.Conv``'s (``kernel: [kd, kh, kw, C, O]``),
+  identically for every ``impl``.
+
+  Attributes:
+    features: output channels O.
+    kernel_size: (kd, kh, kw).
+    strides: (sd, sh, sw).
+    use_bias: add a bias of shape [O].
+    impl: "auto" or one of ``CONV_IMPLS``.
+    dtype: compute dtype (None -> the input's).
+    param_dtype: parameter dtype.
+    kernel_init: kernel initializer.
+  """
+  features: int
+  kernel_size: Sequence[int] = (3, 3, 3)
+  strides: Sequence[int] = (1, 1, 1)
+  use_bias: bool = False
+  impl: str = "xla"
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  kernel_init: Any = nn.initializers.kaiming_normal()
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Applies the convolution.
+
+    Args:
+      x: [B, D, H, W, C] input.
+
+    Returns:
+      [B, D', H', W', features] output.
+    """
+    in_features = x.shape[-1]
+    kernel = self.param("kernel", self.kernel_init,
+                        (*self.kernel_size, in_features, self.features), self.param_dtype)
+    dtype = self.dtype or x.dtype
+    x, kernel = x.astype(dtype), kernel.astype(dtype)
+    padding = [(k // 2, k // 2) for k in self.kernel_size]
+    y = conv3d(x, kernel, self.strides, padding, self.impl)
+    if self.use_bias:
+      bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+      y = y + bias.astype(dtype)
+    return y
+
+
+# ------------------------------------------------------------------------ XLA:CPU flags.
+
+
+@functools.lru_cache(maxsize=None)
+def xla_flag_supported(flag: str) -> bool:
+  """Whether this jaxlib accepts ``flag`` in XLA_FLAGS.
+
+  XLA aborts the process on an unknown flag, so the check runs a throw-away Python
+  subprocess (about 1 s, cached per process) that initialises the CPU backend with the flag.
+
+  Args:
+    flag: one XLA flag, e.g. ``YNN_CONV_FLAG``.
+
+  Returns:
+    True when the subprocess ran a computation and exited cleanly.
+  """
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = flag
+  env["JAX_PLATFORMS"] = "cpu"
+  code = "import jax.numpy as jnp; jnp.ones(2).sum().block_until_ready()"
+  try:
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          timeout=120, check=False)
+  except (OSError, subprocess.TimeoutExpired):
+    return False
+  return proc.returncode == 0
+
+
+def recommended_cpu_xla_flags() -> str:
+  """XLA flags that make this library's CPU path faster and more precise, if supported.
+
+  Returns:
+    ``YNN_CONV_FLAG`` when this jaxlib accepts it, else "" (older/newer jaxlibs without
+    YNNPACK fusion types). The flag only affects XLA:CPU; it is harmless on GPU/TPU.
+  """
+  return YNN_CONV_FLAG if xla_flag_supported(YNN_CONV_FLAG) else ""
+
+
+def apply_recommended_cpu_xla_flags() -> str:
+  """Appends ``recommended_cpu_xla_flags()`` to ``os.environ["XLA_FLAGS"]``.
+
+  Call it at the top of an entry point, before the first JAX computation (XLA reads
+  XLA_FLAGS once, when the backend starts). It keeps the user's own flags and does nothing
+  when the user already set ``--xla_cpu_experimental_ynn_fusion_type``, when the
+  environment variable ``DSAN_NO_XLA_FLAGS`` is set, or when the flag is unsupported.
+
+  Returns:
+    The flags that were added ("" when none).
+
+  Raises:
+    RuntimeError: when the JAX backend is already initialised (the flag would be ignored).
+  """
+  current = os.environ.get("XLA_FLAGS", "")
+  if os.environ.get("DSAN_NO_XLA_FLAGS") or "xla_cpu_experimental_ynn_fusion_type" in current:
+    return ""
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  if xla_bridge.backends_are_initialized():
+    raise RuntimeError("apply_recommended_cpu_xla_flags() must run before the first JAX "
+                       "computation; XLA_FLAGS is read when the backend starts.")
+  flags = recommended_cpu_xla_flags()
+  if flags:
+    os.environ["XLA_FLAGS"] = f"{current} {flags}".strip()
+  return flags

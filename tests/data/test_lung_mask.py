@@ -1,0 +1,113 @@
+"""Classical lung segmentation: phantom Dice, real CTs (both lungs, plausible volume), picture."""
+
+import time
+
+import numpy as np
+import pytest
+
+from dsan_jax.data import io, lung_mask
+from tests.data.conftest import phantom_zyx
+
+
+def _dice(a, b):
+  a, b = a.astype(bool), b.astype(bool)
+  return 2.0 * (a & b).sum() / (a.sum() + b.sum())
+
+
+def _add_airways_and_gas(hu, spacing_zyx):
+  """Adds a trachea (air tube above the lungs, joined to both) and a bowel-gas pocket."""
+  d, h, w = hu.shape
+  sz, sy, sx = spacing_zyx
+  z, y, x = np.meshgrid((np.arange(d) - (d - 1) / 2) * sz, (np.arange(h) - (h - 1) / 2) * sy,
+                        (np.arange(w) - (w - 1) / 2) * sx, indexing="ij")
+  trachea = (x ** 2 + (y + 10.0) ** 2 <= 9.0 ** 2) & (z > 40.0) & (z < 195.0)
+  # Main bronchi: horizontal tubes from the carina into each lung.
+  bronchi = ((y + 10.0) ** 2 + (z - 45.0) ** 2 <= 5.0 ** 2) & (np.abs(x) < 70.0)
+  gas = ((x - 40.0) / 20.0) ** 2 + ((y - 40.0) / 15.0) ** 2 + ((z + 150.0) / 15.0) ** 2 <= 1.0
+  out = hu.copy()
+  out[trachea | bronchi | gas] = -1000.0
+  return out, trachea | bronchi, gas
+
+
+@pytest.mark.parametrize("spacing_zyx", [(5.0, 3.0, 3.0), (2.5, 1.5, 1.5)])
+def test_phantom_dice(spacing_zyx):
+  shape = tuple(int(round(e / s)) for e, s in zip((440.0, 260.0, 330.0), spacing_zyx))
+  hu, truth = phantom_zyx(shape, spacing_zyx)
+  hu, airways, gas = _add_airways_and_gas(hu, spacing_zyx)
+  truth = truth & ~airways & ~gas
+  t0 = time.perf_counter()
+  mask = lung_mask.segment_lungs(hu, spacing_zyx)
+  seconds = time.perf_counter() - t0
+  dice = _dice(mask, truth)
+  true_lungs = phantom_zyx(shape, spacing_zyx)[1].astype(bool)
+  outside_airway = mask.astype(bool) & airways & ~true_lungs
+  print(f"phantom {shape} at {spacing_zyx} mm: Dice {dice:.4f}, {seconds:.2f} s")
+  assert mask.dtype == np.uint8 and mask.shape == hu.shape
+  # Bound: the mask differs from the truth only by the boundary voxels that a -320 HU
+  # threshold of a noisy, linearly resampled edge may flip, plus the bronchi inside the lungs
+  # (kept by design) and the closing: a few % of the lung volume at these voxel sizes.
+  assert dice > 0.95
+  assert not (mask.astype(bool) & gas).any(), "bowel gas kept"
+  assert outside_airway.sum() < 0.05 * airways.sum(), "trachea kept"
+  sides = lung_mask.left_right_volumes(mask, spacing_zyx)
+  assert [s for s, _ in sides] in (["right", "left"], ["left", "right"])
+
+
+def test_synthetic_phantoms_dice():
+  """Against the phantom generator's true lung masks (dsan_jax.data.synthetic).
+
+  Bound: the threshold method cannot include lesion voxels denser than -320 HU that touch
+  the chest wall; at worst the whole infected fraction r of the lung is lost, which gives
+  Dice = 2 (1 - r) / (2 - r). We allow 0.05 below that for boundary voxels (these phantoms
+  are small: ~100 voxels across) and the main bronchi that the mask keeps.
+  """
+  from dsan_jax.data import synthetic
+  dices = []
+  for spec in synthetic.plan_cases(8, seed=0):
+    case = synthetic.render_case(spec)
+    spacing_zyx = tuple(float(s) for s in np.asarray(case["spacing"])[::-1])
+    mask = lung_mask.segment_lungs(case["hu"].astype(np.float32), spacing_zyx)
+    r = float(case["infection"].sum() / max(case["lung"].sum(), 1))
+    dice = _dice(mask, case["lung"])
+    bound = 2 * (1 - r) / (2 - r) - 0.05
+    print(f"{spec.case_id}: r={r:.3f} Dice {dice:.3f} (bound {bound:.3f})")
+    assert dice > bound, (spec.case_id, r, dice)
+    assert len(lung_mask.left_right_volumes(mask, spacing_zyx)) == 2
+    dices.append(dice)
+  print(f"median Dice {np.median(dices):.3f}")
+
+
+def test_empty_and_no_lungs():
+  hu = np.full((8, 16, 16), -1000.0, np.float32)
+  assert lung_mask.segment_lungs(hu, (5.0, 5.0, 5.0)).sum() == 0
+  hu[:, 2:14, 2:14] = 40.0  # A body with no air inside.
+  assert lung_mask.segment_lungs(hu, (5.0, 5.0, 5.0)).sum() == 0
+
+
+def test_volume_and_sides():
+  m = np.zeros((10, 10, 20), np.uint8)
+  m[2:8, 2:8, 1:6] = 1  # Low x = patient's left in RAS+.
+  m[2:8, 2:8, 12:19] = 1
+  assert lung_mask.lung_volume_litres(m, (10.0, 10.0, 10.0)) == pytest.approx(36 * 12 / 1000)
+  assert lung_mask.left_right_volumes(m, (10.0, 10.0, 10.0)) == [
+      ("right", pytest.approx(0.252)), ("left", pytest.approx(0.18))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["P002", "cap002"])
+def test_real_ct_both_lungs(real_ct_dir, name, tmp_path):
+  vol = io.read_volume(real_ct_dir / f"{name}.nii.gz")
+  t0 = time.perf_counter()
+  mask = lung_mask.segment_lungs(vol.array, vol.spacing_zyx)
+  seconds = time.perf_counter() - t0
+  total = lung_mask.lung_volume_litres(mask, vol.spacing_zyx)
+  sides = lung_mask.left_right_volumes(mask, vol.spacing_zyx)
+  print(f"{name}: lungs {total:.2f} L {sides}, {seconds:.1f} s")
+  assert 2.0 < total < 8.0
+  assert len(sides) == 2 and {s for s, _ in sides} == {"left", "right"}
+  for _, litres in sides:
+    assert 0.7 < litres < 5.0
+  # The largest component of a right lung is usually the right one (the heart sits left).
+  png = tmp_path / f"{name}.png"
+  lung_mask.save_overlay_png(vol.array, mask, vol.spacing_zyx, str(png), title=name)
+  assert png.stat().st_size > 10_000
