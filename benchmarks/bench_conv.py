@@ -14,6 +14,8 @@ Usage:
   python benchmarks/bench_conv.py --size 48,96,96 --batch 2 --reps 5
   # With and without the YNNPACK flag (one subprocess per layer and flag setting, alternated):
   python benchmarks/bench_conv.py --size 48,96,96 --compare_flag
+  # The whole network (forward+backward of the DSAN loss), xla vs folded vs PyTorch:
+  python benchmarks/bench_conv.py --size 48,96,96 --network
   # Numerics of the gradients against float64, per layer (fp32 relative max error):
   python benchmarks/bench_conv.py --size 48,96,96 --numerics
 """
@@ -97,7 +99,7 @@ def bench_layer(prob, reps, impls=IMPLS):
   import numpy as np  # pylint: disable=g-import-not-at-top
   x, w = _inputs(prob, np.float32)
   x, w = jnp.asarray(x), jnp.asarray(w)
-  fns = {impl: _make_fns(prob, impl) for impl in impls}
+  fns = {impl: _make_fns(prob, impl) for impl in set(impls) | {"xla"}}
   y = fns[impls[0]][0](x, w)
   g = jnp.asarray(np.random.default_rng(1).standard_normal(y.shape).astype(np.float32))
   flops_fwd = _flops(fns["xla"][0], x, w)
@@ -142,26 +144,101 @@ def numerics_layer(prob, impls=IMPLS):
   return out
 
 
-def _print_bench(size, batch, results):
+def bench_network(size, batch, reps, impls=IMPLS, with_torch=True):
+  """Whole-network forward+backward (train mode) of DSAN's loss, per impl and PyTorch.
+
+  The loss is the one of ``torch_dsan.dsan_loss`` (BCE + 0.5 * Eq. 3 over COVID cases with a
+  mask), with no optimizer update, so only the network's cost is compared.
+
+  Returns:
+    {name: median seconds}, {name: min seconds} and the FLOPs of the xla program. Under
+    contention the minimum is the less disturbed estimate (noise only adds time).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from dsan_jax.models import DSAN  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  x = rng.random((batch, *size, 1)).astype(np.float32)
+  mask = (rng.random((batch, *size)) < 0.1).astype(np.float32)
+  label = (np.arange(batch) % 2 == 0).astype(np.int32)
+  valid = label.astype(np.float32)
+  fns, flops = {}, float("nan")
+  for impl in impls:
+    model = DSAN(conv_impl=impl)
+    variables = model.init(jax.random.key(0), jnp.asarray(x[:1]))
+
+    def loss(params, batch_stats, x, model=model):
+      (logits, aux), upd = model.apply({"params": params, "batch_stats": batch_stats}, x,
+                                       train=True, return_attention=True,
+                                       mutable=["batch_stats"])
+      att, m = aux["attention"], jnp.asarray(mask)
+      per = (jnp.sum((att - m)**2, (1, 2, 3))
+             / jnp.maximum(jnp.sum(att, (1, 2, 3)) + jnp.sum(m, (1, 2, 3)), 1e-8))
+      bce = jnp.mean(optax.sigmoid_binary_cross_entropy(logits, jnp.asarray(label, jnp.float32)))
+      return bce + 0.5 * jnp.sum(per * valid) / max(valid.sum(), 1.0), upd
+
+    args = (variables["params"], variables["batch_stats"], jnp.asarray(x))
+    compiled = jax.jit(jax.grad(loss, has_aux=True)).lower(*args).compile()
+    if impl == "xla":
+      cost = compiled.cost_analysis()
+      flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+    fns[impl] = lambda c=compiled, a=args: jax.block_until_ready(c(*a))
+  if with_torch:
+    try:
+      import torch  # pylint: disable=g-import-not-at-top
+      sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+      import torch_dsan  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      print("PyTorch not installed: skipping it (pip install dsan_jax[benchmarks])")
+    else:
+      tmodel = torch_dsan.DSAN().train()
+      xt = torch.from_numpy(np.moveaxis(x, -1, 1).copy())
+      mt, lt = torch.from_numpy(mask), torch.from_numpy(label)
+      ht = torch.ones(batch, dtype=torch.bool)
+
+      def torch_step():
+        tmodel.zero_grad()
+        logits, aux = tmodel(xt, return_attention=True)
+        torch_dsan.dsan_loss(logits, aux["attention"], mt, lt, ht).backward()
+
+      fns["torch"] = torch_step
+  for fn in fns.values():
+    fn()
+  times = {name: [] for name in fns}
+  for _ in range(reps):
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - t0)
+  return ({name: statistics.median(t) for name, t in times.items()},
+          {name: min(t) for name, t in times.items()}, flops)
+
+
+def _print_bench(size, batch, results, impls=IMPLS):
+  both = set(impls) == {"xla", "folded"}
   print(f"\ninput {size[0]}x{size[1]}x{size[2]}, batch {batch}; median seconds and GFLOP/s "
         f"(FLOPs of the xla program)")
   head = (f"{'layer':9s} {'x shape':>22s} {'k':>1s} {'s':>1s} {'n':>2s} | "
-          + " | ".join(f"{impl:>6s} fwd s  GF/s  f+b s  GF/s" for impl in IMPLS)
-          + " | fold speedup fwd  f+b")
+          + " | ".join(f"{impl:>6s} fwd s  GF/s  f+b s  GF/s" for impl in impls)
+          + (" | fold speedup fwd  f+b" if both else ""))
   print(head)
-  tot = {impl: [0.0, 0.0] for impl in IMPLS}
+  tot = {impl: [0.0, 0.0] for impl in impls}
   for prob, res in results:
     cells = []
-    for impl in IMPLS:
+    for impl in impls:
       r = res[impl]
       cells.append(f"{r['fwd_s']:12.4f} {r['fwd_gflops']:5.0f} {r['bwd_s']:6.3f} "
                    f"{r['bwd_gflops']:5.0f}")
       tot[impl][0] += r["fwd_s"] * prob["count"]
       tot[impl][1] += r["bwd_s"] * prob["count"]
-    sp_f = res["xla"]["fwd_s"] / res["folded"]["fwd_s"]
-    sp_b = res["xla"]["bwd_s"] / res["folded"]["bwd_s"]
+    speedup = ""
+    if both:
+      speedup = (f" | {res['xla']['fwd_s'] / res['folded']['fwd_s']:13.2f} "
+                 f"{res['xla']['bwd_s'] / res['folded']['bwd_s']:5.2f}")
     print(f"{prob['name']:9s} {str(prob['x_shape']):>22s} {prob['k']} {prob['s']} "
-          f"{prob['count']:2d} | " + " | ".join(cells) + f" | {sp_f:13.2f} {sp_b:5.2f}")
+          f"{prob['count']:2d} | " + " | ".join(cells) + speedup)
   print("sum over the network's 36 convolutions (time x count): "
         + ", ".join(f"{impl}: fwd {t[0]:.3f} s, f+b {t[1]:.3f} s" for impl, t in tot.items()))
 
@@ -172,14 +249,19 @@ def main():
   parser.add_argument("--batch", type=int, default=2)
   parser.add_argument("--reps", type=int, default=5)
   parser.add_argument("--layers", default="", help="comma-separated subset of layer names")
+  parser.add_argument("--impls", default=",".join(IMPLS), help="comma-separated impls")
   parser.add_argument("--numerics", action="store_true",
                       help="print fp32 errors vs float64 instead of timings")
   parser.add_argument("--compare_flag", action="store_true",
                       help="run every layer with and without the YNNPACK flag (subprocesses)")
+  parser.add_argument("--network", action="store_true",
+                      help="time the whole DSAN forward+backward per impl (and PyTorch)")
+  parser.add_argument("--no_torch", action="store_true", help="with --network: skip PyTorch")
   parser.add_argument("--json", action="store_true", help="(internal) print one JSON line")
   args = parser.parse_args()
   size = tuple(int(v) for v in args.size.split(","))
   layers = [l for l in LAYERS if not args.layers or l[0] in args.layers.split(",")]
+  impls = tuple(args.impls.split(","))
 
   if args.compare_flag:
     from dsan_jax.models.conv import YNN_CONV_FLAG, xla_flag_supported  # pylint: disable=g-import-not-at-top
@@ -190,7 +272,8 @@ def main():
     for layer in layers:
       for label, flags in (("default", base), ("ynn_flag", f"{base} {YNN_CONV_FLAG}".strip())):
         cmd = [sys.executable, os.path.abspath(__file__), "--size", args.size, "--batch",
-               str(args.batch), "--reps", str(args.reps), "--layers", layer[0], "--json"]
+               str(args.batch), "--reps", str(args.reps), "--layers", layer[0], "--impls",
+               args.impls, "--json"]
         if args.numerics:
           cmd.append("--numerics")
         env = dict(os.environ, XLA_FLAGS=flags)
@@ -205,10 +288,20 @@ def main():
   if not args.json:
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPUs, "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  if args.network:
+    med, best, flops = bench_network(size, args.batch, args.reps, impls, not args.no_torch)
+    print(f"DSAN (ResNet34) forward+backward, input {args.size}, batch {args.batch}, median (min) "
+          f"of {args.reps}; xla program {flops / 1e9:.0f} GFLOP")
+    for name, t in med.items():
+      ratio = (f", {t / med['torch']:.2f}x ({best[name] / best['torch']:.2f}x) PyTorch"
+               if "torch" in med else "")
+      print(f"  {name:7s} {t:7.3f} s ({best[name]:.3f})  {args.batch / t:6.2f} volumes/s  "
+            f"{flops / t / 1e9:6.0f} GFLOP/s{ratio}")
+    return
   results = []
   for layer in layers:
     prob = _layer_problem(layer, size, args.batch)
-    res = numerics_layer(prob) if args.numerics else bench_layer(prob, args.reps)
+    res = numerics_layer(prob, impls) if args.numerics else bench_layer(prob, args.reps, impls)
     if args.json:
       print(json.dumps(res))
       return
@@ -220,7 +313,7 @@ def main():
       print(f"  measured {prob['name']}", file=sys.stderr, flush=True)
     results.append((prob, res))
   if not args.numerics:
-    _print_bench(size, args.batch, results)
+    _print_bench(size, args.batch, results, impls)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ that only affects the running statistics).
 
 Check (prints the differences, exits non-zero when over tolerance):
   python benchmarks/torch_dsan.py                # fp32, ResNet34 width 8, input [2, 35, 48, 40, 1]
-  python benchmarks/torch_dsan.py --float64      # exact identity check in float64
+  python benchmarks/torch_dsan.py --float64      # float64 backbones (the Flax head stays fp32)
 """
 
 import argparse
@@ -340,7 +340,9 @@ def main():
   # fp32: different summation orders; errors relative to the largest magnitude of each array.
   tol = {"logits": 1e-4, "cam": 1e-4, "attention_max_abs": 1e-3, "loss": 1e-5, "grad": 1e-3}
   if args.float64:
-    tol = {k: 1e-10 for k in tol}
+    # Not 1e-12: dsan_jax's DSAN computes its head (GAP, Dense, CAM, T(A)) in float32 whatever
+    # ``dtype`` is, so float64 runs still carry float32 rounding there (measured ~1e-6).
+    tol = {k: 1e-5 for k in tol}
   ok = True
   for impl, res in results.items():
     print(f"conv_impl={impl}: " + ", ".join(

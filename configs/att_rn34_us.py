@@ -4,11 +4,8 @@ Run: python train.py --config configs/att_rn34_us.py --fold 0 --config.data.mani
 """
 
 from configs import default
+from dsan_jax import variants
 
 
 def get_config():
-  config = default.get_config()
-  config.variant = "att_rn34_us"
-  config.model.attention = True
-  config.data.sampling = "uniform"
-  return config
+  return variants.apply_variant(default.get_config(), "att_rn34_us")

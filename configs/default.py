@@ -40,7 +40,10 @@ def get_config() -> ml_collections.ConfigDict:
   data.synthetic.num_cases = 200
   data.synthetic.seed = 0
   data.synthetic.out_dir = ""  # Empty -> <workdir>/synthetic.
-  data.synthetic.size_scale = 1.0  # Phantom in-plane size relative to a real chest (~350 mm).
+  data.synthetic.size_scale = 1.0  # Multiplies the phantoms' voxel counts (see docs/synthetic.md).
+  data.synthetic.test_fraction = 0.2  # Patients held out as an independent test split.
+  data.preprocess_workers = -1  # Processes building the cache (-1 = all cores, 0 = in process).
+  data.skip_bad = False  # Skip (and report) cases that cannot be read instead of stopping.
 
   # --------------------------------------------------------------- model (Section III-A/B).
   model = config.model = ml_collections.ConfigDict()
@@ -77,6 +80,7 @@ def get_config() -> ml_collections.ConfigDict:
   train.num_epochs = 20
   train.select_metric = "auc"  # Validation metric that picks the best epoch.
   train.log_every_steps = 10
+  train.checkpoint_every_steps = 0  # Also save "latest" every N steps (0 = at epoch ends only).
   train.max_consecutive_nonfinite = 5  # Stop after this many skipped (non-finite) steps in a row.
   train.max_nonfinite_fraction = 0.1  # ... or when this fraction of an epoch's steps was skipped.
 
@@ -97,4 +101,8 @@ def get_config() -> ml_collections.ConfigDict:
   evaluation.threshold = 0.5  # COVID positive when P >= threshold.
   evaluation.ratio_groups = (0.005, 0.030)  # Table III: < 0.005, 0.005-0.030, > 0.030.
   evaluation.batch_size = 4
+  # evaluate.py (dsan_jax/evaluation.py): attention quality on COVID validation cases with masks.
+  evaluation.attention_quality = True  # Compute mass-inside / soft Dice of every model's map.
+  evaluation.attention_max_cases = 0  # Per fold model, at most this many cases (0 = all).
+  evaluation.figure_case_ids = ()  # Case ids for the Fig. 5-like panels; empty -> chosen.
   return config

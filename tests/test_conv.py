@@ -19,15 +19,20 @@ import numpy as np
 
 from dsan_jax.models import conv
 
-# The network's convolutions: (name, C, O, kernel, stride).
+# The network's convolutions: (name, C, O, kernel, stride, x shape [B, D, H, W]). Odd, distinct
+# sizes so axis mix-ups and off-by-ones show; "tiny_plane" shapes (output H' * W' <= 16) take the
+# folded implementation's im2col branch, the others its 2D-convolution branch.
+X_SHAPE = (2, 9, 10, 11)
 CONFIGS = (
-    ("stem_k7_s2", 1, 5, 7, 2),
-    ("k3_s1", 3, 4, 3, 1),
-    ("k3_s2", 3, 5, 3, 2),
-    ("proj_k1_s2", 3, 5, 1, 2),
-    ("proj_k1_s1", 3, 5, 1, 1),
+    ("stem_k7_s2", 1, 5, 7, 2, X_SHAPE),
+    ("k3_s1", 3, 4, 3, 1, X_SHAPE),
+    ("k3_s2", 3, 5, 3, 2, X_SHAPE),
+    ("proj_k1_s2", 3, 5, 1, 2, X_SHAPE),
+    ("proj_k1_s1", 3, 5, 1, 1, X_SHAPE),
+    ("stem_k7_s2_tiny_plane", 1, 5, 7, 2, (2, 9, 7, 8)),
+    ("k3_s1_tiny_plane", 3, 4, 3, 1, (2, 5, 3, 4)),
+    ("k3_s2_tiny_plane", 3, 5, 3, 2, (2, 7, 7, 6)),
 )
-X_SHAPE = (2, 9, 10, 11)  # Odd, distinct sizes so axis mix-ups and off-by-ones show.
 # fp32 results of different summation orders. Elementwise tolerances for O(1) outputs (inputs
 # ~N(0, 1), kernels scaled by 1/sqrt(fan_in)); gradients are sums over many positions, so they
 # are compared by max|error| / max|reference| (measured ~5e-7, benchmarks/README.md).
@@ -42,9 +47,9 @@ def _assert_rel_close(got, want, tol, msg=""):
   assert err <= tol, f"{msg}: relative max error {err:.2e} > {tol:.0e}"
 
 
-def _problem(c, o, k, seed=0):
+def _problem(c, o, k, shape=X_SHAPE, seed=0):
   rng = np.random.default_rng(seed)
-  x = rng.standard_normal((*X_SHAPE, c))
+  x = rng.standard_normal((*shape, c))
   w = rng.standard_normal((k, k, k, c, o)) / np.sqrt(k**3 * c)
   return x, w
 
@@ -94,8 +99,8 @@ class Conv3DImplTest(parameterized.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(*CONFIGS)
-  def test_forward_matches_reference(self, c, o, k, s):
-    x, w = _problem(c, o, k)
+  def test_forward_matches_reference(self, c, o, k, s, shape):
+    x, w = _problem(c, o, k, shape)
     want = _reference(x, w, s)
     for impl in conv.CONV_IMPLS:
       fn = self.variant(functools.partial(conv.conv3d, strides=(s, s, s),
@@ -104,10 +109,10 @@ class Conv3DImplTest(parameterized.TestCase):
       chex.assert_shape(got, want.shape)
       np.testing.assert_allclose(np.asarray(got), want, rtol=RTOL, atol=ATOL, err_msg=impl)
 
-  @chex.variants(with_jit=True, without_jit=True)
+  @chex.variants(with_jit=True)  # Eager gradients are covered by the float64 test below.
   @parameterized.named_parameters(*CONFIGS)
-  def test_gradients_match_reference(self, c, o, k, s):
-    x, w = _problem(c, o, k)
+  def test_gradients_match_reference(self, c, o, k, s, shape):
+    x, w = _problem(c, o, k, shape)
     g = np.random.default_rng(1).standard_normal(_reference(x, w, s).shape)
     want_gx, want_gw = _reference_grads(x, w, s, g)
     for impl in conv.CONV_IMPLS:
@@ -121,10 +126,10 @@ class Conv3DImplTest(parameterized.TestCase):
       _assert_rel_close(gx, want_gx, GRAD_REL_TOL, f"{impl} dx")
       _assert_rel_close(gw, want_gw, GRAD_REL_TOL, f"{impl} dw")
 
-  @parameterized.named_parameters(*CONFIGS[:4])
-  def test_folded_float64_exact(self, c, o, k, s):
+  @parameterized.named_parameters(CONFIGS[0], CONFIGS[2], CONFIGS[3], CONFIGS[-2])
+  def test_folded_float64_exact(self, c, o, k, s, shape):
     # In float64 the folded path equals the 3D convolution to rounding, forward and backward.
-    x, w = _problem(c, o, k)
+    x, w = _problem(c, o, k, shape)
     g = np.random.default_rng(1).standard_normal(_reference(x, w, s).shape)
     want_gx, want_gw = _reference_grads(x, w, s, g)
     with jax.enable_x64(True):
@@ -140,8 +145,9 @@ class Conv3DImplTest(parameterized.TestCase):
     np.testing.assert_allclose(np.asarray(gx), want_gx, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(np.asarray(gw), want_gw, rtol=1e-12, atol=1e-12)
 
-  def test_asymmetric_padding_and_mixed_strides(self):
-    x, w = _problem(2, 3, 3)
+  @parameterized.parameters(X_SHAPE, (2, 6, 3, 5))
+  def test_asymmetric_padding_and_mixed_strides(self, *shape):
+    x, w = _problem(2, 3, 3, shape)
     strides, padding = (2, 1, 2), [(0, 2), (1, 0), (2, 1)]
     with jax.enable_x64(True):
       want = np.asarray(lax.conv_general_dilated(
@@ -150,6 +156,20 @@ class Conv3DImplTest(parameterized.TestCase):
     got = conv.conv3d(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32), strides,
                       padding, "folded")
     np.testing.assert_allclose(np.asarray(got), want, rtol=RTOL, atol=ATOL)
+
+  def test_branches(self):
+    # The folded path is a 2D convolution on normal planes, a matmul on tiny planes and 1x1x1.
+    def prims(shape, k, s):
+      x = jnp.ones((*shape, 2))
+      jaxpr = jax.make_jaxpr(lambda x, w: conv.conv3d(x, w, (s,) * 3, [(k // 2, k // 2)] * 3,
+                                                      "folded"))(x, jnp.ones((k, k, k, 2, 3)))
+      return {str(e.primitive) for e in jaxpr.jaxpr.eqns}
+
+    self.assertIn("conv_general_dilated", prims(X_SHAPE, 3, 1))
+    for shape, k, s in (((2, 5, 3, 4), 3, 1), (X_SHAPE, 1, 2)):
+      got = prims(shape, k, s)
+      self.assertNotIn("conv_general_dilated", got)
+      self.assertIn("dot_general", got)
 
   def test_module_params_identical_across_impls(self):
     x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 5, 6, 7, 3)), jnp.float32)

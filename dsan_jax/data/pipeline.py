@@ -17,7 +17,7 @@ Saving the iterator with Orbax beside the model::
 
   mngr.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(train_state),
-      data_iter=ocp.args.JsonSave(train_iter.get_state())))
+      data_iter=ocp.args.JsonSave(train_iter.state_at(step))))  # step = steps trained
   ...
   restored = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state),
@@ -25,7 +25,7 @@ Saving the iterator with Orbax beside the model::
   train_iter.set_state(restored.data_iter)
 
 The state is the same on every process (it holds the global step), so ``JsonSave`` writing it
-once from the primary process is enough. ``checkpoint_args`` / ``restore_state`` wrap this.
+once from the primary process is enough. ``checkpoint_args`` / ``restore_args`` wrap this.
 
 Dataset duck type (``dsan_jax.data.cache.CachedDataset`` and ``ArrayDataset`` below):
 ``len(ds)``, ``ds[i] -> dict(image float32 [D, H, W], infection_mask uint8 [D, H, W],
@@ -281,8 +281,20 @@ class TrainIterator:
                 num_records=self._loader.sampler.epoch_length)
 
   def get_state(self) -> dict[str, Any]:
-    """JSON-serialisable state: the next global step and what the stream depends on."""
-    return dict(version=_STATE_VERSION, step=self._step, **self._fingerprint())
+    """JSON-serialisable state: the next global step and what the stream depends on.
+
+    ``step`` counts batches handed out by this iterator. A consumer that reads ahead (e.g. a
+    device prefetch queue) should save ``state_at(trained_steps)`` instead.
+    """
+    return self.state_at(self._step)
+
+  def state_at(self, step: int) -> dict[str, Any]:
+    """The state whose next batch is global step ``step`` (the stream is a function of it).
+
+    Use it to checkpoint the number of steps the model has actually trained on when batches
+    are prefetched ahead of training: ``ckpt.save(..., train_iter.state_at(int(state.step)))``.
+    """
+    return dict(version=_STATE_VERSION, step=int(step), **self._fingerprint())
 
   def set_state(self, state: Mapping[str, Any]) -> None:
     """Continues from a state of ``get_state`` (of this or an identically configured iterator).
@@ -336,9 +348,21 @@ class EvalIterable:
       _close(it)
 
 
-def make_sampler(dataset, train_indices: Sequence[int] | np.ndarray, config, seed: int):
-  """The sampler that ``config.data.sampling`` names ("uniform" or "size_balanced")."""
-  name = config.data.sampling
+def make_sampler(dataset, train_indices: Sequence[int] | np.ndarray, config, seed: int,
+                 sampling_name: str | None = None):
+  """The sampler named by ``sampling_name`` or ``config.data.sampling``.
+
+  Args:
+    dataset: gives ``labels`` and ``ratios`` (size-balanced groups).
+    train_indices: [N] training-fold indices.
+    config: reads ``data.sampling``, ``data.covid_small_ratio``, ``data.cap_small_ratio``.
+    seed: sampler seed.
+    sampling_name: "uniform" or "size_balanced"; None -> ``config.data.sampling``.
+
+  Returns:
+    ``UniformSampler`` or ``SizeBalancedSampler``.
+  """
+  name = config.data.sampling if sampling_name is None else sampling_name
   if name == "uniform":
     return sampling.UniformSampler(train_indices, seed)
   if name == "size_balanced":
@@ -352,7 +376,8 @@ def make_train_iterator(dataset, train_indices: Sequence[int] | np.ndarray, conf
                         seed: int, global_batch_size: int, process_index: int = 0,
                         process_count: int = 1, num_workers: int | None = None,
                         start_step: int = 0, num_steps: int | None = None,
-                        prefetch: int = 2, num_threads: int = 1) -> TrainIterator:
+                        prefetch: int = 2, num_threads: int = 1,
+                        sampling_name: str | None = None) -> TrainIterator:
   """Training batches of this process, ``drop_remainder`` per epoch.
 
   Args:
@@ -370,20 +395,21 @@ def make_train_iterator(dataset, train_indices: Sequence[int] | np.ndarray, conf
     num_steps: stop before this global step; None = infinite.
     prefetch: batches buffered ahead (per worker with workers).
     num_threads: loader threads per process/worker.
+    sampling_name: "uniform" or "size_balanced"; None -> ``config.data.sampling``.
 
   Returns:
     A ``TrainIterator`` yielding dicts with ``BATCH_KEYS``: image float32 [B/P, D, H, W],
     infection_mask uint8 [B/P, D, H, W], has_mask bool [B/P], label int32 [B/P],
     ratio float32 [B/P], index int32 [B/P], weight float32 [B/P] (all ones).
   """
-  sampler = make_sampler(dataset, train_indices, config, seed)
+  sampler = make_sampler(dataset, train_indices, config, seed, sampling_name)
   if global_batch_size > sampler.epoch_length:
     raise ConfigError(f"global batch size {global_batch_size} exceeds the {sampler.epoch_length}"
                       " training cases (drop_remainder would leave no batch)")
   loader = _TrainBatchLoader(dataset, sampler, global_batch_size, process_index, process_count)
   if num_workers is None:
     num_workers = config.data.num_workers
-  return TrainIterator(loader, sampler_name=config.data.sampling, seed=seed,
+  return TrainIterator(loader, sampler_name=type(sampler).__name__, seed=seed,
                        start_step=start_step, num_steps=num_steps, num_workers=num_workers,
                        prefetch=prefetch, num_threads=num_threads)
 
@@ -416,11 +442,16 @@ def make_eval_iterator(dataset, indices: Sequence[int] | np.ndarray, batch_size:
   return EvalIterable(loader, num_workers, prefetch, num_threads)
 
 
-def checkpoint_args(iterator: TrainIterator):
-  """``ocp.args.JsonSave`` of the iterator state, for an ``ocp.args.Composite`` entry."""
+def checkpoint_args(iterator: TrainIterator, step: int | None = None):
+  """``ocp.args.JsonSave`` of the iterator state, for an ``ocp.args.Composite`` entry.
+
+  Args:
+    iterator: the training iterator.
+    step: steps the model has trained on (``state_at(step)``); None -> ``get_state()``.
+  """
   import orbax.checkpoint as ocp  # Deferred: orbax is heavy and only needed when saving.
 
-  return ocp.args.JsonSave(iterator.get_state())
+  return ocp.args.JsonSave(iterator.get_state() if step is None else iterator.state_at(step))
 
 
 def restore_args():

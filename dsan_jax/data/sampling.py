@@ -31,6 +31,7 @@ Fallbacks (documented here and in docs/synthetic.md):
 
 from __future__ import annotations
 
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -135,6 +136,7 @@ class _EpochSampler:
     self.seed = int(seed)
     self.num_epochs = num_epochs
     self._cache: dict[int, np.ndarray] = {}
+    self._lock = threading.Lock()  # grain may read from several threads.
 
   @property
   def epoch_length(self) -> int:
@@ -149,13 +151,14 @@ class _EpochSampler:
     epoch = int(epoch)
     if epoch < 0:
       raise ValueError(f"epoch must be >= 0, got {epoch}")
-    out = self._cache.get(epoch)
-    if out is None:
-      out = self._compute_epoch(epoch)
-      out.setflags(write=False)
-      if len(self._cache) >= 2:
-        self._cache.pop(min(self._cache))
-      self._cache[epoch] = out
+    with self._lock:
+      out = self._cache.get(epoch)
+      if out is None:
+        out = self._compute_epoch(epoch)
+        out.setflags(write=False)
+        if len(self._cache) >= 2:
+          self._cache.pop(min(self._cache))
+        self._cache[epoch] = out
     return out
 
   def record_key(self, position: int) -> int:
@@ -179,7 +182,12 @@ class _EpochSampler:
   def __getstate__(self):
     state = self.__dict__.copy()
     state["_cache"] = {}  # Worker processes recompute; keeps pickles small.
+    del state["_lock"]
     return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
 
 
 class UniformSampler(_EpochSampler):

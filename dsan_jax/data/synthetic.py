@@ -303,8 +303,8 @@ def _render_case(spec: CaseSpec) -> dict:
   e_cav = _ellipse(uu, vv, 0.0, -0.02, ca, cb)
 
   vol = np.full((d, h, w), HU["air"], np.float32)
-  vol = np.where(e_body < 1.0, HU["fat"], vol)
-  vol = np.where(e_body < (1.0 - fat)**2, HU["soft"], vol)
+  np.copyto(vol, HU["fat"], where=e_body < 1.0)
+  np.copyto(vol, HU["soft"], where=e_body < (1.0 - fat)**2)
 
   # Ribs: oblique bands at the cavity wall (bone where a z-phase pattern, shifted with the
   # angle, is high), absent near the anterior midline (costal cartilage).
@@ -320,16 +320,16 @@ def _render_case(spec: CaseSpec) -> dict:
   # Spine (vertebral body with a cortical rim, canal) and sternum.
   spine_v = -cb * 1.02
   e_vert = _ellipse(uu, vv, 0.0, spine_v, 0.13, 0.11)
-  vol = np.where(e_vert < 1.0, HU["bone_cortex"], vol)
-  vol = np.where(e_vert < 0.6, HU["bone_marrow"], vol)
-  vol = np.where((_ellipse(uu, vv, 0.0, spine_v - 0.15, 0.045, 0.045) < 1.0) & (e_body < 1.0),
-                 20.0, vol)
-  vol = np.where((_ellipse(uu, vv, 0.0, cb * 1.05, 0.09, 0.035) < 1.0) & (t < 0.85),
-                 HU["bone_marrow"], vol)
+  np.copyto(vol, HU["bone_cortex"], where=e_vert < 1.0)
+  np.copyto(vol, HU["bone_marrow"], where=e_vert < 0.6)
+  np.copyto(vol, 20.0,
+            where=(_ellipse(uu, vv, 0.0, spine_v - 0.15, 0.045, 0.045) < 1.0) & (e_body < 1.0))
+  np.copyto(vol, HU["bone_marrow"],
+            where=(_ellipse(uu, vv, 0.0, cb * 1.05, 0.09, 0.035) < 1.0) & (t < 0.85))
 
   # Inside the cavity: soft tissue; lungs are carved out of it below.
   inside = e_cav < 1.0
-  vol = np.where(inside, HU["soft"], vol)
+  np.copyto(vol, HU["soft"], where=inside)
 
   # Lungs: per side an ellipse hugging the cavity, scaled down towards the apex, above a
   # diaphragm dome (right dome higher: liver), minus mediastinum and heart.
@@ -360,19 +360,19 @@ def _render_case(spec: CaseSpec) -> dict:
     lung_info.append((side, lc, (la, lb)))
     # Below the dome: liver (right) or spleen/stomach (left) instead of soft tissue.
     below = inside & (t <= dome) & (e_l < 1.0)
-    vol = np.where(below, HU["liver"] if side > 0 else HU["soft"], vol)
+    np.copyto(vol, HU["liver"] if side > 0 else HU["soft"], where=below)
     if side < 0 and arng.random() < 0.5:  # Stomach gas bubble under the left dome.
       bubble = _ellipse(uu, vv, lc[0] + 0.1 * la, lc[1] + 0.3 * lb, 0.25 * la, 0.2 * lb) + (
           (t - dome0 * 0.5) / 0.06)**2
-      vol = np.where(below & (bubble < 1.0), HU["air"], vol)
+      np.copyto(vol, HU["air"], where=below & (bubble < 1.0))
 
   # Heart, aorta (ascending arch in the upper third, descending beside the spine).
-  vol = np.where(e_heart < 1.0, HU["blood"], vol)
-  vol = np.where(mediastinum & inside & ~lung & (e_heart >= 1.0), HU["fat"] + 40.0, vol)
+  np.copyto(vol, HU["blood"], where=e_heart < 1.0)
+  np.copyto(vol, HU["fat"] + 40.0, where=mediastinum & inside & ~lung & (e_heart >= 1.0))
   desc = _ellipse(uu, vv, -0.14, spine_v + 0.13, 0.08, 0.08) < 1.0
-  vol = np.where(desc & inside, HU["blood"], vol)
+  np.copyto(vol, HU["blood"], where=desc & inside)
   arch = (_ellipse(uu, vv, -0.03, 0.1, 0.09, 0.09) < 1.0) & (t > 0.55) & (t < 0.8)
-  vol = np.where(arch, HU["blood"], vol)
+  np.copyto(vol, HU["blood"], where=arch)
 
   # Trachea above the carina, two main bronchi just below: air outside the lung mask.
   carina = arng.uniform(0.55, 0.65)
@@ -382,11 +382,11 @@ def _render_case(spec: CaseSpec) -> dict:
     bronchi |= (_ellipse(uu, vv, side * 0.11, -0.02, 0.045, 0.04) < 1.0) & (t > carina - 0.1) & (
         t <= carina)
   airway = (trachea | bronchi) & ~lung
-  vol = np.where(airway, HU["air"], vol)
+  np.copyto(vol, HU["air"], where=airway)
 
   # Parenchyma: -850 HU with smooth texture and a gravity-dependent gradient (posterior denser).
   paren = HU["parenchyma"] + 18.0 * noise[0] + 35.0 * np.clip(-(vv / cb), -1, 1)
-  vol = np.where(lung, paren, vol)
+  np.copyto(vol, paren, where=lung)
 
   # Lesions.
   lung_idx = np.flatnonzero(lung)
@@ -576,7 +576,8 @@ def generate(out_dir: str | os.PathLike, num_cases: int, seed: int, size_scale: 
       rows.append(_write_case(job))
       bar.update()
   else:
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
+    # spawn, not fork: callers (train.py) may hold JAX threads, which fork copies broken.
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
       for row in pool.imap(_write_case, jobs, chunksize=4):
         rows.append(row)
         bar.update()

@@ -14,7 +14,9 @@ Every implementation computes the same function from the same parameter (``kerne
   which is convolved with the kernel reshaped to ``[kh, kw, kd * C, O]``. The folded input
   is ``kd / sd`` times the size of ``x`` (and is kept for the backward pass). 1x1x1
   convolutions (the projection shortcuts) are a strided slice and a matmul
-  (``dot_general``), which needs no copy at all.
+  (``dot_general``), which needs no copy at all. Layers whose output planes are tiny
+  (H' * W' <= 16, deep layers of small inputs) fold all taps instead (im2col + one matmul),
+  because the library's 2D convolution is very slow there.
 
 ``"auto"`` (the config default) resolves per backend with ``resolve_conv_impl``: ``"folded"``
 on CPU (measured faster, see benchmarks/README.md), ``"xla"`` elsewhere.
@@ -42,6 +44,13 @@ CONV_IMPLS = ("xla", "folded")
 # gradients of the folded path at float32 accuracy (about 5e-6 relative to float64 instead
 # of about 5e-3 with YNNPACK's convolutions). See benchmarks/README.md for the measurements.
 YNN_CONV_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+
+# Output planes (H' * W') up to this size use a full im2col matmul instead of the 2D convolution:
+# XLA:CPU's 2D convolution is pathologically slow on tiny planes with many channels (2x2 planes,
+# 1536 -> 512 channels: 89 ms against 1.5 ms for the matmul; equal at 4x4; the convolution wins
+# from 8x8 on). Deep layers of small inputs (e.g. 32x64x64 -> 2x4x4 features) hit this. The
+# patches are kd * kh * kw times the input, which is small at such sizes.
+_IM2COL_MAX_PLANE = 16
 
 _DIMS_3D = ("NDHWC", "DHWIO", "NDHWC")
 _DIMS_2D = ("NHWC", "HWIO", "NHWC")
@@ -95,6 +104,27 @@ def _conv3d_pointwise(x, kernel, strides, padding):
   return lax.dot_general(x, w, (((4,), (0,)), ((), ())))
 
 
+def _stack_taps(x, axis, k, s, n_out):
+  """[..., N, ..., C'] -> [..., n_out, ..., k * C']: the k shifted slices of ``axis`` on channels."""
+  span = s * (n_out - 1) + 1
+  taps = [lax.slice_in_dim(x, i, i + span, stride=s, axis=axis) for i in range(k)]
+  return jnp.concatenate(taps, axis=-1)  # Channel index = tap * C' + c'.
+
+
+def _conv3d_im2col(x, kernel, strides, padding):
+  """3D convolution as one matmul over all kd * kh * kw taps stacked on channels."""
+  kd, kh, kw, c, o = kernel.shape
+  out = [_out_size(n, k, s, lo, hi)
+         for n, k, s, (lo, hi) in zip(x.shape[1:4], (kd, kh, kw), strides, padding)]
+  x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+  # One axis at a time: kd + kh + kw slices instead of kd * kh * kw (compile time).
+  for axis, k, s, n in zip((1, 2, 3), (kd, kh, kw), strides, out):
+    x = _stack_taps(x, axis, k, s, n)
+  # Channels are ordered (w tap, h tap, d tap, C), so the kernel is reordered to match.
+  w = jnp.transpose(kernel, (2, 1, 0, 3, 4)).reshape(-1, o)
+  return lax.dot_general(x, w, (((4,), (0,)), ((), ())))  # [B, D', H', W', O]
+
+
 def _conv3d_folded(x, kernel, strides, padding):
   """3D convolution as a 2D convolution over depth taps stacked on channels."""
   kd, kh, kw, c, o = kernel.shape
@@ -104,6 +134,10 @@ def _conv3d_folded(x, kernel, strides, padding):
   sd, sh, sw = strides
   (pd_lo, pd_hi), pad_h, pad_w = padding
   d_out = _out_size(d, kd, sd, pd_lo, pd_hi)
+  h_out = _out_size(h, kh, sh, *pad_h)
+  w_out = _out_size(w, kw, sw, *pad_w)
+  if h_out * w_out <= _IM2COL_MAX_PLANE:
+    return _conv3d_im2col(x, kernel, strides, padding)
   if pd_lo or pd_hi:
     x = jnp.pad(x, ((0, 0), (pd_lo, pd_hi), (0, 0), (0, 0), (0, 0)))
   # Tap i of output depth j reads padded depth j * sd + i.
@@ -248,8 +282,12 @@ def apply_recommended_cpu_xla_flags() -> str:
   current = os.environ.get("XLA_FLAGS", "")
   if os.environ.get("DSAN_NO_XLA_FLAGS") or "xla_cpu_experimental_ynn_fusion_type" in current:
     return ""
-  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
-  if xla_bridge.backends_are_initialized():
+  try:  # Private API; if it moves, skip the check rather than fail.
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+    started = xla_bridge.backends_are_initialized()
+  except (ImportError, AttributeError):
+    started = False
+  if started:
     raise RuntimeError("apply_recommended_cpu_xla_flags() must run before the first JAX "
                        "computation; XLA_FLAGS is read when the backend starts.")
   flags = recommended_cpu_xla_flags()

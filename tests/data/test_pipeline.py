@@ -115,6 +115,21 @@ def test_resume_from_saved_state_is_exact(sampling_name):
   np.testing.assert_array_equal(next(started)["index"], reference[4]["index"])
 
 
+def test_state_at_resumes_behind_a_read_ahead_consumer():
+  ds = _dataset(10)
+  make = lambda: pipeline.make_train_iterator(ds, np.arange(10), _config(), seed=8,
+                                              global_batch_size=3)
+  reference = [b["index"] for b in _take(make(), 7)]
+  it = make()
+  _take(it, 5)  # a prefetcher pulled 5 batches, the model trained on 3
+  state = it.state_at(3)
+  assert state == dict(it.get_state(), step=3)
+  resumed = make()
+  resumed.set_state(state)
+  for want in reference[3:]:
+    np.testing.assert_array_equal(next(resumed)["index"], want)
+
+
 def test_set_state_refuses_a_different_stream():
   ds = _dataset(10)
   a = pipeline.make_train_iterator(ds, np.arange(10), _config(), seed=1, global_batch_size=4)

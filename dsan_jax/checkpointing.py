@@ -1,0 +1,84 @@
+"""Orbax checkpoints of a run: the latest (to resume) and the best (by a validation metric).
+
+A checkpoint holds, in one step folder, the train state (parameters, optimiser state, batch
+statistics, step, RNG, skip counters), the data iterator's state and a small JSON ``meta``
+(epoch, best metric, history). Orbax writes into a temporary folder and renames it when the save
+is complete, so a save interrupted by ``kill -9`` is never listed as a checkpoint; a leftover
+temporary folder is ignored and cleaned up by the next save.
+
+Layout: ``<run_dir>/checkpoints/latest/<step>/`` and ``<run_dir>/checkpoints/best/<step>/``.
+Only the primary process writes (Orbax coordinates this for multi-process runs); restoring
+targets an abstract state with the current mesh's shardings, so a checkpoint written on one
+device count restores on another.
+"""
+
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from dsan_jax import sharding as sharding_lib
+
+
+def _manager(directory: pathlib.Path, max_to_keep: int) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                         enable_async_checkpointing=False)
+  return ocp.CheckpointManager(directory.absolute(), options=options,
+                               item_names=("state", "data", "meta"))
+
+
+class RunCheckpoints:
+  """The ``latest`` and ``best`` checkpoint managers of one run."""
+
+  def __init__(self, run_dir: str | pathlib.Path):
+    root = pathlib.Path(run_dir) / "checkpoints"
+    self.latest = _manager(root / "latest", max_to_keep=1)
+    self.best = _manager(root / "best", max_to_keep=1)
+
+  @staticmethod
+  def _save(mngr, step: int, state, data_state: dict, meta: dict) -> None:
+    mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+        meta=ocp.args.JsonSave(meta)), force=True)
+    mngr.wait_until_finished()
+
+  def save_latest(self, step: int, state, data_state: dict, meta: dict) -> None:
+    self._save(self.latest, step, state, data_state, meta)
+
+  def save_best(self, step: int, state, data_state: dict, meta: dict) -> None:
+    self._save(self.best, step, state, data_state, meta)
+
+  def latest_step(self) -> int | None:
+    return self.latest.latest_step()
+
+  def best_step(self) -> int | None:
+    return self.best.latest_step()
+
+  def restore(self, which: str, abstract_state, mesh) -> tuple[Any, dict, dict]:
+    """Restores ``(state, data_state, meta)`` from the ``latest`` or ``best`` checkpoint.
+
+    Args:
+      which: "latest" or "best".
+      abstract_state: the state's structure (``training.abstract_train_state``).
+      mesh: arrays are restored replicated over this mesh.
+    """
+    mngr = self.latest if which == "latest" else self.best
+    step = mngr.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"no {which} checkpoint in {mngr.directory}")
+    target = with_sharding(abstract_state, sharding_lib.replicated(mesh))
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
+        meta=ocp.args.JsonRestore()))
+    return restored.state, restored.data, restored.meta
+
+  def close(self) -> None:
+    self.latest.close()
+    self.best.close()
+
+
+def with_sharding(abstract_tree, sharding) -> Any:
+  """``ShapeDtypeStruct``s carrying ``sharding`` (the restore target)."""
+  return jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_tree)

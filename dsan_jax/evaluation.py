@@ -1,0 +1,714 @@
+"""Evaluation of a finished (or partly finished) protocol: the paper's tables, figures and more.
+
+``evaluate_workdir(workdir)`` loads the best checkpoint of every ``<workdir>/<variant>/fold_<k>``,
+re-predicts its validation fold and the independent test split (cases of fold -1, when there
+are any) with the run's own config and data (the preprocessing cache is shared), builds the
+dual-sampling ensemble ``att_rn34_ds`` (Eq. 5) from ``att_rn34_us`` and ``att_rn34_ss``, and
+writes ``<workdir>/evaluation/``:
+
+  report.md              Tables II and III, paired tests, attention quality, figures (Markdown)
+  metrics.json           everything in report.md as numbers (NaN as null), plus the runs, the
+                         ensemble weights, the consistency check and the attention summaries
+  table2.csv, table3.csv, ttests.csv, delong.csv, predictions.csv, attention.csv
+                         (written by ``dsan_jax.report.write_report``)
+  attention_cases.csv    per (map kind, model, case) attention numbers
+  ensemble.json          the ensemble weights used (paper's or searched) and the search result
+  runs.csv               one row per run: variant, fold, best epoch, validation AUC, consistency
+  roc_val.png, roc_test.png
+  attention/<case>.png   Fig. 5-like panels for a few validation cases
+  curves/<variant>_fold<k>.png   training curves from metrics.jsonl
+
+The folder is written under a temporary name and renamed when complete, so a reader never sees a
+half-written evaluation; the previous one is replaced.
+
+Attention quality (beyond the paper, which shows it only in pictures): for every COVID validation
+case with an infection mask, each model's map is compared with the infection mask on the input
+grid: ``mass_inside`` (fraction of the map's mass inside the infection) and ``soft_dice`` (map
+scaled to [0, 1] by its maximum). Each case is explained by the fold model that did not see it.
+Three kinds of map are measured:
+  * ``display`` (the paper's Fig. 5, and the main table): Grad-CAM for the baseline ``rn34_us``,
+    T(A) (Eq. 2) for the attention models;
+  * ``cam``: the up-sampled, min-max normalised CAM for every model (for the baseline this is its
+    Grad-CAM, which is proportional to its CAM), the same map type for all;
+  * ``t_of_cam``: Eq. 2 applied to every model's CAM (for the baseline, a T(A) it never trained).
+Chance levels are reported with them: a uniform map over the lung gives ``mass_inside`` = the
+infection ratio, a uniform map over the whole input volume its volume fraction.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import pathlib
+import re
+import shutil
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from dsan_jax import ensemble as ensemble_lib
+from dsan_jax import experiment, explanation, metrics, plots, report, sharding, training, variants
+from dsan_jax.data import pipeline
+from dsan_jax.data import preprocess
+from dsan_jax.errors import ConfigError, DsanError
+
+log = logging.getLogger("dsan_jax")
+
+OUT_DIR_NAME = "evaluation"
+MAP_KINDS = ("display", "cam", "t_of_cam")
+MAP_KIND_TITLES = {
+    "display": "Fig. 5 maps: Grad-CAM (baseline) / T(A) (attention models)",
+    "cam": "min-max normalised CAM of every model (baseline: its Grad-CAM)",
+    "t_of_cam": "T(A) of every model's CAM (Eq. 2; the baseline never trained it)",
+}
+_FOLD_RE = re.compile(r"^fold_(\d+)$")
+
+
+# ------------------------------------------------------------------------------------ runs.
+
+
+@dataclasses.dataclass(frozen=True)
+class RunInfo:
+  variant: str
+  fold: int
+  run_dir: pathlib.Path
+
+
+def _has_best(rd: pathlib.Path) -> bool:
+  best = rd / "checkpoints" / "best"
+  return (rd / "config.json").exists() and best.is_dir() and any(
+      p.is_dir() and p.name.isdigit() for p in best.iterdir())
+
+
+def _variant_order(name: str) -> tuple[int, str]:
+  order = list(variants.VARIANTS)
+  return (order.index(name) if name in order else len(order), name)
+
+
+def find_runs(workdir: str | os.PathLike) -> list[RunInfo]:
+  """Every ``<workdir>/<variant>/fold_<k>`` that has a config and a best checkpoint.
+
+  Returns:
+    RunInfo list sorted by variant (Table II order first) and fold.
+  """
+  root = pathlib.Path(workdir)
+  runs = []
+  if root.is_dir():
+    for vdir in root.iterdir():
+      if not vdir.is_dir() or vdir.name == OUT_DIR_NAME:
+        continue
+      for fdir in vdir.iterdir():
+        m = _FOLD_RE.match(fdir.name)
+        if m and fdir.is_dir() and _has_best(fdir):
+          runs.append(RunInfo(vdir.name, int(m.group(1)), fdir))
+  return sorted(runs, key=lambda r: (_variant_order(r.variant), r.fold))
+
+
+def _settings(config: ml_collections.ConfigDict, overrides: Any) -> ml_collections.ConfigDict:
+  """The run's ``eval`` and ``ensemble`` sections with ``overrides`` applied."""
+  out = ml_collections.ConfigDict({"eval": config.eval.to_dict(),
+                                   "ensemble": config.ensemble.to_dict()})
+  if overrides is None:
+    return out
+  ov = overrides.to_dict() if isinstance(overrides, ml_collections.ConfigDict) else dict(overrides)
+  bad = sorted(set(ov) - {"eval", "ensemble"})
+  if bad:
+    raise ConfigError(f"evaluation can only override the eval.* and ensemble.* settings, "
+                      f"got {bad}")
+  for section, values in ov.items():
+    values = values.to_dict() if isinstance(values, ml_collections.ConfigDict) else dict(values)
+    for k, v in values.items():
+      # Fields the run's config lacks (added to configs/default.py later) are accepted too.
+      out[section][k] = v
+  return out
+
+
+def _get(section, key: str, default):
+  return section[key] if key in section else default
+
+
+def _data_key(config) -> str:
+  d = config.data.to_dict()
+  d.pop("sampling", None)  # The sampler does not change the data, folds or cache.
+  return json.dumps(d, sort_keys=True, default=str)
+
+
+# ----------------------------------------------------------------------------- prediction.
+
+
+def _eval_indices(data: experiment.Data, fold: int) -> dict[str, np.ndarray]:
+  out = {report.VAL: np.flatnonzero(data.folds == fold)}
+  test = np.flatnonzero(data.folds == -1)
+  if test.size:
+    out[report.TEST] = test
+  return out
+
+
+def _predict_rows(trained: experiment.TrainedModel, data: experiment.Data, fold: int, mesh,
+                  eval_step, batch_size: int) -> list[dict[str, Any]]:
+  rows = []
+  for split, idx in _eval_indices(data, fold).items():
+    if idx.size == 0:
+      continue
+    batches = pipeline.make_eval_iterator(data.dataset, idx, batch_size,
+                                          process_index=jax.process_index(),
+                                          process_count=jax.process_count(),
+                                          num_workers=trained.config.data.num_workers)
+    pred = experiment.predict(trained.state, eval_step, batches, mesh)
+    for r in experiment.prediction_rows(data.dataset, pred):
+      rows.append(dict(model=trained.config.variant, fold=fold, split=split, **r))
+  return rows
+
+
+def _consistency(rd: pathlib.Path, rows: Sequence[Mapping[str, Any]]) -> float | None:
+  """Largest |prob - training's val_predictions.csv prob| over the validation cases."""
+  path = rd / "val_predictions.csv"
+  if not path.exists():
+    return None
+  saved = {r["case_id"]: r["prob"] for r in experiment.read_predictions(path)}
+  diffs = [abs(r["prob"] - saved[r["case_id"]]) for r in rows
+           if r["split"] == report.VAL and r["case_id"] in saved]
+  return float(max(diffs)) if diffs else None
+
+
+# -------------------------------------------------------------------------- attention maps.
+
+
+def _map_of_kind(maps: Mapping[str, np.ndarray], kind: str, attention_model: bool) -> np.ndarray:
+  if kind == "display":
+    return explanation.display_map(maps, attention_model)
+  if kind == "cam":
+    return maps["cam_up"] if attention_model else maps["grad_cam_up"]
+  if kind == "t_of_cam":
+    return maps["attention"]
+  raise ValueError(kind)
+
+
+def _attention_pass(trained: experiment.TrainedModel, data: experiment.Data,
+                    indices: Sequence[int], batch_size: int, keep: set[int], measure: set[int],
+                    ) -> tuple[list[dict[str, Any]], dict[int, dict[str, np.ndarray]]]:
+  """Maps of ``indices`` under one model.
+
+  Args:
+    trained: the model.
+    data: the prepared data.
+    indices: dataset indices to explain.
+    batch_size: cases per forward pass.
+    keep: indices whose maps are returned (for the figures).
+    measure: indices whose attention numbers are computed (COVID with a non-empty mask).
+
+  Returns:
+    (rows {kind, model, case_id, fold, ratio, mass_inside, soft_dice}, {index: maps} for the
+    indices in ``keep``).
+  """
+  model, variant = trained.model, trained.config.variant
+  variables = explanation.variables_of(trained.state)
+  rows, kept = [], {}
+  indices = list(indices)
+  for s in range(0, len(indices), batch_size):
+    chunk = indices[s:s + batch_size]
+    items = [data.dataset[i] for i in chunk]
+    images = np.stack([it["image"] for it in items])
+    maps = explanation.batch_maps(model, variables, images)
+    for j, (i, it) in enumerate(zip(chunk, items)):
+      one = {k: v[j] for k, v in maps.items()}
+      if i in keep:
+        kept[i] = {k: one[k] for k in ("attention", "cam_up", "grad_cam_up")}
+        kept[i]["prob"] = float(one["prob"])
+      if i not in measure or not it["has_mask"] or not np.any(it["infection_mask"]):
+        continue
+      for kind in MAP_KINDS:
+        q = metrics.attention_quality(_map_of_kind(one, kind, bool(model.attention)),
+                                      it["infection_mask"])
+        rows.append(dict(kind=kind, model=variant, case_id=it["case_id"], ratio=it["ratio"],
+                         volume_fraction=float(np.mean(it["infection_mask"] > 0)), **q))
+  return rows, kept
+
+
+def choose_figure_cases(data: experiment.Data, folds: Sequence[int], case_ids: Sequence[str] = (),
+                        visible: Callable[[int], bool] | None = None) -> list[tuple[int, str]]:
+  """Validation cases for the Fig. 5-like panels.
+
+  Default choice (the paper shows COVID cases of increasing infection; we add a CAP): the COVID
+  case with the smallest positive infection ratio, the one with the largest, and the CAP case
+  with the median ratio (masked cases preferred), all from the validation parts of ``folds``.
+
+  Args:
+    data: the prepared data.
+    folds: folds whose models are available for every variant.
+    case_ids: explicit case ids instead (those not in the validation parts are ignored).
+    visible: optional predicate on a dataset index: whether the case's infection survives on
+      the network's grid (a tiny lesion can vanish when down-sampled); COVID cases failing it
+      are not chosen while others are available.
+
+  Returns:
+    [(dataset index, why)].
+  """
+  ds = data.dataset
+  val = np.flatnonzero(np.isin(data.folds, list(folds)))
+  if case_ids:
+    pos = {c: i for i, c in enumerate(ds.case_ids)}
+    return [(pos[c], "requested") for c in case_ids if c in pos and pos[c] in set(val)]
+  ratios = np.asarray(ds.ratios, np.float64)
+  labels = np.asarray(ds.labels)
+  has = np.asarray(ds.has_masks, bool)
+  out = []
+  covid = [i for i in val if labels[i] == 1 and has[i] and np.isfinite(ratios[i])
+           and ratios[i] > 0]
+  if covid:
+    ascending = sorted(covid, key=lambda i: (ratios[i], i))
+    # Only as many predicate calls as needed: it reads the case's mask.
+    seen = (i for i in ascending if visible is None or visible(int(i)))
+    small = next(seen, ascending[0])
+    seen = (i for i in reversed(ascending) if visible is None or visible(int(i)))
+    large = next(seen, ascending[-1])
+    out.append((int(small), f"COVID, smallest infection (r = {ratios[small]:.4f})"))
+    if large != small:
+      out.append((int(large), f"COVID, largest infection (r = {ratios[large]:.4f})"))
+  cap = [i for i in val if labels[i] == 0]
+  if cap:
+    masked = [i for i in cap if has[i] and np.isfinite(ratios[i])] or cap
+    masked = sorted(masked, key=lambda i: (np.nan_to_num(ratios[i]), i))
+    pick = masked[len(masked) // 2]
+    out.append((int(pick), f"CAP, median infection (r = {ratios[pick]:.4f})"))
+  return out
+
+
+def _display_volumes(data: experiment.Data, index: int, config) -> dict[str, Any]:
+  """CT (windowed, not lung-masked), lung and infection masks on the network's grid.
+
+  Falls back to the cached (lung-masked) image without a lung mask when the source files
+  cannot be read any more.
+  """
+  case = data.dataset.cases[index]
+  item = data.dataset[index]
+  try:
+    cfg = ml_collections.ConfigDict(config.to_dict())
+    cfg.data.apply_lung_mask = False  # Show the CT itself; the mask is shown beside it.
+    pre = preprocess.load_and_preprocess(case.image, case.lung_mask, case.infection_mask,
+                                         config=cfg)
+    return dict(ct=pre.image, lung=pre.lung_mask, infection=pre.infection_mask,
+                spacing=pre.geometry.output_spacing)
+  except DsanError as e:
+    log.warning("attention figure of %s uses the cached image: %s", case.case_id, e)
+    return dict(ct=item["image"], lung=None,
+                infection=item["infection_mask"] if item["has_mask"] else None,
+                spacing=(1.0, 1.0, 1.0))
+
+
+def _safe_name(s: str) -> str:
+  return re.sub(r"[^A-Za-z0-9._-]+", "_", s)
+
+
+# ---------------------------------------------------------------------------------- ensemble.
+
+
+def _ensemble(rows: list[dict[str, Any]], ens: ml_collections.ConfigDict, threshold: float,
+              search: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+  """Adds the ``att_rn34_ds`` rows; returns (rows, description of the weights used)."""
+  us, ss = variants.ENSEMBLE_MEMBERS
+  low, high = float(ens.low_ratio), float(ens.high_ratio)
+  info: dict[str, Any] = dict(name=variants.ENSEMBLE, members=[us, ss], low_ratio=low,
+                              high_ratio=high, w_extreme=float(ens.w_extreme),
+                              w_middle=float(ens.w_middle), source="config (paper's values)",
+                              nan_ratio_weight="w_middle (ensemble.ensemble_weight's default)")
+  by_key = {}
+  for r in rows:
+    if r["model"] in (us, ss):
+      by_key.setdefault((r["fold"], r["split"], r["case_id"]), {})[r["model"]] = r
+  common = {k: v for k, v in by_key.items() if len(v) == 2}
+  if not common:
+    info.update(available=False, reason=f"needs predictions of both {us} and {ss}")
+    return rows, info
+  pairs = list(common.values())
+  if search:
+    val = [p for p in pairs if p[us]["split"] == report.VAL]
+    if not val:
+      raise ConfigError("the ensemble weight search needs validation predictions of both members")
+    res = ensemble_lib.search_weights(
+        [p[us]["label"] for p in val], [p[us]["prob"] for p in val], [p[ss]["prob"] for p in val],
+        [p[us]["ratio"] for p in val], grid_step=float(ens.search_grid_step),
+        objective=str(ens.search_objective), threshold=threshold, low=low, high=high)
+    info.update(w_extreme=res.w_extreme, w_middle=res.w_middle,
+                source=f"searched on {len(val)} pooled validation predictions",
+                search=dict(objective=str(ens.search_objective),
+                            grid_step=float(ens.search_grid_step), score=res.score,
+                            n_cases=len(val)))
+  sub = [p[m] for p in pairs for m in (us, ss)]
+  cols = report.add_ensemble(sub, us=us, ss=ss, name=variants.ENSEMBLE,
+                             w_extreme=info["w_extreme"], w_middle=info["w_middle"],
+                             low=low, high=high)
+  new = [{k: cols[k][i].item() for k in report.COLUMNS}
+         for i in np.flatnonzero(cols["model"] == variants.ENSEMBLE)]
+  info.update(available=True, n_rows=len(new),
+              n_missing=len(by_key) - len(common))
+  return rows + new, info
+
+
+# ----------------------------------------------------------------------------------- writing.
+
+
+def _jsonable(x: Any) -> Any:
+  if isinstance(x, Mapping):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, np.ndarray):
+    return _jsonable(x.tolist())
+  if isinstance(x, np.generic):
+    x = x.item()
+  if isinstance(x, pathlib.Path):
+    return str(x)
+  if isinstance(x, float) and not math.isfinite(x):
+    return None
+  return x
+
+
+def _write_csv(path: pathlib.Path, rows: Sequence[Mapping[str, Any]]) -> None:
+  fields = list(dict.fromkeys(k for r in rows for k in r)) or ["empty"]
+  with open(path, "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=fields)
+    w.writeheader()
+    for r in rows:
+      w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()})
+
+
+def _fmt(x, digits: int = 3) -> str:
+  if x is None or (isinstance(x, float) and not math.isfinite(x)):
+    return "n/a"
+  return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def _fmt_p(p) -> str:
+  if p is None or not math.isfinite(p):
+    return "n/a"
+  return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _attention_answer(summary: Sequence[Mapping[str, Any]], baseline: str) -> list[str]:
+  """One sentence per attention model: does its map overlap the infection more than Grad-CAM?"""
+  lines = []
+  for e in summary:
+    if e["model"] == baseline:
+      continue
+    parts = []
+    for k, name in (("mass_inside", "mass inside the infection"), ("soft_dice", "soft Dice")):
+      s = e[k]
+      if not s.get("n_paired"):
+        parts.append(f"{name}: no paired cases")
+        continue
+      verdict = "higher" if s["mean_diff"] > 0 else "not higher"
+      parts.append(f"{name} {verdict} than the baseline's Grad-CAM by {s['mean_diff']:+.3f} "
+                   f"on average (higher in {100 * s['frac_higher']:.0f} % of {s['n_paired']} "
+                   f"cases, paired t-test p {_fmt_p(s['p'])})")
+    lines.append(f"- **{report.MODEL_TITLES.get(e['model'], e['model'])}**: " + "; ".join(parts)
+                 + ".")
+  return lines
+
+
+def _extra_markdown(ev: Mapping[str, Any]) -> str:
+  lines = ["", "## Evaluation details", ""]
+  ens = ev["ensemble"]
+  if ens.get("available"):
+    lines += [f"Dual-sampling ensemble `{ens['name']}` (Eq. 5): P = w P_US + (1 - w) P_SS with "
+              f"w = {ens['w_extreme']:.2f} when r < {ens['low_ratio']} or r > "
+              f"{ens['high_ratio']}, w = {ens['w_middle']:.2f} otherwise; unknown ratio: "
+              f"{ens['nan_ratio_weight']}. Weights: {ens['source']}."]
+    if "search" in ens:
+      s = ens["search"]
+      lines += [f"Search objective: {s['objective']} at the threshold (ties: the other metric, "
+                f"then nearest to the paper's weights), grid step {s['grid_step']}, best "
+                f"{s['objective']} {_fmt(s['score'])} on the pooled validation predictions. "
+                "The searched weights are applied to the validation rows they were fitted on "
+                "(in-sample, as the paper's TV-set search) and to the test rows (out-of-sample)."]
+    lines += [""]
+  else:
+    lines += [f"No ensemble: {ens.get('reason')}.", ""]
+  lines += ["Runs (best checkpoint; `max |dp|` compares the re-predicted validation "
+            "probabilities with those saved by training):", ""]
+  lines += ["| Variant | Fold | Best epoch | Val AUC (training) | max \\|dp\\| |", "|---|---|---|---|---|"]
+  for r in ev["runs"]:
+    lines.append(f"| {r['variant']} | {r['fold']} | {r['best_epoch']} | {_fmt(r['best_val_auc'])} "
+                 f"| {_fmt(r['max_abs_prob_diff'], 6)} |")
+  lines += [""]
+  att = ev.get("attention_maps") or {}
+  if att.get("display"):
+    lines += ["### Do the attention maps overlap the infections more than the baseline's "
+              "Grad-CAM?", "",
+              f"COVID validation cases with an infection mask, each explained by the fold model "
+              f"that did not train on it. Chance levels of the mass inside: a uniform map over "
+              f"the lung gives the infection ratio, mean "
+              f"{_fmt(att.get('chance_mass_inside'))} over these cases; a uniform map over the "
+              f"whole input volume gives the infection's volume fraction, mean "
+              f"{_fmt(att.get('chance_mass_inside_volume'), 4)}.", ""]
+    lines += _attention_answer(att["display"], ev["baseline"]) + [""]
+    lines += ["All map kinds (mean over cases; paired differences to the baseline in "
+              "attention_cases.csv / metrics.json):", ""]
+    lines += ["| Map kind | Model | N | Mass inside | Soft Dice |", "|---|---|---|---|---|"]
+    for kind in MAP_KINDS:
+      for e in att.get(kind, []):
+        lines.append(f"| {kind} | {report.MODEL_TITLES.get(e['model'], e['model'])} | "
+                     f"{e['mass_inside']['n']} | {_fmt(e['mass_inside']['mean'])} | "
+                     f"{_fmt(e['soft_dice']['mean'])} |")
+    lines += ["", "Map kinds: " + "; ".join(f"`{k}`: {v}" for k, v in MAP_KIND_TITLES.items())
+              + ".", ""]
+  if ev["attention_figures"]:
+    lines += ["### Attention figures (like the paper's Fig. 5)", ""]
+    for f in ev["attention_figures"]:
+      lines += [f"{f['case_id']} (fold {f['fold']}, {f['why']}):", "",
+                f"![{f['case_id']}]({f['file']})", ""]
+  if ev["training_curves"]:
+    lines += ["### Training curves", ""] + [f"- [{os.path.basename(p)}]({p})"
+                                            for p in ev["training_curves"]] + [""]
+  lines += [f"Evaluated in {ev['seconds']:.1f} s.", ""]
+  return "\n".join(lines)
+
+
+def _replace_dir(tmp: pathlib.Path, final: pathlib.Path) -> None:
+  old = final.with_name(final.name + f".old-{os.getpid()}")
+  if final.exists():
+    os.replace(final, old)
+  os.replace(tmp, final)
+  if old.exists():
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------- the run.
+
+
+def evaluate_workdir(workdir: str | os.PathLike, config_overrides: Any = None,
+                     search_ensemble: bool = False, progress: bool = True,
+                     out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+  """Evaluates every trained run of ``workdir`` and writes ``<workdir>/evaluation/``.
+
+  Args:
+    workdir: the protocol's root folder (``<workdir>/<variant>/fold_<k>/``).
+    config_overrides: optional {"eval": {...}, "ensemble": {...}} (dict or ConfigDict) applied
+      over each run's own settings (e.g. the threshold, the ratio groups, the ensemble weights,
+      ``eval.attention_max_cases``, ``eval.figure_case_ids``). Other sections would change the
+      model or the data and are refused.
+    search_ensemble: grid-search the ensemble's two weights on the pooled validation
+      predictions (``ensemble.search_weights``, objective ``ensemble.search_objective``) instead
+      of using the configured ones; also on when ``ensemble.search`` is True.
+    progress: show progress bars.
+    out_dir: output folder; None -> ``<workdir>/evaluation``.
+
+  Returns:
+    The metrics dict written to metrics.json (``report.write_report``'s, plus ``evaluation``
+    with the runs, ensemble weights, attention summaries and figure paths) and ``out_dir``.
+
+  Raises:
+    DsanError: no trained run in ``workdir``.
+  """
+  t0 = time.perf_counter()
+  workdir = pathlib.Path(workdir)
+  runs = find_runs(workdir)
+  if not runs:
+    raise DsanError(f"{workdir}: no trained runs (expected <variant>/fold_<k>/checkpoints/best)")
+  mesh = sharding.make_mesh()
+  first = experiment.load_config(runs[0].run_dir / "config.json")
+  settings = _settings(first, config_overrides)
+  ev_cfg, ens_cfg = settings.eval, settings.ensemble
+  threshold = float(ev_cfg.threshold)
+  edges = tuple(float(e) for e in ev_cfg.ratio_groups)
+  batch_size = int(ev_cfg.batch_size)
+  sharding.check_batch_divisible(batch_size, mesh, "eval.batch_size")
+  max_att = int(_get(ev_cfg, "attention_max_cases", 0))
+  want_att = bool(_get(ev_cfg, "attention_quality", True))
+  figure_ids = tuple(_get(ev_cfg, "figure_case_ids", ()) or ())
+  search = bool(search_ensemble or _get(ens_cfg, "search", False))
+
+  datasets: dict[str, experiment.Data] = {}
+
+  def data_for(config) -> experiment.Data:
+    key = _data_key(config)
+    if key not in datasets:
+      datasets[key] = experiment.prepare_data(config, workdir, progress)
+    return datasets[key]
+
+  # Folds with every variant trained: the attention figures compare the three models of one fold.
+  by_fold: dict[int, set[str]] = {}
+  for r in runs:
+    by_fold.setdefault(r.fold, set()).add(r.variant)
+  full_folds = sorted(f for f, v in by_fold.items() if set(variants.VARIANTS) <= v) or sorted(
+      by_fold)
+  figure_cases: list[tuple[int, str]] = []
+  figure_maps: dict[int, dict[str, dict[str, np.ndarray]]] = {}
+
+  rows: list[dict[str, Any]] = []
+  att_rows: list[dict[str, Any]] = []
+  run_rows: list[dict[str, Any]] = []
+  curves: list[str] = []
+  eval_steps: dict[Any, Any] = {}
+  data_note = None
+  out_dir = pathlib.Path(out_dir) if out_dir is not None else workdir / OUT_DIR_NAME
+  out_dir.parent.mkdir(parents=True, exist_ok=True)
+  tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+  if tmp.exists():
+    shutil.rmtree(tmp)
+  (tmp / "curves").mkdir(parents=True)
+  (tmp / "attention").mkdir()
+  try:
+    for run in tqdm(runs, desc="evaluating runs", unit="run", disable=not progress):
+      trained = experiment.load_trained(run.run_dir, mesh, "best")
+      cfg = trained.config
+      data = data_for(cfg)
+      data_note = data_note or data.note
+      if not figure_cases and (full_folds or figure_ids):
+        figure_cases = choose_figure_cases(
+            data, full_folds, figure_ids,
+            visible=lambda i, ds=data.dataset: bool(np.any(ds[i]["infection_mask"])))
+      key = (trained.model, float(cfg.loss.attention_weight))
+      if key not in eval_steps:
+        eval_steps[key] = training.make_eval_step(trained.model, mesh, key[1])
+      run_pred = _predict_rows(trained, data, run.fold, mesh, eval_steps[key], batch_size)
+      rows += run_pred
+      diff = _consistency(run.run_dir, run_pred)
+      done = run.run_dir / "done.json"
+      summary = json.loads(done.read_text()) if done.exists() else {}
+      run_rows.append(dict(variant=run.variant, fold=run.fold,
+                           best_epoch=trained.meta.get("best_epoch"),
+                           best_val_auc=(summary.get("best_val") or {}).get("auc",
+                                                                            trained.meta.get(
+                                                                                "best_metric")),
+                           complete=done.exists(), n_val=sum(
+                               r["split"] == report.VAL for r in run_pred),
+                           n_test=sum(r["split"] == report.TEST for r in run_pred),
+                           max_abs_prob_diff=diff, run_dir=str(run.run_dir)))
+      val_idx = np.flatnonzero(data.folds == run.fold)
+      keep = {i for i, _ in figure_cases if data.folds[i] == run.fold}
+      measure = set()
+      if want_att:
+        masked_covid = [int(i) for i in val_idx if data.dataset.labels[i] == 1
+                        and data.dataset.has_masks[i]]
+        measure = set(masked_covid[:max_att] if max_att > 0 else masked_covid)
+      todo = sorted(measure | keep)
+      if todo and run.variant in variants.VARIANTS:
+        a_rows, kept = _attention_pass(trained, data, todo, batch_size, keep, measure)
+        att_rows += [dict(r, fold=run.fold) for r in a_rows]
+        for i, maps in kept.items():
+          figure_maps.setdefault(i, {})[run.variant] = dict(maps,
+                                                            attention_model=bool(
+                                                                trained.model.attention))
+      metrics_rows = _read_jsonl(run.run_dir / "metrics.jsonl")
+      if metrics_rows:
+        path = tmp / "curves" / f"{_safe_name(run.variant)}_fold{run.fold}.png"
+        plots.plot_training_curves(metrics_rows, path,
+                                   title=f"{run.variant} fold {run.fold} (training)")
+        curves.append(os.path.join("curves", path.name))
+      del trained
+
+    rows, ens_info = _ensemble(rows, ens_cfg, threshold, search)
+    baseline = "rn34_us"
+    display_rows = [dict(model=r["model"], case_id=r["case_id"], mass_inside=r["mass_inside"],
+                         soft_dice=r["soft_dice"]) for r in att_rows if r["kind"] == "display"]
+    models_present = list(dict.fromkeys(r["model"] for r in rows))
+    models = [m for m in report.DEFAULT_MODELS if m in models_present] + [
+        m for m in models_present if m not in report.DEFAULT_MODELS]
+    result = report.write_report(
+        rows, tmp, models=models, baseline=baseline,
+        title=f"DSAN evaluation of {workdir}", data_note=data_note or "unknown data",
+        threshold=threshold, ratio_edges=edges, attention=display_rows or None)
+
+    att_models = [m for m in models if any(r["model"] == m for r in att_rows)]
+    att_summary = {kind: report.attention_summary(
+        [r for r in att_rows if r["kind"] == kind], att_models, baseline) for kind in MAP_KINDS}
+    per_case = {r["case_id"]: r for r in att_rows}
+    lung_chance = [r["ratio"] for r in per_case.values() if np.isfinite(r["ratio"])]
+    att_summary["chance_mass_inside"] = float(np.mean(lung_chance)) if lung_chance else float(
+        "nan")
+    att_summary["chance_mass_inside_volume"] = (float(np.mean(
+        [r["volume_fraction"] for r in per_case.values()])) if per_case else float("nan"))
+    _write_csv(tmp / "attention_cases.csv", att_rows)
+    _write_csv(tmp / "runs.csv", run_rows)
+    (tmp / "ensemble.json").write_text(json.dumps(_jsonable(ens_info), indent=1))
+
+    fig_info = []
+    ds_any = next(iter(datasets.values()))
+    run_cfg = {r.variant: r for r in runs}
+    for i, why in figure_cases:
+      per_model = figure_maps.get(i, {})
+      if not per_model:
+        continue
+      case_id = ds_any.dataset.case_ids[i]
+      cfg = experiment.load_config(run_cfg[next(iter(per_model))].run_dir / "config.json")
+      vols = _display_volumes(ds_any, i, cfg)
+      maps = {}
+      for variant in variants.VARIANTS:
+        if variant in per_model:
+          m = per_model[variant]
+          label = (f"{report.MODEL_TITLES[variant]} T(A)" if m["attention_model"]
+                   else f"{report.MODEL_TITLES[variant]} Grad-CAM")
+          maps[f"{label}\nP(COVID) = {m['prob']:.2f}"] = explanation.display_map(
+              m, m["attention_model"])
+      name = f"attention/{_safe_name(case_id)}.png"
+      label = "COVID" if ds_any.dataset.labels[i] == 1 else "CAP"
+      plots.plot_attention_figure(
+          vols["ct"], vols["lung"], vols["infection"], maps, tmp / name,
+          spacing=vols["spacing"],
+          title=f"{case_id}: {label}, fold {int(ds_any.folds[i])} models ({why})")
+      fig_info.append(dict(case_id=case_id, fold=int(ds_any.folds[i]), why=why, file=name,
+                           label=int(ds_any.dataset.labels[i]),
+                           ratio=float(ds_any.dataset.ratios[i])))
+
+    ev = dict(runs=run_rows, ensemble=ens_info, baseline=baseline,
+              attention_maps=att_summary if att_rows else {},
+              attention_figures=fig_info, training_curves=curves,
+              seconds=time.perf_counter() - t0,
+              settings=settings.to_dict(), workdir=str(workdir))
+    with open(tmp / "report.md", "a") as f:
+      f.write(_extra_markdown(ev))
+    result = dict(result, evaluation=ev)
+    extra_files = ["attention_cases.csv", "runs.csv", "ensemble.json"] + curves + [
+        f["file"] for f in fig_info]
+    result["files"] = sorted({os.path.relpath(p, tmp) if os.path.isabs(str(p)) else str(p)
+                              for p in list(result["files"]) + extra_files})
+    result["out_dir"] = str(out_dir)
+    result["figures"] = [os.path.relpath(p, tmp) for p in result.get("figures", [])]
+    (tmp / "metrics.json").write_text(json.dumps(_jsonable(result), indent=1, allow_nan=False))
+    if jax.process_index() == 0:
+      _replace_dir(tmp, out_dir)
+  finally:
+    if tmp.exists():
+      shutil.rmtree(tmp, ignore_errors=True)
+  if progress:
+    _print_summary(result)
+  return result
+
+
+def _read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
+  if not path.exists():
+    return []
+  out = []
+  with open(path) as f:
+    for line in f:
+      line = line.strip()
+      if line:
+        try:
+          out.append(json.loads(line))
+        except json.JSONDecodeError:
+          break  # A torn last line of an interrupted run.
+  return out
+
+
+def _print_summary(result: Mapping[str, Any]) -> None:
+  t2 = result["table2"]
+  print(f"[dsan_jax] evaluation written to {result['out_dir']}", flush=True)
+  for m in result["models"]:
+    e = t2.get(m, {})
+    parts = []
+    if report.VAL in e:
+      parts.append(f"val AUC {_fmt(e[report.VAL]['pooled']['auc'])} acc "
+                   f"{_fmt(e[report.VAL]['pooled']['accuracy'])}")
+    if report.TEST in e:
+      parts.append(f"test AUC {_fmt(e[report.TEST]['mean']['auc'])} ± "
+                   f"{_fmt(e[report.TEST]['std']['auc'])}")
+    print(f"  {m:12s} " + " | ".join(parts), flush=True)

@@ -1,0 +1,324 @@
+"""Diagnosis of one chest CT with the trained models of a work directory, with attention maps.
+
+  python -m dsan_jax.predict --workdir runs/quickstart --image CT.nii.gz \
+      [--lung-mask LUNG.nii.gz] [--infection-mask INF.nii.gz] --out OUT [--fold K]
+
+What it does:
+
+1. Finds every ``<workdir>/<variant>/fold_<k>`` with a best checkpoint (the three variants of
+   Table II; ``--fold K`` keeps fold K only). By default every fold present is used and each
+   variant's probability is the MEAN of its fold models' probabilities (the fold models are five
+   equally good estimates of the same model; averaging them is the usual cross-validation
+   ensemble and is never worse than a random one of them in expectation).
+2. Preprocesses the CT exactly as in training (``load_and_preprocess`` with the runs'
+   ``config.data``; without ``--lung-mask`` the classical lung segmentation is used when the
+   config allows it).
+3. The dual-sampling ensemble (Eq. 5), ``P = w P_US + (1 - w) P_SS``, with w from the infection
+   ratio r. The ratio comes from ``--infection-mask`` (r = |I| / |L u I| on the CT's own grid).
+   Without it the ratio is UNAVAILABLE, and w falls back to ``w_middle`` (0.96 with the paper's
+   values): the literal reading of Eq. 5 (an unknown r does not meet "r < 0.001 or r > 0.030"),
+   which leans on the uniform-sampling model, the one trained on the data's own distribution.
+   ``prediction.json`` says which was used. The weights are the runs' ``config.ensemble``
+   (the paper's), or with ``--searched-weights`` those that ``evaluate.py --search_ensemble``
+   wrote to ``<workdir>/evaluation/ensemble.json``.
+4. Writes to ``--out`` (a folder, written under a temporary name and renamed when complete; a
+   previous prediction folder there is replaced):
+
+   prediction.json            probabilities, labels, ratio, weights, models, files
+   attention.nii.gz           the attention map T(A) on the input CT's voxel grid (same shape
+                              and affine as the input): the ensemble's mix
+                              w T_US + (1 - w) T_SS of the attention models (fold-averaged);
+                              only one attention model present -> its map
+   attention_<variant>.nii.gz each attention model's T(A) (fold-averaged)
+   gradcam_rn34_us.nii.gz     the baseline's Grad-CAM (up-sampled, min-max), when trained
+   overview.png               axial and coronal slices: CT, masks and every map
+
+Errors (missing or unreadable file, no trained runs, ...) print one line
+``error: <file>: <cause>`` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import pathlib
+import shutil
+import sys
+import uuid
+from typing import Any, Sequence
+
+import numpy as np
+
+from dsan_jax import variants
+from dsan_jax.errors import ConfigError, DataError, DsanError
+
+log = logging.getLogger("dsan_jax")
+
+OUTPUT_FILES = ("prediction.json", "attention.nii.gz", "overview.png")
+LABEL_NAMES = {1: "COVID", 0: "CAP"}
+
+
+def _runs(workdir: pathlib.Path, fold: int | None):
+  from dsan_jax import evaluation  # Deferred: pulls in plotting and statistics.
+  if not workdir.is_dir():
+    raise DataError(workdir, "work directory not found")
+  runs = [r for r in evaluation.find_runs(workdir) if r.variant in variants.VARIANTS]
+  if not runs:
+    raise DataError(workdir, "no trained runs (expected <variant>/fold_<k>/checkpoints/best "
+                    f"for a variant of {list(variants.VARIANTS)})")
+  if fold is not None:
+    present = sorted({r.fold for r in runs})
+    runs = [r for r in runs if r.fold == fold]
+    if not runs:
+      raise DataError(workdir, f"no trained run for fold {fold} (folds present: {present})")
+  return runs
+
+
+def _check_out(out: pathlib.Path) -> None:
+  if out.exists() and not out.is_dir():
+    raise DataError(out, "exists and is not a directory")
+  if out.is_dir() and any(out.iterdir()) and not (out / "prediction.json").exists():
+    raise DataError(out, "exists, is not empty and holds no prediction.json; refusing to "
+                    "replace it (choose another --out)")
+
+
+def _ensemble_weights(workdir: pathlib.Path, config, searched: bool) -> dict[str, Any]:
+  ens = config.ensemble
+  w = dict(w_extreme=float(ens.w_extreme), w_middle=float(ens.w_middle),
+           low=float(ens.low_ratio), high=float(ens.high_ratio), source="config")
+  if searched:
+    path = workdir / "evaluation" / "ensemble.json"
+    if not path.exists():
+      raise DataError(path, "not found; run evaluate.py --search_ensemble first")
+    try:
+      info = json.loads(path.read_text())
+      w.update(w_extreme=float(info["w_extreme"]), w_middle=float(info["w_middle"]),
+               low=float(info["low_ratio"]), high=float(info["high_ratio"]),
+               source=f"{path} ({info.get('source', '?')})")
+    except (ValueError, KeyError, TypeError) as e:
+      raise DataError(path, f"unreadable ensemble weights ({e})") from None
+  return w
+
+
+def predict_case(workdir: str | os.PathLike, image: str | os.PathLike,
+                 lung_mask: str | os.PathLike | None = None,
+                 infection_mask: str | os.PathLike | None = None,
+                 out: str | os.PathLike | None = None, fold: int | None = None,
+                 searched_weights: bool = False) -> dict[str, Any]:
+  """Predicts one CT with every trained model of ``workdir`` (see the module docstring).
+
+  Args:
+    workdir: the protocol's root folder.
+    image: CT in HU (NIfTI).
+    lung_mask: lung mask on the CT's grid, or None.
+    infection_mask: infection mask on the CT's grid, or None (ratio unavailable).
+    out: output folder, or None to write nothing.
+    fold: use only this fold's models; None -> all folds present, probabilities averaged.
+    searched_weights: use ``<workdir>/evaluation/ensemble.json``'s weights.
+
+  Returns:
+    The content of prediction.json.
+
+  Raises:
+    DataError / ConfigError: unreadable inputs, no trained runs, inconsistent runs.
+  """
+  import jax  # Deferred so that main() can set XLA flags first.
+  from dsan_jax import ensemble as ensemble_lib
+  from dsan_jax import experiment, explanation, plots, report, sharding
+  from dsan_jax.data import io
+  from dsan_jax.data import preprocess
+  import ml_collections
+
+  workdir = pathlib.Path(workdir)
+  inputs = {"image": image, "lung_mask": lung_mask, "infection_mask": infection_mask}
+  for p in inputs.values():
+    if p is not None:
+      io.read_header(p)  # Fails fast, naming the file, before any model is loaded.
+  out_path = pathlib.Path(out) if out is not None else None
+  if out_path is not None:
+    _check_out(out_path)
+  runs = _runs(workdir, fold)
+  configs = {r: experiment.load_config(r.run_dir / "config.json") for r in runs}
+  settings = {r: preprocess.PreprocessSettings.from_config(c) for r, c in configs.items()}
+  first = runs[0]
+  if len(set(settings.values())) > 1:
+    raise ConfigError(f"{workdir}: the runs use different preprocessing settings; pass --fold "
+                      "or keep one kind of run per work directory")
+  config = configs[first]
+
+  # Preprocess once without the lung multiplication, so the overview shows the CT itself; the
+  # network input is the same product load_and_preprocess would form (padding is zero in both).
+  cfg = ml_collections.ConfigDict(config.to_dict())
+  cfg.data.apply_lung_mask = False
+  pre = preprocess.load_and_preprocess(image, lung_mask, infection_mask, config=cfg)
+  net_image = pre.image * pre.lung_mask if config.data.apply_lung_mask else pre.image
+  ratio = float(pre.ratio)
+
+  mesh = sharding.make_mesh()
+  probs: dict[str, dict[int, float]] = {}
+  maps: dict[str, list[np.ndarray]] = {}
+  is_attention: dict[str, bool] = {}
+  for r in runs:
+    trained = experiment.load_trained(r.run_dir, mesh, "best")
+    m = explanation.attention_maps(trained, net_image)
+    probs.setdefault(r.variant, {})[r.fold] = m["prob"]
+    maps.setdefault(r.variant, []).append(m["display"])
+    is_attention[r.variant] = bool(trained.model.attention)
+    del trained
+  prob = {v: float(np.mean(list(p.values()))) for v, p in probs.items()}
+  mean_map = {v: np.mean(np.stack(ms), axis=0).astype(np.float32) for v, ms in maps.items()}
+
+  threshold = float(config.eval.threshold)
+  weights = _ensemble_weights(workdir, config, searched_weights)
+  us, ss = variants.ENSEMBLE_MEMBERS
+  ens: dict[str, Any] | None = None
+  if us in prob and ss in prob:
+    w = float(ensemble_lib.ensemble_weight(
+        [ratio], weights["w_extreme"], weights["w_middle"], weights["low"], weights["high"])[0])
+    p = w * prob[us] + (1.0 - w) * prob[ss]
+    ens = dict(name=variants.ENSEMBLE, prob=float(p), label=LABEL_NAMES[int(p >= threshold)],
+               w_us=w, weights=weights,
+               weight_rule=("ratio outside [low, high] -> w_extreme, inside -> w_middle"
+                            if math.isfinite(ratio) else
+                            "ratio unavailable -> w_middle (Eq. 5 literally: an unknown ratio is "
+                            "one of 'the rest cases')"))
+  order = [variants.ENSEMBLE, us, ss, "rn34_us"]
+  all_probs = dict(prob, **({variants.ENSEMBLE: ens["prob"]} if ens else {}))
+  final_model = next(m for m in order if m in all_probs)
+  final = all_probs[final_model]
+
+  att_variants = [v for v in variants.VARIANTS if is_attention.get(v)]
+  if ens is not None:
+    att = ens["w_us"] * mean_map[us] + (1.0 - ens["w_us"]) * mean_map[ss]
+    att_desc = f"w T(A)[{us}] + (1 - w) T(A)[{ss}], w = {ens['w_us']:.2f}"
+  elif att_variants:
+    att = np.mean(np.stack([mean_map[v] for v in att_variants]), axis=0)
+    att_desc = "mean of T(A) of " + ", ".join(att_variants)
+  else:
+    att, att_desc = None, None
+
+  result: dict[str, Any] = dict(
+      probability=final, label=LABEL_NAMES[int(final >= threshold)],
+      label_index=int(final >= threshold), probability_model=final_model, threshold=threshold,
+      ensemble=ens,
+      models={v: dict(prob=prob[v], label=LABEL_NAMES[int(prob[v] >= threshold)],
+                      prob_per_fold={str(k): p for k, p in sorted(probs[v].items())},
+                      attention_module=is_attention[v],
+                      map=("T(A)" if is_attention[v] else "Grad-CAM (up-sampled, min-max)"))
+              for v in variants.VARIANTS if v in prob},
+      folds=sorted({r.fold for r in runs}),
+      fold_aggregation="mean of the fold models' probabilities",
+      ratio=ratio if math.isfinite(ratio) else None,
+      ratio_source=("infection mask" if math.isfinite(ratio) else
+                    "unavailable (no infection mask): the ensemble uses w_middle"),
+      lung_mask_source=pre.lung_mask_source,
+      attention_map=att_desc,
+      inputs={k: (str(pathlib.Path(v).resolve()) if v is not None else None)
+              for k, v in inputs.items()},
+      input_shape=list(pre.geometry.original_shape),
+      input_affine=np.asarray(pre.geometry.original_affine).tolist(),
+      workdir=str(workdir.resolve()),
+      note="Research software; not a medical device.",
+  )
+  if out_path is None:
+    return result
+
+  if jax.process_index() != 0:
+    return result
+  tmp = out_path.parent / f".{out_path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+  tmp.mkdir(parents=True)
+  try:
+    files = []
+    affine = pre.geometry.original_affine
+
+    def write_map(name: str, vol: np.ndarray) -> None:
+      io.write_nifti(tmp / name, preprocess.to_original_grid(vol, pre.geometry).astype(
+          np.float32), affine)
+      files.append(name)
+
+    if att is not None:
+      write_map("attention.nii.gz", att)
+    for v in att_variants:
+      write_map(f"attention_{v}.nii.gz", mean_map[v])
+    for v in variants.VARIANTS:
+      if v in mean_map and not is_attention[v]:
+        write_map(f"gradcam_{v}.nii.gz", mean_map[v])
+    shown = {}
+    for v in variants.VARIANTS:
+      if v in mean_map:
+        title = report.MODEL_TITLES.get(v, v)
+        kind = "T(A)" if is_attention[v] else "Grad-CAM"
+        shown[f"{title} {kind}\nP(COVID) = {prob[v]:.2f}"] = mean_map[v]
+    plots.plot_attention_figure(
+        pre.image, pre.lung_mask, pre.infection_mask, shown, tmp / "overview.png",
+        spacing=pre.geometry.output_spacing,
+        title=(f"{pathlib.Path(image).name}: {result['label']} (P = {final:.3f}, "
+               f"{final_model})"))
+    files.append("overview.png")
+    result["files"] = ["prediction.json"] + files
+    (tmp / "prediction.json").write_text(json.dumps(result, indent=1, allow_nan=False))
+    old = out_path.parent / f".{out_path.name}.old-{os.getpid()}"
+    if out_path.exists():
+      os.replace(out_path, old)
+    os.replace(tmp, out_path)
+    shutil.rmtree(old, ignore_errors=True)
+  finally:
+    if tmp.exists():
+      shutil.rmtree(tmp, ignore_errors=True)
+  return result
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="python -m dsan_jax.predict",
+      description="COVID-19 vs CAP for one chest CT, with attention maps (see the module doc).")
+  p.add_argument("--workdir", required=True, help="Work directory with the trained runs.")
+  p.add_argument("--image", required=True, help="Chest CT in HU (NIfTI).")
+  p.add_argument("--lung-mask", "--lung_mask", dest="lung_mask", default=None,
+                 help="Lung mask on the CT's grid (default: classical segmentation).")
+  p.add_argument("--infection-mask", "--infection_mask", dest="infection_mask", default=None,
+                 help="Infection mask on the CT's grid (gives the infection ratio).")
+  p.add_argument("--out", required=True, help="Output folder.")
+  p.add_argument("--fold", type=int, default=None,
+                 help="Use only this fold's models (default: all folds, probabilities averaged).")
+  p.add_argument("--searched-weights", "--searched_weights", dest="searched_weights",
+                 action="store_true",
+                 help="Ensemble weights from <workdir>/evaluation/ensemble.json.")
+  p.add_argument("--verbose", action="store_true", help="Log progress.")
+  return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
+  logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                      format="[%(name)s] %(message)s")
+  logging.getLogger("absl").setLevel(logging.INFO if args.verbose else logging.ERROR)
+  from dsan_jax.models import conv  # Before the first jax computation: XLA reads flags once.
+  conv.apply_recommended_cpu_xla_flags()
+  try:
+    result = predict_case(args.workdir, args.image, args.lung_mask, args.infection_mask,
+                          args.out, args.fold, args.searched_weights)
+  except DsanError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return 2
+  except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    return 130
+  ens = result["ensemble"]
+  print(f"{result['label']}: P(COVID) = {result['probability']:.4f} "
+        f"({result['probability_model']}, threshold {result['threshold']})")
+  for v, m in result["models"].items():
+    print(f"  {v:12s} P = {m['prob']:.4f}  (folds {', '.join(m['prob_per_fold'])})")
+  if ens:
+    print(f"  ensemble weight w = {ens['w_us']:.2f} ({ens['weight_rule']})")
+  print(f"  infection ratio: {result['ratio'] if result['ratio'] is not None else 'unavailable'}"
+        f" ({result['ratio_source']})")
+  print(f"  written to {args.out}: {', '.join(result['files'])}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
