@@ -4,7 +4,12 @@ A checkpoint holds, in one step folder, the train state (parameters, optimiser s
 statistics, step, RNG, skip counters), the data iterator's state and a small JSON ``meta``
 (epoch, best metric, history). Orbax writes into a temporary folder and renames it when the save
 is complete, so a save interrupted by ``kill -9`` is never listed as a checkpoint; a leftover
-temporary folder is ignored and cleaned up by the next save.
+temporary folder is ignored and cleaned up by the next save of that step.
+
+A run killed between its ``best`` and ``latest`` saves of an epoch end resumes from the previous
+``latest`` and saves ``best`` at the same step again: the existing step folder is then replaced
+(Orbax refuses to save an existing step). It is first renamed to a hidden name that Orbax does
+not list, so a kill during the removal never leaves a half-deleted folder under a step's name.
 
 Layout: ``<run_dir>/checkpoints/latest/<step>/`` and ``<run_dir>/checkpoints/best/<step>/``.
 Only the primary process writes (Orbax coordinates this for multi-process runs); restoring
@@ -12,7 +17,10 @@ targets an abstract state with the current mesh's shardings, so a checkpoint wri
 device count restores on another.
 """
 
+import os
 import pathlib
+import shutil
+import uuid
 from typing import Any
 
 import jax
@@ -35,9 +43,18 @@ class RunCheckpoints:
     root = pathlib.Path(run_dir) / "checkpoints"
     self.latest = _manager(root / "latest", max_to_keep=1)
     self.best = _manager(root / "best", max_to_keep=1)
+    for mngr in (self.latest, self.best):  # Removals that a kill interrupted (see _save).
+      for p in pathlib.Path(mngr.directory).glob(".replaced-*"):
+        shutil.rmtree(p, ignore_errors=True)
 
   @staticmethod
   def _save(mngr, step: int, state, data_state: dict, meta: dict) -> None:
+    if step in mngr.all_steps():  # Saved by a run killed before its next `latest` save.
+      directory = pathlib.Path(mngr.directory)
+      old = directory / f".replaced-{step}-{uuid.uuid4().hex[:8]}"
+      os.replace(directory / str(step), old)
+      mngr.reload()
+      shutil.rmtree(old, ignore_errors=True)
     mngr.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
         meta=ocp.args.JsonSave(meta)), force=True)

@@ -31,6 +31,8 @@ Three kinds of map are measured:
   * ``cam``: the up-sampled, min-max normalised CAM for every model (for the baseline this is its
     Grad-CAM, which is proportional to its CAM), the same map type for all;
   * ``t_of_cam``: Eq. 2 applied to every model's CAM (for the baseline, a T(A) it never trained).
+Also reported: ``mass_in_lung``, the fraction of the map's mass inside the lung (the non-zero
+voxels of the lung-masked input), which shows maps that fall outside the lungs (Section IV-E).
 Chance levels are reported with them: a uniform map over the lung gives ``mass_inside`` = the
 infection ratio, a uniform map over the whole input volume its volume fraction.
 """
@@ -210,6 +212,7 @@ def _attention_pass(trained: experiment.TrainedModel, data: experiment.Data,
     indices in ``keep``).
   """
   model, variant = trained.model, trained.config.variant
+  lung_masked = bool(trained.config.data.apply_lung_mask)
   variables = explanation.variables_of(trained.state)
   rows, kept = [], {}
   indices = list(indices)
@@ -225,11 +228,20 @@ def _attention_pass(trained: experiment.TrainedModel, data: experiment.Data,
         kept[i]["prob"] = float(one["prob"])
       if i not in measure or not it["has_mask"] or not np.any(it["infection_mask"]):
         continue
+      # The network's input is the CT times the lung mask, so its non-zero voxels are the lung
+      # (up to voxels at the window's lower end); without lung masking there is no such proxy.
+      lung = (it["image"] > 0) if lung_masked else None
       for kind in MAP_KINDS:
-        q = metrics.attention_quality(_map_of_kind(one, kind, bool(model.attention)),
-                                      it["infection_mask"])
+        m = _map_of_kind(one, kind, bool(model.attention))
+        q = metrics.attention_quality(m, it["infection_mask"])
+        total = float(np.sum(m, dtype=np.float64))
+        in_lung = (float(np.sum(m * lung, dtype=np.float64)) / total
+                   if lung is not None and total > 0 else float("nan"))
         rows.append(dict(kind=kind, model=variant, case_id=it["case_id"], ratio=it["ratio"],
-                         volume_fraction=float(np.mean(it["infection_mask"] > 0)), **q))
+                         volume_fraction=float(np.mean(it["infection_mask"] > 0)),
+                         mass_in_lung=in_lung,
+                         lung_fraction=float(np.mean(lung)) if lung is not None else float("nan"),
+                         **q))
   return rows, kept
 
 
@@ -434,7 +446,8 @@ def _extra_markdown(ev: Mapping[str, Any]) -> str:
     lines += [f"No ensemble: {ens.get('reason')}.", ""]
   lines += ["Runs (best checkpoint; `max |dp|` compares the re-predicted validation "
             "probabilities with those saved by training):", ""]
-  lines += ["| Variant | Fold | Best epoch | Val AUC (training) | max \\|dp\\| |", "|---|---|---|---|---|"]
+  lines += ["| Variant | Fold | Best epoch (from 0) | Val AUC (training) | max \\|dp\\| |",
+            "|---|---|---|---|---|"]
   for r in ev["runs"]:
     lines.append(f"| {r['variant']} | {r['fold']} | {r['best_epoch']} | {_fmt(r['best_val_auc'])} "
                  f"| {_fmt(r['max_abs_prob_diff'], 6)} |")
@@ -448,16 +461,20 @@ def _extra_markdown(ev: Mapping[str, Any]) -> str:
               f"the lung gives the infection ratio, mean "
               f"{_fmt(att.get('chance_mass_inside'))} over these cases; a uniform map over the "
               f"whole input volume gives the infection's volume fraction, mean "
-              f"{_fmt(att.get('chance_mass_inside_volume'), 4)}.", ""]
+              f"{_fmt(att.get('chance_mass_inside_volume'), 4)}, and a mass inside the lung "
+              f"equal to the lung's volume fraction, mean "
+              f"{_fmt(att.get('chance_mass_in_lung_volume'))}.", ""]
     lines += _attention_answer(att["display"], ev["baseline"]) + [""]
     lines += ["All map kinds (mean over cases; paired differences to the baseline in "
               "attention_cases.csv / metrics.json):", ""]
-    lines += ["| Map kind | Model | N | Mass inside | Soft Dice |", "|---|---|---|---|---|"]
+    lines += ["| Map kind | Model | N | Mass inside the infection | Soft Dice | "
+              "Mass inside the lung |", "|---|---|---|---|---|---|"]
     for kind in MAP_KINDS:
       for e in att.get(kind, []):
         lines.append(f"| {kind} | {report.MODEL_TITLES.get(e['model'], e['model'])} | "
                      f"{e['mass_inside']['n']} | {_fmt(e['mass_inside']['mean'])} | "
-                     f"{_fmt(e['soft_dice']['mean'])} |")
+                     f"{_fmt(e['soft_dice']['mean'])} | "
+                     f"{_fmt(e.get('mass_in_lung', {}).get('mean'))} |")
     lines += ["", "Map kinds: " + "; ".join(f"`{k}`: {v}" for k, v in MAP_KIND_TITLES.items())
               + ".", ""]
   if ev["attention_figures"]:
@@ -574,15 +591,13 @@ def evaluate_workdir(workdir: str | os.PathLike, config_overrides: Any = None,
       diff = _consistency(run.run_dir, run_pred)
       done = run.run_dir / "done.json"
       summary = json.loads(done.read_text()) if done.exists() else {}
-      run_rows.append(dict(variant=run.variant, fold=run.fold,
-                           best_epoch=trained.meta.get("best_epoch"),
-                           best_val_auc=(summary.get("best_val") or {}).get("auc",
-                                                                            trained.meta.get(
-                                                                                "best_metric")),
-                           complete=done.exists(), n_val=sum(
-                               r["split"] == report.VAL for r in run_pred),
-                           n_test=sum(r["split"] == report.TEST for r in run_pred),
-                           max_abs_prob_diff=diff, run_dir=str(run.run_dir)))
+      val_auc = (summary.get("best_val") or {}).get("auc", trained.meta.get("best_metric"))
+      run_rows.append(dict(
+          variant=run.variant, fold=run.fold, best_epoch=trained.meta.get("best_epoch"),
+          best_val_auc=val_auc, complete=done.exists(),
+          n_val=sum(r["split"] == report.VAL for r in run_pred),
+          n_test=sum(r["split"] == report.TEST for r in run_pred),
+          max_abs_prob_diff=diff, run_dir=str(run.run_dir)))
       val_idx = np.flatnonzero(data.folds == run.fold)
       keep = {i for i, _ in figure_cases if data.folds[i] == run.fold}
       measure = set()
@@ -595,9 +610,8 @@ def evaluate_workdir(workdir: str | os.PathLike, config_overrides: Any = None,
         a_rows, kept = _attention_pass(trained, data, todo, batch_size, keep, measure)
         att_rows += [dict(r, fold=run.fold) for r in a_rows]
         for i, maps in kept.items():
-          figure_maps.setdefault(i, {})[run.variant] = dict(maps,
-                                                            attention_model=bool(
-                                                                trained.model.attention))
+          figure_maps.setdefault(i, {})[run.variant] = dict(
+              maps, attention_model=bool(trained.model.attention))
       metrics_rows = _read_jsonl(run.run_dir / "metrics.jsonl")
       if metrics_rows:
         path = tmp / "curves" / f"{_safe_name(run.variant)}_fold{run.fold}.png"
@@ -621,12 +635,22 @@ def evaluate_workdir(workdir: str | os.PathLike, config_overrides: Any = None,
     att_models = [m for m in models if any(r["model"] == m for r in att_rows)]
     att_summary = {kind: report.attention_summary(
         [r for r in att_rows if r["kind"] == kind], att_models, baseline) for kind in MAP_KINDS}
+    for kind in MAP_KINDS:
+      for e in att_summary[kind]:
+        v = np.array([r["mass_in_lung"] for r in att_rows
+                      if r["kind"] == kind and r["model"] == e["model"]], np.float64)
+        v = v[np.isfinite(v)]
+        e["mass_in_lung"] = dict(n=int(v.size), mean=float(np.mean(v)) if v.size else float(
+            "nan"))
     per_case = {r["case_id"]: r for r in att_rows}
     lung_chance = [r["ratio"] for r in per_case.values() if np.isfinite(r["ratio"])]
     att_summary["chance_mass_inside"] = float(np.mean(lung_chance)) if lung_chance else float(
         "nan")
     att_summary["chance_mass_inside_volume"] = (float(np.mean(
         [r["volume_fraction"] for r in per_case.values()])) if per_case else float("nan"))
+    lung_fracs = [r["lung_fraction"] for r in per_case.values() if np.isfinite(r["lung_fraction"])]
+    att_summary["chance_mass_in_lung_volume"] = (float(np.mean(lung_fracs)) if lung_fracs
+                                                 else float("nan"))
     _write_csv(tmp / "attention_cases.csv", att_rows)
     _write_csv(tmp / "runs.csv", run_rows)
     (tmp / "ensemble.json").write_text(json.dumps(_jsonable(ens_info), indent=1))

@@ -108,8 +108,10 @@ def prepare_data(config, workdir: str | os.PathLike, progress: bool = True) -> D
   cache_dir = pathlib.Path(config.data.cache_dir or pathlib.Path(workdir) / "cache")
   dataset = cache_lib.build_cache(manifest, config.data, cache_dir, num_workers=_workers(config),
                                   skip_bad=config.data.skip_bad, progress=progress)
+  reported = set(getattr(manifest, "skipped", []))  # build_cache repeats the manifest's skips.
   for case_id, reason in dataset.skipped:
-    log.warning("skipped %s: %s", case_id, reason)
+    if (case_id, reason) not in reported:
+      log.warning("skipped %s: %s", case_id, reason)
   splits = [c.split for c in dataset.cases]
   folds = folds_lib.assign_splits(splits, dataset.patient_ids, dataset.labels,
                                   num_folds=config.data.num_folds, seed=config.data.fold_seed)

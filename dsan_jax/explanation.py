@@ -38,11 +38,11 @@ def _features_filter(module, method_name: str) -> bool:
   return method_name == "__call__" and module.name == "backbone"
 
 
-def _head_logit(classifier_params: dict, f: jax.Array) -> jax.Array:
+def _head_logit(classifier_params: dict, f: jax.Array, dtype=jnp.float32) -> jax.Array:
   """DSAN's head on features f [B, d, h, w, C]: GAP then Dense(1). Returns [B] logits."""
-  pooled = jnp.mean(f.astype(jnp.float32), axis=(1, 2, 3))
-  return (pooled @ classifier_params["kernel"].astype(jnp.float32)
-          + classifier_params["bias"].astype(jnp.float32))[:, 0]
+  pooled = jnp.mean(f.astype(dtype), axis=(1, 2, 3))
+  return (pooled @ classifier_params["kernel"].astype(dtype)
+          + classifier_params["bias"].astype(dtype))[:, 0]
 
 
 def forward_with_maps(model: dsan_lib.DSAN, variables: dict, x: jax.Array,
@@ -65,13 +65,15 @@ def forward_with_maps(model: dsan_lib.DSAN, variables: dict, x: jax.Array,
   (logits, aux), state = model.apply(variables, x, train=False, return_attention=True,
                                      capture_intermediates=_features_filter,
                                      mutable=["intermediates"])
-  f = state["intermediates"]["backbone"]["__call__"][0]  # [B, d, h, w, C]
-  head = functools.partial(_head_logit, variables["params"]["classifier"])
+  # The head runs in at least float32, as in DSAN, whatever the backbone's compute dtype.
+  head_dtype = jnp.promote_types(model.dtype, jnp.float32)
+  f = state["intermediates"]["backbone"]["__call__"][0].astype(head_dtype)  # [B, d, h, w, C]
+  head = functools.partial(_head_logit, variables["params"]["classifier"], dtype=head_dtype)
   # Each logit depends only on its own case's features, so the gradient of the sum gives every
   # case's gradient at once.
-  grads = jax.grad(lambda feats: sign * jnp.sum(head(feats)))(f.astype(jnp.float32))
+  grads = jax.grad(lambda feats: sign * jnp.sum(head(feats)))(f)
   channel_weights = jnp.mean(grads, axis=(1, 2, 3))  # [B, C]
-  gcam = jax.nn.relu(jnp.einsum("bdhwc,bc->bdhw", f.astype(jnp.float32), channel_weights))
+  gcam = jax.nn.relu(jnp.einsum("bdhwc,bc->bdhw", f, channel_weights))
   return dict(logits=logits, prob=jax.nn.sigmoid(logits), cam=aux["cam"],
               attention=aux["attention"], grad_cam=gcam, head_logits=head(f))
 

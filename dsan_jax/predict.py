@@ -28,7 +28,8 @@ What it does:
    attention.nii.gz           the attention map T(A) on the input CT's voxel grid (same shape
                               and affine as the input): the ensemble's mix
                               w T_US + (1 - w) T_SS of the attention models (fold-averaged);
-                              only one attention model present -> its map
+                              only one attention model present -> its map; none trained ->
+                              not written
    attention_<variant>.nii.gz each attention model's T(A) (fold-averaged)
    gradcam_rn34_us.nii.gz     the baseline's Grad-CAM (up-sampled, min-max), when trained
    overview.png               axial and coronal slices: CT, masks and every map
@@ -57,7 +58,6 @@ from dsan_jax.errors import ConfigError, DataError, DsanError
 
 log = logging.getLogger("dsan_jax")
 
-OUTPUT_FILES = ("prediction.json", "attention.nii.gz", "overview.png")
 LABEL_NAMES = {1: "COVID", 0: "CAP"}
 
 
@@ -314,8 +314,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"  {v:12s} P = {m['prob']:.4f}  (folds {', '.join(m['prob_per_fold'])})")
   if ens:
     print(f"  ensemble weight w = {ens['w_us']:.2f} ({ens['weight_rule']})")
-  print(f"  infection ratio: {result['ratio'] if result['ratio'] is not None else 'unavailable'}"
-        f" ({result['ratio_source']})")
+  if result["ratio"] is not None:
+    print(f"  infection ratio: {result['ratio']:.4f} ({result['ratio_source']})")
+  else:
+    print(f"  infection ratio: {result['ratio_source']}")
   print(f"  written to {args.out}: {', '.join(result['files'])}")
   return 0
 

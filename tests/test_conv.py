@@ -126,7 +126,7 @@ class Conv3DImplTest(parameterized.TestCase):
       _assert_rel_close(gx, want_gx, GRAD_REL_TOL, f"{impl} dx")
       _assert_rel_close(gw, want_gw, GRAD_REL_TOL, f"{impl} dw")
 
-  @parameterized.named_parameters(CONFIGS[0], CONFIGS[2], CONFIGS[3], CONFIGS[-2])
+  @parameterized.named_parameters(CONFIGS[0], CONFIGS[-2])  # 2D-conv and im2col branches.
   def test_folded_float64_exact(self, c, o, k, s, shape):
     # In float64 the folded path equals the 3D convolution to rounding, forward and backward.
     x, w = _problem(c, o, k, shape)
@@ -233,13 +233,14 @@ class Conv3DImplTest(parameterized.TestCase):
     self.assertEqual(out.returncode, 0, out.stderr)
     self.assertEqual(out.stdout.strip(), repr(conv.recommended_cpu_xla_flags()))
 
-  def test_apply_flags_after_backend_start_raises(self):
+  def test_apply_flags_after_backend_start_warns(self):
     jnp.ones(1).block_until_ready()  # This process's backend is initialised.
     saved = os.environ.get("XLA_FLAGS")
     os.environ.pop("XLA_FLAGS", None)
     try:
-      with self.assertRaisesRegex(RuntimeError, "before the first JAX computation"):
-        conv.apply_recommended_cpu_xla_flags()
+      with self.assertWarnsRegex(RuntimeWarning, "after the first JAX computation"):
+        self.assertEqual(conv.apply_recommended_cpu_xla_flags(), "")
+      self.assertNotIn("XLA_FLAGS", os.environ)
     finally:
       if saved is not None:
         os.environ["XLA_FLAGS"] = saved

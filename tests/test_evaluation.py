@@ -201,11 +201,18 @@ def test_attention_quality_numbers(evaluated, trained_workdir):
   for kind in evaluation.MAP_KINDS:
     assert [e["model"] for e in summary[kind]] == list(VARIANTS)
     for e in summary[kind]:
-      vals = [float(r["mass_inside"]) for r in cases
-              if r["kind"] == kind and r["model"] == e["model"]]
+      mine = [r for r in cases if r["kind"] == kind and r["model"] == e["model"]]
+      assert len(mine) == len({r["case_id"] for r in cases})  # Every case, every model.
+      # An all-zero map (e.g. a ReLU-clipped Grad-CAM) has no mass: empty in the CSV, skipped.
+      vals = [float(r["mass_inside"]) for r in mine if r["mass_inside"] != ""]
       assert all(0 <= v <= 1 for v in vals)
       assert e["mass_inside"]["mean"] == pytest.approx(np.mean(vals))
-      assert e["mass_inside"]["n"] == len(vals) == len({r["case_id"] for r in cases})
+      assert e["mass_inside"]["n"] == len(vals)
+      in_lung = [float(r["mass_in_lung"]) for r in mine if r["mass_in_lung"] != ""]
+      assert all(0 <= v <= 1 for v in in_lung)
+      assert e["mass_in_lung"]["mean"] == pytest.approx(np.mean(in_lung))
+  for r in cases:  # Chance levels per case: volume fractions of the infection and of the lung.
+    assert 0 < float(r["volume_fraction"]) < float(r["lung_fraction"]) < 1
   # The main table (report.write_report's "attention") is the Fig. 5 kind of map.
   assert [e["model"] for e in result["attention"]] == list(VARIANTS)
   assert result["attention"][1]["soft_dice"]["mean"] == pytest.approx(

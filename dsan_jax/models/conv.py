@@ -30,6 +30,7 @@ import functools
 import os
 import subprocess
 import sys
+import warnings
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -274,10 +275,9 @@ def apply_recommended_cpu_xla_flags() -> str:
   environment variable ``DSAN_NO_XLA_FLAGS`` is set, or when the flag is unsupported.
 
   Returns:
-    The flags that were added ("" when none).
-
-  Raises:
-    RuntimeError: when the JAX backend is already initialised (the flag would be ignored).
+    The flags that were added ("" when none). When the JAX backend is already initialised the
+    flag could no longer take effect: it warns (``RuntimeWarning``), changes nothing and returns
+    "" rather than stopping a run over a speed setting.
   """
   current = os.environ.get("XLA_FLAGS", "")
   if os.environ.get("DSAN_NO_XLA_FLAGS") or "xla_cpu_experimental_ynn_fusion_type" in current:
@@ -288,8 +288,10 @@ def apply_recommended_cpu_xla_flags() -> str:
   except (ImportError, AttributeError):
     started = False
   if started:
-    raise RuntimeError("apply_recommended_cpu_xla_flags() must run before the first JAX "
-                       "computation; XLA_FLAGS is read when the backend starts.")
+    warnings.warn("apply_recommended_cpu_xla_flags() ran after the first JAX computation; "
+                  "XLA_FLAGS is read when the backend starts, so it was not applied.",
+                  RuntimeWarning, stacklevel=2)
+    return ""
   flags = recommended_cpu_xla_flags()
   if flags:
     os.environ["XLA_FLAGS"] = f"{current} {flags}".strip()

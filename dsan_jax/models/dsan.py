@@ -119,8 +119,10 @@ class DSAN(nn.Module):
         block_cls=resnet3d.BLOCKS[self.depth], width=self.width,
         stage_strides=self.stage_strides, dtype=self.dtype, param_dtype=self.param_dtype,
         conv_impl=self.conv_impl, remat=self.remat, name="backbone")
-    f = backbone(x, train=train).astype(jnp.float32)  # [B, d, h, w, C]
-    classifier = nn.Dense(1, dtype=jnp.float32, param_dtype=self.param_dtype, name="classifier")
+    # The head (GAP, logit, CAM) runs in at least float32 whatever the backbone's dtype.
+    head_dtype = jnp.promote_types(self.dtype, jnp.float32)
+    f = backbone(x, train=train).astype(head_dtype)  # [B, d, h, w, C]
+    classifier = nn.Dense(1, dtype=head_dtype, param_dtype=self.param_dtype, name="classifier")
     logits = classifier(jnp.mean(f, axis=(1, 2, 3)))[:, 0]  # GAP -> Dense(1): [B]
 
     # Eq. 1 with the classifier's own parameters, frozen for the attention branch.

@@ -15,12 +15,145 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from dsan_jax.models.conv import Conv3D
 
 ModuleDef = Any
 
 REMAT_OPTIONS = ("", "stem", "blocks", "all")
+
+# The stem's max-pool: "slices" (``max_pool_3x3x3_s2``) or "reduce_window" (``nn.max_pool``). Both
+# give identical values and gradients (tests/test_maxpool.py); "slices" is faster on XLA:CPU,
+# whose select-and-scatter backward of ``reduce_window`` is slow (docs/benchmarks.md). Read at
+# trace time, so benchmarks can switch it before jitting.
+STEM_POOL = "slices"
+
+
+def _pad_axis(x: jax.Array, axis: int) -> jax.Array:
+  pad = [(0, 0, 0)] * x.ndim
+  pad[axis] = (1, 1, 0)
+  return lax.pad(x, jnp.array(-jnp.inf, x.dtype), pad)
+
+
+def _taps(x: jax.Array, axis: int) -> list[jax.Array]:
+  """The 3 stride-2 taps along ``axis`` of a window-3 padding-1 pool: tap t of output o is x[2o + t - 1].
+
+  Args:
+    x: [..., n, ...] input (unpadded along ``axis``).
+    axis: the pooled axis.
+
+  Returns:
+    Three [..., ceil(n / 2), ...] arrays (-inf where a tap falls in the padding).
+  """
+  n_out = (x.shape[axis] - 1) // 2 + 1
+  xp = _pad_axis(x, axis)
+  return [lax.slice_in_dim(xp, t, t + 2 * n_out - 1, stride=2, axis=axis) for t in range(3)]
+
+
+def _max_1d(x: jax.Array, axis: int) -> jax.Array:
+  t0, t1, t2 = _taps(x, axis)
+  return jnp.maximum(jnp.maximum(t0, t1), t2)
+
+
+def _pool_forward(x: jax.Array) -> list[jax.Array]:
+  """[x, max over w, max over (h, w), max over (d, h, w)]: the separable pool's stages."""
+  stages = [x]
+  for axis in (3, 2, 1):
+    stages.append(_max_1d(stages[-1], axis))
+  return stages
+
+
+def _untap(c0: jax.Array, c1: jax.Array, c2: jax.Array, axis: int, n: int) -> jax.Array:
+  """Adjoint of ``_taps``: the gradients of the three taps -> the gradient of the input.
+
+  Input 2m is tap 1 of output m; input 2m + 1 is tap 2 of output m and tap 0 of output m + 1.
+
+  Args:
+    c0, c1, c2: [..., n_out, ...] gradients of taps 0, 1, 2.
+    axis: the pooled axis.
+    n: input size along ``axis`` (2 n_out - 1 or 2 n_out).
+
+  Returns:
+    [..., n, ...] gradient w.r.t. the input.
+  """
+  zero = jnp.zeros_like(lax.slice_in_dim(c0, 0, 1, axis=axis))
+  odd = c2 + jnp.concatenate([lax.slice_in_dim(c0, 1, c0.shape[axis], axis=axis), zero], axis)
+  both = jnp.stack([c1, odd], axis=axis + 1)  # [..., n_out, 2, ...] -> [..., 2 n_out, ...]
+  shape = list(c1.shape)
+  shape[axis] *= 2
+  return lax.slice_in_dim(both.reshape(shape), 0, n, axis=axis)
+
+
+def _max_1d_bwd(x: jax.Array, y: jax.Array, g: jax.Array, axis: int) -> jax.Array:
+  """Gradient of ``_max_1d`` routing each output's gradient to its FIRST maximal tap."""
+  t0, t1, t2 = _taps(x, axis)
+  zero = jnp.zeros_like(g)
+  h0 = t0 == y
+  h1 = (t1 == y) & ~h0
+  h2 = ~(h0 | h1)  # t2 == y: y is the maximum of the three taps.
+  c0, c1, c2 = (jnp.where(h, g, zero) for h in (h0, h1, h2))
+  return _untap(c0, c1, c2, axis, x.shape[axis])
+
+
+@jax.custom_vjp
+def max_pool_3x3x3_s2(x: jax.Array) -> jax.Array:
+  """3x3x3 max-pool, stride 2, padding 1, equal to ``nn.max_pool`` in value and gradient.
+
+  ``nn.max_pool``'s gradient is a select-and-scatter, which XLA:CPU runs slowly (issue 5
+  measured about 17 % of the train step at 64x128x128). Here the pool is separable: three 1D
+  window-3 stride-2 maxima (over w, then h, then d), each 3 strided slices, and the backward
+  pass is three 1D backward passes of elementwise work plus an interleave. The intermediate
+  maxima are recomputed in the backward pass rather than stored (the stem is the memory peak).
+
+  Values are identical (max is exact). Ties: like select-and-scatter, the whole gradient of an
+  output goes to the first maximal element of its window in (d, h, w) order. The separable
+  backward picks the first d whose (h, w) plane holds the maximum, in it the first h whose
+  row holds it, in it the first w: the same element. Gradients that reach an input from
+  several overlapping windows are summed in a different order than select-and-scatter's, so
+  they agree to float rounding (~1 ulp), not bit for bit.
+
+  Args:
+    x: [B, D, H, W, C].
+
+  Returns:
+    [B, ceil(D / 2), ceil(H / 2), ceil(W / 2), C].
+  """
+  return _pool_forward(x)[-1]
+
+
+def _max_pool_fwd(x):
+  y = _pool_forward(x)[-1]
+  return y, (x, y)
+
+
+def _max_pool_bwd(res, g):
+  x, y = res
+  stages = _pool_forward(x)[:-1] + [y]  # Recomputed: x, max_w, max_hw, y.
+  for (axis, i) in ((1, 2), (2, 1), (3, 0)):
+    g = _max_1d_bwd(stages[i], stages[i + 1], g, axis)
+  return (g,)
+
+
+max_pool_3x3x3_s2.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def stem_max_pool(x: jax.Array, impl: str | None = None) -> jax.Array:
+  """The stem's 3x3x3 stride-2 padding-1 max-pool with the selected implementation.
+
+  Args:
+    x: [B, D, H, W, C].
+    impl: "slices", "reduce_window" or None (``STEM_POOL``).
+
+  Returns:
+    [B, ceil(D / 2), ceil(H / 2), ceil(W / 2), C].
+  """
+  impl = impl or STEM_POOL
+  if impl == "slices":
+    return max_pool_3x3x3_s2(x)
+  if impl == "reduce_window":
+    return nn.max_pool(x, (3, 3, 3), strides=(2, 2, 2), padding=((1, 1),) * 3)
+  raise ValueError(f"Unknown stem pool {impl!r}; expected 'slices' or 'reduce_window'.")
 
 
 class BasicBlock(nn.Module):
@@ -76,7 +209,7 @@ class Stem(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     x = self.conv(self.features, (7, 7, 7), (2, 2, 2), name="conv_init")(x)
     x = nn.relu(self.norm(name="bn_init")(x))
-    return nn.max_pool(x, (3, 3, 3), strides=(2, 2, 2), padding=((1, 1),) * 3)
+    return stem_max_pool(x)
 
 
 class ResNet3D(nn.Module):
@@ -98,7 +231,7 @@ class ResNet3D(nn.Module):
   stage_strides: Sequence[int] = (1, 2, 2, 1)
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  conv_impl: str = "xla"
+  conv_impl: str = "auto"
   remat: str = ""
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5

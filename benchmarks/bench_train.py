@@ -1,0 +1,365 @@
+"""Train-step and inference speed of DSAN in JAX against the identical PyTorch network.
+
+One process, one table: for each training size the full train step (``training.make_train_step``:
+forward, DSAN loss, backward, Adam with L2 decay, the non-finite guard) of the real network
+(ResNet34, width 64, attention on, batch 2), and full-size inference (138x256x256, batch 1,
+``train=False``, logits + CAM). PyTorch runs ``benchmarks/torch_dsan.py`` with the same weights
+(``load_flax_params``), ``torch.optim.Adam(weight_decay=1e-4)`` and 2 threads. Variants are
+interleaved inside every repetition (JAX, PyTorch, JAX, ...) because the machine is shared;
+the table gives medians and minima (noise only adds time, so the minimum is the less disturbed
+estimate) and the ratio JAX / PyTorch of both.
+
+GFLOP/s = FLOPs of the compiled JAX program (``cost_analysis()``) / time; the same FLOP count
+is used for PyTorch (same network), so GFLOP/s compare like volumes/s.
+
+The recommended XLA:CPU flags are applied before JAX starts
+(``conv.apply_recommended_cpu_xla_flags``); the header prints the active ``XLA_FLAGS``.
+
+Usage:
+  python benchmarks/bench_train.py                       # the default table (~10 min on 2 cores)
+  python benchmarks/bench_train.py --sizes 32x64x64 --infer_sizes none --reps 3
+  python benchmarks/bench_train.py --impl folded,xla --no-torch
+  python benchmarks/bench_train.py --bf16-inference      # + bf16 inference, prob. diff vs fp32
+  python benchmarks/bench_train.py --pool reduce_window,slices   # stem max-pool before/after
+"""
+
+# The XLA flag must be in the environment before JAX initialises its backend.
+import os
+import sys
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from dsan_jax.models import conv  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+if "--no-flags" not in sys.argv:
+  _ADDED_FLAGS = conv.apply_recommended_cpu_xla_flags()
+else:
+  _ADDED_FLAGS = ""
+
+import argparse  # pylint: disable=wrong-import-position,g-import-not-at-top
+import contextlib  # pylint: disable=wrong-import-position,g-import-not-at-top
+import platform  # pylint: disable=wrong-import-position,g-import-not-at-top
+import statistics  # pylint: disable=wrong-import-position,g-import-not-at-top
+import time  # pylint: disable=wrong-import-position,g-import-not-at-top
+from typing import Callable  # pylint: disable=wrong-import-position,g-import-not-at-top
+
+import jax  # pylint: disable=wrong-import-position,g-import-not-at-top
+import jax.numpy as jnp  # pylint: disable=wrong-import-position,g-import-not-at-top
+import numpy as np  # pylint: disable=wrong-import-position,g-import-not-at-top
+
+from configs import default as default_config  # pylint: disable=wrong-import-position
+from dsan_jax import optim, sharding, training  # pylint: disable=wrong-import-position
+from dsan_jax.models import resnet3d  # pylint: disable=wrong-import-position
+from dsan_jax.models.dsan import DSAN  # pylint: disable=wrong-import-position
+
+TRAIN_SIZES = "32x64x64,48x96x96,64x128x128"
+INFER_SIZES = "138x256x256"
+
+
+def _parse_sizes(text: str) -> list[tuple[int, int, int]]:
+  if not text or text == "none":
+    return []
+  return [tuple(int(v) for v in s.split("x")) for s in text.split(",")]
+
+
+def _size_name(size) -> str:
+  return "x".join(str(v) for v in size)
+
+
+def _flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  return float(cost.get("flops", float("nan")))
+
+
+@contextlib.contextmanager
+def _pool(kind: str):
+  """Temporarily selects the stem's max-pool implementation (for before/after timings)."""
+  if kind == "default":
+    yield
+    return
+  old = resnet3d.STEM_POOL
+  resnet3d.STEM_POOL = kind
+  try:
+    yield
+  finally:
+    resnet3d.STEM_POOL = old
+
+
+def _batch(size, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """A synthetic batch of the batch contract: half COVID with masks, half CAP."""
+  rng = np.random.default_rng(seed)
+  label = (np.arange(batch) % 2 == 0).astype(np.int32)
+  return {
+      "image": rng.random((batch, *size)).astype(np.float32),
+      "infection_mask": (rng.random((batch, *size)) < 0.1).astype(np.uint8),
+      "has_mask": np.ones(batch, bool),
+      "label": label,
+      "weight": np.ones(batch, np.float32),
+  }
+
+
+class JaxTrain:
+  """A jitted, compiled ``make_train_step`` and a state that it advances (donated)."""
+
+  def __init__(self, size, batch: int, impl: str, pool: str = "default"):
+    config = default_config.get_config()
+    self.model = DSAN(conv_impl=impl)
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    tx = optim.make_optimizer(config.optim, steps_per_epoch=100)
+    self.state = training.create_train_state(self.model, tx, 0, (batch, *size))
+    self.variables = {"params": jax.tree_util.tree_map(np.asarray, self.state.params),
+                      "batch_stats": jax.tree_util.tree_map(np.asarray, self.state.batch_stats)}
+    self.batch = sharding.shard_batch(_batch(size, batch), mesh)
+    step = training.make_train_step(self.model, mesh, config.loss.attention_weight)
+    with _pool(pool):
+      t0 = time.perf_counter()
+      self.compiled = step.lower(self.state, self.batch).compile()
+      self.compile_s = time.perf_counter() - t0
+    self.flops = _flops(self.compiled)
+    self.loss = None
+
+  def __call__(self):
+    self.state, metrics = self.compiled(self.state, self.batch)
+    self.loss = float(metrics["loss"])  # Blocks until the step is done.
+
+
+class TorchTrain:
+  """The identical PyTorch network, same initial weights, Adam with L2 decay (the paper's)."""
+
+  def __init__(self, size, batch: int, variables, config):
+    import torch  # pylint: disable=g-import-not-at-top
+    import torch_dsan  # pylint: disable=g-import-not-at-top
+    self.torch = torch
+    self.torch_dsan = torch_dsan
+    self.model = torch_dsan.load_flax_params(torch_dsan.DSAN().train(), variables)
+    o = config.optim
+    self.opt = torch.optim.Adam(self.model.parameters(), lr=o.learning_rate, betas=(o.b1, o.b2),
+                                eps=o.eps, weight_decay=o.weight_decay)
+    b = _batch(size, batch)
+    self.x = torch.from_numpy(b["image"][:, None].copy())
+    self.mask = torch.from_numpy(b["infection_mask"].astype(np.float32))
+    self.label = torch.from_numpy(b["label"])
+    self.has_mask = torch.from_numpy(b["has_mask"])
+    self.loss = None
+
+  def __call__(self):
+    self.opt.zero_grad(set_to_none=True)
+    logits, aux = self.model(self.x, return_attention=True)
+    loss = self.torch_dsan.dsan_loss(logits, aux["attention"], self.mask, self.label,
+                                     self.has_mask)
+    loss.backward()
+    self.opt.step()
+    self.loss = float(loss)
+
+
+class JaxInfer:
+  """Inference (``train=False``): logits and CAM, jitted and compiled ahead of time."""
+
+  def __init__(self, size, impl: str, variables, dtype=jnp.float32, pool: str = "default"):
+    self.model = DSAN(conv_impl=impl, dtype=dtype)
+    self.variables = jax.device_put(variables)
+
+    def fn(variables, x):
+      logits, aux = self.model.apply(variables, x, train=False)
+      return jax.nn.sigmoid(logits), aux["cam"]
+
+    self.x = jnp.asarray(_volume(size))
+    with _pool(pool):
+      t0 = time.perf_counter()
+      self.compiled = jax.jit(fn).lower(self.variables, self.x).compile()
+      self.compile_s = time.perf_counter() - t0
+    self.flops = _flops(self.compiled)
+    self.prob = None
+
+  def __call__(self):
+    prob, cam = self.compiled(self.variables, self.x)
+    jax.block_until_ready(cam)
+    self.prob = np.asarray(prob)
+
+
+class TorchInfer:
+
+  def __init__(self, size, variables):
+    import torch  # pylint: disable=g-import-not-at-top
+    import torch_dsan  # pylint: disable=g-import-not-at-top
+    self.torch = torch
+    self.model = torch_dsan.load_flax_params(torch_dsan.DSAN().eval(), variables)
+    self.x = torch.from_numpy(np.moveaxis(_volume(size), -1, 1).copy())
+    self.prob = None
+
+  def __call__(self):
+    with self.torch.inference_mode():
+      logits, _ = self.model(self.x)
+      self.prob = torch_sigmoid_np(logits)
+
+
+def torch_sigmoid_np(logits) -> np.ndarray:
+  return 1.0 / (1.0 + np.exp(-logits.double().numpy()))
+
+
+def _volume(size, seed: int = 1) -> np.ndarray:
+  """[1, D, H, W, 1] a smooth-ish random volume in [0, 1] (gives a non-degenerate CAM)."""
+  rng = np.random.default_rng(seed)
+  return rng.random((1, *size, 1)).astype(np.float32)
+
+
+def _interleave(fns: dict[str, Callable[[], None]], reps: int) -> dict[str, list[float]]:
+  times = {name: [] for name in fns}
+  for _ in range(reps):
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - t0)
+  return times
+
+
+def _row(kind, size, batch, name, t, flops, ref=None) -> str:
+  med, best = statistics.median(t), min(t)
+  ratio = "-"
+  if ref is not None and name != "PyTorch":
+    ratio = f"{med / statistics.median(ref):.2f} ({best / min(ref):.2f})"
+  gfs = f"{flops / med / 1e9:.0f}" if np.isfinite(flops) else "-"
+  return (f"| {kind} | {_size_name(size)} | {batch} | {name} | {med:.3f} ({best:.3f}) | "
+          f"{batch / med:.2f} | {gfs} | {ratio} |")
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--sizes", default=TRAIN_SIZES,
+                      help="train-step sizes DxHxW, comma-separated ('none' to skip)")
+  parser.add_argument("--infer_sizes", "--infer-sizes", default=INFER_SIZES,
+                      help="inference sizes (batch 1), comma-separated ('none' to skip)")
+  parser.add_argument("--batch", type=int, default=2, help="train-step batch")
+  parser.add_argument("--reps", type=int, default=5, help="timed repetitions (after a warm-up)")
+  parser.add_argument("--reps_large", "--reps-large", type=int, default=3,
+                      help="repetitions for sizes with more than 2M voxels")
+  parser.add_argument("--impl", default="auto",
+                      help="JAX conv implementation(s): auto, folded, xla, comma-separated")
+  parser.add_argument("--pool", default="default",
+                      help="stem max-pool implementation(s), comma-separated: default, "
+                           "reduce_window, slices (see dsan_jax/models/resnet3d.py)")
+  parser.add_argument("--no-torch", "--no_torch", dest="no_torch", action="store_true")
+  parser.add_argument("--bf16-inference", "--bf16_inference", dest="bf16", action="store_true",
+                      help="also time bf16-compute inference and report |p_bf16 - p_fp32|")
+  parser.add_argument("--no-flags", action="store_true",
+                      help="do not add the recommended XLA:CPU flags (must be on the command line)")
+  args = parser.parse_args(argv)
+
+  train_sizes, infer_sizes = _parse_sizes(args.sizes), _parse_sizes(args.infer_sizes)
+  impls = [conv.resolve_conv_impl(i) if i == "auto" else i for i in args.impl.split(",")]
+  pools = args.pool.split(",")
+  variants = [(impl, pool) for impl in impls for pool in pools]
+
+  def vname(impl, pool, extra=""):
+    name = f"JAX {impl}"
+    if len(pools) > 1 or pool != "default":
+      name += f" pool={pool}"
+    return name + extra
+
+  torch_ok = not args.no_torch
+  if torch_ok:
+    try:
+      import torch  # pylint: disable=g-import-not-at-top
+      torch.set_num_threads(2)
+      torch_version = torch.__version__
+    except ImportError:
+      print("PyTorch is not installed: JAX only (pip install torch).", file=sys.stderr)
+      torch_ok, torch_version = False, "not installed"
+  else:
+    torch_version = "not run"
+
+  load0 = os.getloadavg()
+  print(f"## Train step and inference: JAX vs PyTorch (`bench_train.py`)\n")
+  print(f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, python "
+        f"{platform.python_version()}, jax {jax.__version__} ({jax.default_backend()}), "
+        f"torch {torch_version} ({'2 threads' if torch_ok else '-'})")
+  print(f"- XLA_FLAGS active: `{os.environ.get('XLA_FLAGS', '') or '(none)'}` "
+        f"(added by apply_recommended_cpu_xla_flags: `{_ADDED_FLAGS or 'nothing'}`)")
+  print(f"- command: `python benchmarks/bench_train.py {' '.join(sys.argv[1:] if argv is None else argv)}`")
+  print(f"- load average at start: {load0[0]:.1f} / {load0[1]:.1f} / {load0[2]:.1f}", flush=True)
+  print()
+  rows = []
+  notes = []
+  config = default_config.get_config()
+
+  for size in train_sizes:
+    reps = args.reps_large if np.prod(size) > 2_000_000 else args.reps
+    fns, flops, losses = {}, {}, {}
+    variables = None
+    for impl, pool in variants:
+      runner = JaxTrain(size, args.batch, impl, pool)
+      variables = variables or runner.variables
+      name = vname(impl, pool)
+      fns[name], flops[name] = runner, runner.flops
+      print(f"  compiled train {_size_name(size)} {name}: {runner.compile_s:.1f} s, "
+            f"{runner.flops / 1e9:.0f} GFLOP", file=sys.stderr, flush=True)
+    if torch_ok:
+      fns["PyTorch"] = TorchTrain(size, args.batch, variables, config)
+    for fn in fns.values():  # Warm-up (first PyTorch step allocates; JAX's is compiled).
+      fn()
+    first_losses = {name: fn.loss for name, fn in fns.items()}
+    times = _interleave(fns, reps)
+    ref_flops = flops[vname(*variants[0])]
+    for name in fns:
+      rows.append(_row("train", size, args.batch, name, times[name], flops.get(name, ref_flops),
+                       times.get("PyTorch")))
+    notes.append(f"train {_size_name(size)}: loss of the first step "
+                 + ", ".join(f"{n} {l:.6f}" for n, l in first_losses.items())
+                 + f"; {reps} reps")
+    print(rows[-1], file=sys.stderr, flush=True)
+    del fns
+
+  for size in infer_sizes:
+    reps = args.reps_large if np.prod(size) > 2_000_000 else args.reps
+    model = DSAN()
+    variables = jax.tree_util.tree_map(
+        np.asarray, dict(model.init(jax.random.key(0), jnp.zeros((1, 16, 32, 32, 1)))))
+    # Randomise BatchNorm statistics a little so that inference is not trivially uniform.
+    fns, flops = {}, {}
+    for impl, pool in variants:
+      r = JaxInfer(size, impl, variables, pool=pool)
+      fns[vname(impl, pool)], flops[vname(impl, pool)] = r, r.flops
+      print(f"  compiled infer {_size_name(size)} {vname(impl, pool)}: {r.compile_s:.1f} s",
+            file=sys.stderr, flush=True)
+      if args.bf16:
+        rb = JaxInfer(size, impl, variables, dtype=jnp.bfloat16, pool=pool)
+        fns[vname(impl, pool, " bf16")], flops[vname(impl, pool, " bf16")] = rb, r.flops
+    if torch_ok:
+      fns["PyTorch"] = TorchInfer(size, variables)
+    for fn in fns.values():
+      fn()
+    times = _interleave(fns, reps)
+    ref_flops = flops[vname(*variants[0])]
+    for name in fns:
+      rows.append(_row("inference", size, 1, name, times[name], flops.get(name, ref_flops),
+                       times.get("PyTorch")))
+    probs = {name: float(np.ravel(fn.prob)[0]) for name, fn in fns.items()}
+    ref = probs[vname(*variants[0])]
+    notes.append(f"inference {_size_name(size)}: P(COVID) " + ", ".join(
+        f"{n} {p:.6f} (|diff| {abs(p - ref):.1e})" for n, p in probs.items()) + f"; {reps} reps")
+    print(rows[-1], file=sys.stderr, flush=True)
+    del fns
+
+  load1 = os.getloadavg()
+  print("| what | input | batch | implementation | median s (min) | volumes/s | GFLOP/s | "
+        "JAX / PyTorch median (min) |")
+  print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+  for row in rows:
+    print(row)
+  print()
+  for note in notes:
+    print(f"- {note}")
+  print(f"- load average at end: {load1[0]:.1f} / {load1[1]:.1f} / {load1[2]:.1f} "
+        f"({os.cpu_count()} CPUs; above {os.cpu_count()} the machine was shared and timings "
+        "are noisy)")
+  print("- GFLOP/s: FLOPs of the compiled JAX program (XLA cost analysis) / median time; the "
+        "same count is used for PyTorch (identical network).")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,595 @@
+"""Reliability (issue 6): kill -9, numerical faults, reproducibility, resource and input errors.
+
+The slow tests drive ``train.py`` as a real child process (``subprocess.Popen``) and kill it with
+SIGKILL. Every run of the module shares one synthetic set, one preprocessing cache and one JAX
+persistent compilation cache, so only the first training run compiles (about a minute and a half
+on 2 busy cores) and the others start in about 20 s. See docs/reliability.md for the figures.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import jax.numpy as jnp
+import nibabel as nib
+import numpy as np
+import pytest
+
+from configs import smoke
+from dsan_jax import checkpointing, errors, experiment, sharding
+from dsan_jax.data import cache as cache_lib
+from dsan_jax.data import pipeline
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TIMING_KEYS = ("eval_seconds", "epoch_seconds")  # The only metrics.jsonl fields allowed to differ.
+RUN_TIMEOUT_S = 420
+KILL_SEED = 20260
+
+# ------------------------------------------------------------------------------ shared set-up.
+
+
+def _config(shared):
+  config = smoke.get_config()
+  config.data.synthetic.num_cases = 16
+  config.data.preprocess_workers = 0
+  config.train.num_epochs = 2
+  config.data.synthetic.out_dir = str(shared["syn"])
+  config.data.cache_dir = str(shared["cache"])
+  return config
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+  """Synthetic set + cache built once (in process); the runs below only read them."""
+  root = tmp_path_factory.mktemp("reliability")
+  shared = dict(root=root, syn=root / "syn", cache=root / "cache", jaxcache=root / "jaxcache")
+  experiment.prepare_data(_config(shared), root, progress=False)
+  return shared
+
+
+def _env(shared) -> dict[str, str]:
+  env = dict(os.environ)
+  env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(shared["jaxcache"]),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PYTHONUNBUFFERED="1")
+  return env
+
+
+def _train_cmd(shared, workdir, *extra) -> list[str]:
+  return [sys.executable, "train.py", "--config", "configs/smoke.py", "--fold", "0",
+          "--workdir", str(workdir), "--config.data.synthetic.num_cases=16",
+          "--config.train.num_epochs=2", "--config.data.preprocess_workers=0",
+          "--config.train.checkpoint_every_steps=1",
+          f"--config.data.synthetic.out_dir={shared['syn']}",
+          f"--config.data.cache_dir={shared['cache']}", "--noprogress", *extra]
+
+
+def _run(shared, cmd, timeout=RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
+  return subprocess.run(cmd, cwd=REPO, env=_env(shared), capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def _rd(workdir) -> pathlib.Path:
+  return experiment.run_dir(workdir, "att_rn34_us", 0)
+
+
+def _ckpt_entries(rd: pathlib.Path) -> dict[str, set[str]]:
+  out = {}
+  for which in ("latest", "best"):
+    try:
+      out[which] = set(os.listdir(rd / "checkpoints" / which))
+    except FileNotFoundError:
+      out[which] = set()
+  return out
+
+
+def _committed(names: set[str]) -> list[int]:
+  return sorted(int(n) for n in names if n.isdigit())
+
+
+class _Monitor:
+  """Runs a command, polls the run folder every ~2 ms and optionally SIGKILLs it on a trigger.
+
+  ``trigger(entries, launch_entries) -> bool`` sees the checkpoint folder listings now and at
+  launch. ``events`` records when each checkpoint entry and run file first appeared.
+  """
+
+  def __init__(self, shared, cmd, rd: pathlib.Path):
+    self.shared, self.cmd, self.rd = shared, cmd, rd
+
+  def run(self, trigger=None, delay_s: float = 0.0, timeout=RUN_TIMEOUT_S) -> dict:
+    launch = _ckpt_entries(self.rd)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(self.cmd, cwd=REPO, env=_env(self.shared), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    events, fired_at, seen = {}, None, set()
+    try:
+      while proc.poll() is None:
+        now = time.perf_counter() - t0
+        if now > timeout:
+          raise TimeoutError(f"{self.cmd} ran for more than {timeout} s")
+        entries = _ckpt_entries(self.rd)
+        for which, names in entries.items():
+          for n in names - seen:
+            events.setdefault(f"{which}/{n}", now)
+          seen |= {n for n in names}
+        for name in ("val_predictions.csv", "done.json"):
+          if name not in events and (self.rd / name).exists():
+            events[name] = now
+        if trigger is not None and fired_at is None and trigger(entries, launch):
+          fired_at = now
+        if fired_at is not None and now >= fired_at + delay_s:
+          proc.send_signal(signal.SIGKILL)
+          proc.wait()
+          break
+        time.sleep(0.002)
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+      output = proc.stdout.read()
+      proc.stdout.close()
+    return dict(rc=proc.returncode, seconds=time.perf_counter() - t0, events=events,
+                fired_at=fired_at, delay_s=delay_s, output=output,
+                after=_ckpt_entries(self.rd), launch=launch)
+
+
+def _metrics_rows(rd):
+  return [json.loads(l) for l in (rd / "metrics.jsonl").read_text().splitlines() if l.strip()]
+
+
+def _assert_same_metrics(rows_a, rows_b, rtol=1e-6):
+  assert [r["epoch"] for r in rows_a] == [r["epoch"] for r in rows_b]
+  for a, b in zip(rows_a, rows_b):
+    assert set(a) == set(b)
+    for k in a:
+      if k in TIMING_KEYS:
+        continue
+      if isinstance(a[k], float) or isinstance(b[k], float):
+        np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=1e-9, err_msg=k)
+      else:
+        assert a[k] == b[k], k
+
+
+def _final_state(rd):
+  trained = experiment.load_trained(rd, which="latest")
+  s = trained.state
+  return jax.device_get(dict(params=s.params, batch_stats=s.batch_stats, opt_state=s.opt_state,
+                             step=s.step, rng=s.rng, skipped=s.skipped_steps))
+
+
+def _bitwise_equal(a, b) -> bool:
+  la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+  return len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb))
+
+
+@pytest.fixture(scope="module")
+def reference(shared):
+  """One uninterrupted run of the command (compiles and fills the JAX compilation cache)."""
+  workdir = shared["root"] / "reference"
+  res = _Monitor(shared, _train_cmd(shared, workdir), _rd(workdir)).run()
+  assert res["rc"] == 0, res["output"][-3000:]
+  print(f"\nreference run: {res['seconds']:.1f} s, events "
+        f"{ {k: round(v, 2) for k, v in sorted(res['events'].items(), key=lambda kv: kv[1])} }")
+  return dict(rd=_rd(workdir), run=res)
+
+
+# ------------------------------------------------------------------- 1. kill -9 and resume.
+
+
+def _new_tmp(which):
+  """Trigger: a checkpoint of ``which`` starts being written (its tmp folder appears)."""
+  def trigger(entries, launch):
+    return any(".orbax-checkpoint-tmp" in n for n in entries[which] - launch[which])
+  return trigger
+
+
+def _new_commit(which, offset=1):
+  """Trigger: ``which`` gets a committed step beyond the one present at launch."""
+  def trigger(entries, launch):
+    before = _committed(launch[which])
+    target = (before[-1] if before else 0) + offset
+    return any(s >= target for s in _committed(entries[which]))
+  return trigger
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_then_rerun_equals_uninterrupted(shared, reference):
+  """SIGKILL at chosen and random moments; rerunning the same command ends identical."""
+  rng = np.random.default_rng(KILL_SEED)
+  # (name, trigger, delay): each run of the same command is killed once; then it runs to the end.
+  # Kills 1-3 wait for saves that every run makes, so they always fire; 4-5 may come too late
+  # (the run finished first), which ends the chain early.
+  plan = [
+      ("mid-save of latest (its tmp folder just appeared)", _new_tmp("latest"), 0.0),
+      ("after the best save of an epoch end, before the latest save", _new_commit("best"), 0.0),
+      ("mid-save of best (its tmp folder just appeared)", _new_tmp("best"), 0.0),
+      ("random moment after a latest commit: next step / evaluation / saves",
+       _new_commit("latest"), float(rng.uniform(0.0, 0.5))),
+      ("random moment after a latest commit", _new_commit("latest"),
+       float(rng.uniform(0.0, 0.5))),
+  ]
+  workdir = shared["root"] / "killed"
+  rd = _rd(workdir)
+  mon = _Monitor(shared, _train_cmd(shared, workdir), rd)
+  kills, log = 0, []
+  for name, trigger, delay in plan:
+    res = mon.run(trigger, delay)
+    entry = dict(plan=name, rc=res["rc"], fired_at=res["fired_at"], delay=round(delay, 3),
+                 latest=sorted(res["after"]["latest"]), best=sorted(res["after"]["best"]),
+                 launch_latest=_committed(res["launch"]["latest"]))
+    log.append(entry)
+    if res["rc"] == 0:  # Finished before its trigger: nothing left to kill.
+      break
+    assert res["rc"] == -signal.SIGKILL, res["output"][-3000:]
+    kills += 1
+    # What a kill may leave: committed step folders are complete (Orbax renames a finished tmp
+    # folder), tmp folders are never listed as checkpoints, metrics.jsonl is whole JSON lines.
+    ckpts = checkpointing.RunCheckpoints(rd)
+    try:
+      for which, mngr in (("latest", ckpts.latest), ("best", ckpts.best)):
+        listed = list(mngr.all_steps())
+        assert listed == _committed(res["after"][which]), (which, listed, res["after"])
+        for s in listed:
+          assert (rd / "checkpoints" / which / str(s) / "commit_success.txt").exists()
+    finally:
+      ckpts.close()
+    if (rd / "metrics.jsonl").exists():
+      _metrics_rows(rd)
+    assert not (rd / "done.json").exists()
+  print("\nkills:", json.dumps(log, indent=1))
+  assert kills >= 3, log
+
+  final = mon.run()
+  assert final["rc"] == 0, final["output"][-3000:]
+  assert "done:" in final["output"]
+  # No half-written checkpoint survives the final run.
+  leftover = [n for names in _ckpt_entries(rd).values() for n in names if "tmp" in n]
+  assert not leftover, leftover
+
+  ref = reference["rd"]
+  _assert_same_metrics(_metrics_rows(ref), _metrics_rows(rd))
+  s_ref, s_kill = _final_state(ref), _final_state(rd)
+  chex.assert_trees_all_close(s_ref, s_kill, rtol=1e-6, atol=1e-7)
+  print("final state bitwise equal to the uninterrupted run:", _bitwise_equal(s_ref, s_kill))
+  p_ref = experiment.read_predictions(ref / "val_predictions.csv")
+  p_kill = experiment.read_predictions(rd / "val_predictions.csv")
+  assert [p["case_id"] for p in p_ref] == [p["case_id"] for p in p_kill]
+  np.testing.assert_allclose([p["prob"] for p in p_ref], [p["prob"] for p in p_kill], rtol=1e-6)
+  d_ref, d_kill = (json.loads((r / "done.json").read_text()) for r in (ref, rd))
+  assert d_ref == d_kill
+
+
+def _tiny_state():
+  return dict(w=jnp.arange(6, dtype=jnp.float32).reshape(2, 3), step=jnp.int32(3))
+
+
+def test_half_written_checkpoint_is_ignored_and_replaced(tmp_path):
+  """A tmp folder (what a kill mid-save leaves) is never restored and is replaced on re-save."""
+  state = _tiny_state()
+  abstract = jax.eval_shape(lambda: state)
+  mesh = sharding.make_mesh()
+  ckpts = checkpointing.RunCheckpoints(tmp_path)
+  ckpts.save_latest(1, state, {"step": 1}, {"epoch": 0})
+  ckpts.close()
+  latest = tmp_path / "checkpoints" / "latest"
+  # A save of step 2 killed half-way: a copy of a real checkpoint under the tmp name, with a
+  # truncated array file and without its commit marker.
+  half = latest / "2.orbax-checkpoint-tmp"
+  shutil.copytree(latest / "1", half)
+  (half / "commit_success.txt").unlink()
+  for f in (half / "state").rglob("*"):
+    if f.is_file() and f.stat().st_size > 16:
+      f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+  ckpts = checkpointing.RunCheckpoints(tmp_path)
+  assert ckpts.latest_step() == 1
+  restored, data_state, meta = ckpts.restore("latest", abstract, mesh)
+  chex.assert_trees_all_equal(jax.device_get(restored), jax.device_get(state))
+  assert data_state == {"step": 1} and meta == {"epoch": 0}
+  new = dict(w=state["w"] + 1, step=jnp.int32(4))
+  ckpts.save_latest(2, new, {"step": 2}, {"epoch": 1})
+  assert sorted(os.listdir(latest)) == ["2"]  # tmp folder replaced, step 1 rotated out.
+  restored, _, _ = ckpts.restore("latest", abstract, mesh)
+  chex.assert_trees_all_equal(jax.device_get(restored), jax.device_get(new))
+  ckpts.close()
+
+
+def test_resaving_a_step_that_a_killed_run_already_saved(tmp_path):
+  """Killed after ``best/N`` was saved but before ``latest/N``: the resumed run saves best/N again.
+
+  Orbax refuses to save an existing step (StepAlreadyExistsError); the run must replace it.
+  """
+  state = _tiny_state()
+  abstract = jax.eval_shape(lambda: state)
+  ckpts = checkpointing.RunCheckpoints(tmp_path)
+  ckpts.save_best(2, state, {"step": 2}, {"epoch": 1, "who": "killed run"})
+  ckpts.close()
+  ckpts = checkpointing.RunCheckpoints(tmp_path)  # The rerun.
+  new = dict(w=state["w"] * 2, step=jnp.int32(2))
+  ckpts.save_best(2, new, {"step": 2}, {"epoch": 1, "who": "rerun"})
+  restored, _, meta = ckpts.restore("best", abstract, sharding.make_mesh())
+  chex.assert_trees_all_equal(jax.device_get(restored), jax.device_get(new))
+  assert meta["who"] == "rerun"
+  assert sorted(os.listdir(tmp_path / "checkpoints" / "best")) == ["2"]
+  ckpts.close()
+
+
+# ----------------------------------------------------------------------- 3. reproducibility.
+
+
+@pytest.mark.slow
+def test_same_command_same_seed_gives_identical_results(shared, reference):
+  workdir = shared["root"] / "repeat"
+  res = _run(shared, _train_cmd(shared, workdir))
+  assert res.returncode == 0, res.stderr[-3000:]
+  _assert_same_metrics(_metrics_rows(reference["rd"]), _metrics_rows(_rd(workdir)), rtol=0)
+  a, b = _final_state(reference["rd"]), _final_state(_rd(workdir))
+  assert _bitwise_equal(a, b)
+
+
+def test_seed_sets_the_data_order():
+  """Same seed: the same batches (also after resuming); another seed: another order."""
+  n = 20
+  ds = pipeline.ArrayDataset(np.zeros((n, 2, 2, 2), np.float32), np.arange(n) % 2)
+  config = smoke.get_config()
+  train_idx = np.arange(n)
+
+  def order(seed, start=0):
+    it = pipeline.make_train_iterator(ds, train_idx, config, seed=seed, global_batch_size=4,
+                                      start_step=start, num_steps=10)
+    return np.stack([it.batch_indices(s) for s in range(start, 10)])
+
+  a, b, c = order(0), order(0), order(1000)
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)
+  np.testing.assert_array_equal(order(0, start=7), a[7:])
+  for o in (a, c):  # Uniform sampling: every case once per 5-step epoch.
+    assert sorted(o[:5].ravel()) == list(range(n)) == sorted(o[5:].ravel())
+
+
+# ------------------------------------------------------------------------ 2. numerical faults.
+
+_NAN_SCRIPT = r"""
+import json, pathlib, sys
+from dsan_jax.models import conv
+conv.apply_recommended_cpu_xla_flags()  # Same XLA flags as train.py: compilation cache hits.
+import jax
+import numpy as np
+from configs import smoke
+from dsan_jax import experiment
+from dsan_jax.data.pipeline import ArrayDataset
+
+root = pathlib.Path(sys.argv[1])
+rng = np.random.default_rng(0)
+n = 12
+images = rng.uniform(0, 1, (n, 16, 32, 32)).astype(np.float32)
+labels = np.arange(n) % 2
+# Fold 0 = 4 validation cases; 8 training cases = 2 steps of 4 per epoch, each case once.
+folds = np.array([0] * 4 + [1] * 8)
+NAN_CASE = 5
+
+def data(imgs):
+  return experiment.Data(dataset=ArrayDataset(imgs, labels), folds=folds,
+                         manifest_path=pathlib.Path("in-memory"), synthetic=True)
+
+out = {}
+one_nan = images.copy()
+one_nan[NAN_CASE, 3, 4, 5] = np.nan
+cfg = smoke.get_config()
+cfg.train.max_nonfinite_fraction = 0.75
+res = experiment.train_and_evaluate(cfg, root / "a", 0, data=data(one_nan), progress=False)
+rd = experiment.run_dir(root / "a", cfg.variant, 0)
+rows = [json.loads(l) for l in (rd / "metrics.jsonl").read_text().splitlines()]
+t = experiment.load_trained(rd, which="latest")
+leaves = jax.tree_util.tree_leaves(jax.device_get((t.state.params, t.state.batch_stats,
+                                                    t.state.opt_state)))
+out["a"] = dict(status=res["status"], skipped_per_epoch=[r["train_skipped_steps"] for r in rows],
+                train_loss=[r["train_loss"] for r in rows], val_auc=[r["val_auc"] for r in rows],
+                state_skipped=int(t.state.skipped_steps), step=int(t.state.step),
+                all_finite=bool(all(np.isfinite(x).all() for x in leaves)))
+
+for name, cfg_b, imgs in (("b", smoke.get_config(), one_nan), ("c", None, None)):
+  if name == "c":
+    cfg_b = smoke.get_config()
+    cfg_b.train.max_consecutive_nonfinite = 2
+    imgs = images.copy()
+    imgs[folds == 1] = np.nan
+  try:
+    experiment.train_and_evaluate(cfg_b, root / name, 0, data=data(imgs), progress=False)
+    out[name] = dict(raised=None)
+  except experiment.TrainingError as e:
+    rd = experiment.run_dir(root / name, cfg_b.variant, 0)
+    out[name] = dict(raised=str(e), done=(rd / "done.json").exists(),
+                     rows=len((rd / "metrics.jsonl").read_text().splitlines()))
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_nan_case_steps_skipped_counted_and_repeated_faults_stop_the_run(shared, tmp_path,
+                                                                        reference):
+  """Run level (the unit level is tests/test_training.py): a NaN image in the training data.
+
+  Runs in a child process sharing the module's compilation cache (``reference`` fills it).
+  (a) one NaN case among 8 training cases: its step is skipped once per epoch, counted in
+  metrics.jsonl and in the state, the parameters stay finite and the run completes;
+  (b) the default ``max_nonfinite_fraction`` (10 %) stops the run after epoch 1 (50 % skipped);
+  (c) every training image NaN, ``max_consecutive_nonfinite=2``: stops at step 2.
+  """
+  res = _run(shared, [sys.executable, "-c", _NAN_SCRIPT, str(tmp_path)])
+  assert res.returncode == 0, res.stderr[-3000:]
+  out = json.loads(res.stdout.split("RESULT ", 1)[1])
+  a = out["a"]
+  assert a["status"] == "complete" and a["step"] == 4
+  assert a["skipped_per_epoch"] == [1, 1] and a["state_skipped"] == 2
+  assert a["all_finite"] and all(np.isfinite(a["train_loss"]))
+  assert all(0.0 <= v <= 1.0 for v in a["val_auc"])
+  b = out["b"]
+  assert b["raised"] is not None and not b["done"] and b["rows"] == 0
+  assert "50% of the steps of epoch 1 were skipped for non-finite values" in b["raised"]
+  assert "\n" not in b["raised"]
+  c = out["c"]
+  assert c["raised"] is not None and not c["done"]
+  assert "2 consecutive training steps had a non-finite loss or gradient (up to step 2)" \
+      in c["raised"]
+
+
+# ---------------------------------------------------------------------- 4. resource errors.
+
+
+def test_disk_too_full_for_checkpoints_fails_before_anything_is_written(shared, tmp_path,
+                                                                       monkeypatch):
+  free = 1 << 20
+  monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 40, 0, free))
+  workdir = tmp_path / "work"
+  with pytest.raises(errors.ResourceError, match=r"work.*only 0.00 GiB free, the run needs"):
+    experiment.train_and_evaluate(_config(shared), workdir, 0, progress=False)
+  assert list(workdir.rglob("*")) == []  # Not even the run folder.
+
+
+def test_disk_too_full_for_the_cache_fails_before_preprocessing(shared, tmp_path, monkeypatch):
+  monkeypatch.setattr(shutil, "disk_usage",
+                      lambda p: shutil._ntuple_diskusage(1 << 40, 0, 50 << 20))
+  config = _config(shared)
+  config.data.cache_dir = str(tmp_path / "cache")
+  with pytest.raises(errors.ResourceError,
+                     match=r"cache: not enough free disk space for the cache: 16 entries"):
+    experiment.prepare_data(config, tmp_path, progress=False)
+  assert list((tmp_path / "cache").glob("*")) == []
+
+
+def _stderr_error_lines(stderr: str) -> list[str]:
+  return [l for l in stderr.splitlines() if l.startswith("error: ")]
+
+
+@pytest.mark.slow
+def test_cli_unwritable_workdir_and_missing_manifest(shared, tmp_path):
+  """One line ``error: <path>: <cause>``, exit status 2, no traceback, nothing written."""
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a folder")  # Root ignores chmod; a path under a file is unwritable.
+  res = _run(shared, _train_cmd(shared, blocker / "runs"))
+  assert res.returncode == 2 and "Traceback" not in res.stderr + res.stdout
+  assert _stderr_error_lines(res.stderr) == [
+      f"error: {blocker / 'runs'}: work directory is not writable (Not a directory)"]
+  assert res.stderr.rstrip().splitlines()[-1].startswith("error: ")
+
+  missing = tmp_path / "nowhere" / "manifest.csv"
+  workdir = tmp_path / "w"
+  res = _run(shared, _train_cmd(shared, workdir, f"--config.data.manifest={missing}"))
+  assert res.returncode == 2 and "Traceback" not in res.stderr + res.stdout
+  # The manifest loader reports through ManifestError, whose format is a list even for one item.
+  err = res.stderr.splitlines()
+  i = err.index(f"error: {missing}: 1 problem(s) found:")
+  assert err[i + 1:] == ["  - manifest file not found"]
+  assert [p for p in workdir.rglob("*")] == []
+
+
+# ------------------------------------------------------- 5. bad input at the command line.
+
+
+def _bad_manifest(shared, tmp_path) -> tuple[pathlib.Path, dict[str, str]]:
+  """The 16 good synthetic rows (absolute paths, so the cache is reused) + 7 bad rows.
+
+  Returns:
+    (manifest path, {bad case id: expected words of its reason}).
+  """
+  with open(shared["syn"] / "manifest.csv") as f:
+    good = list(csv.DictReader(f))
+  for r in good:
+    for k in ("image", "lung_mask", "infection_mask"):
+      if r[k]:
+        r[k] = str((shared["syn"] / r[k]).resolve())
+  img0 = good[0]["image"]
+  (tmp_path / "junk.nii.gz").write_bytes(b"this is not a NIfTI file" * 20)
+  nib.save(nib.Nifti1Image(np.zeros((32, 32, 1), np.int16), np.eye(4)), tmp_path / "flat.nii.gz")
+  vol = np.full((24, 24, 16), -800, np.int16).astype(np.float32)
+  vol[3, 4, 5] = np.nan
+  nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "nan.nii.gz")
+  bad = [
+      dict(case_id="bad_missing", patient_id="pb1", label="covid",
+           image=str(tmp_path / "missing.nii.gz")),
+      dict(case_id="bad_label", patient_id="pb2", label="flu", image=img0),
+      dict(case_id=good[1]["case_id"], patient_id="pb3", label="cap", image=img0),
+      dict(case_id="bad_notnifti", patient_id="pb4", label="covid",
+           image=str(tmp_path / "junk.nii.gz")),
+      dict(case_id="bad_ratio", patient_id="pb5", label="cap", image=img0, infection_ratio="1.5"),
+      dict(case_id="bad_2d", patient_id="pb6", label="covid", image=str(tmp_path / "flat.nii.gz")),
+      dict(case_id="bad_nan", patient_id="pb7", label="covid", image=str(tmp_path / "nan.nii.gz")),
+  ]
+  reasons = {"bad_missing": "image file not found", "bad_label": "unknown label 'flu'",
+             good[1]["case_id"]: "duplicate", "bad_notnifti": "not a readable NIfTI",
+             "bad_ratio": "infection_ratio", "bad_2d": "2D",
+             "bad_nan": "NaN or Inf voxels"}
+  path = tmp_path / "manifest.csv"
+  with open(path, "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=list(good[0]))
+    w.writeheader()
+    for r in good + bad:
+      w.writerow({k: r.get(k, "") for k in good[0]} | {"split": r.get("split", "train")})
+  return path, reasons
+
+
+@pytest.mark.slow
+def test_cli_manifest_with_many_bad_rows_lists_all_before_any_work(shared, tmp_path):
+  manifest, reasons = _bad_manifest(shared, tmp_path)
+  workdir = tmp_path / "w"
+  res = _run(shared, _train_cmd(shared, workdir, f"--config.data.manifest={manifest}",
+                                f"--config.data.cache_dir={workdir / 'cache'}"))
+  assert res.returncode == 2 and "Traceback" not in res.stderr + res.stdout
+  assert _stderr_error_lines(res.stderr) == [f"error: {manifest}: 6 problem(s) found:"]
+  problems = [l for l in res.stderr.splitlines() if l.startswith("  - row ")]
+  assert len(problems) == 6
+  # Header-level problems are all listed at once; the NaN voxels are only visible when reading
+  # the voxels (cache build), which never starts here.
+  for case_id, words in reasons.items():
+    hits = [p for p in problems if f"({case_id})" in p and words in p]
+    assert len(hits) == (0 if case_id == "bad_nan" else 1), (case_id, problems)
+  assert list(workdir.rglob("*")) == []  # No cache, no run folder, no checkpoint.
+
+
+@pytest.mark.slow
+def test_cli_skip_bad_skips_and_reports_every_bad_case(shared, tmp_path):
+  manifest, reasons = _bad_manifest(shared, tmp_path)
+  workdir = tmp_path / "w"
+  res = _run(shared, _train_cmd(shared, workdir, f"--config.data.manifest={manifest}",
+                                "--config.data.skip_bad=True", "--config.train.num_epochs=1"))
+  assert res.returncode == 0, res.stderr[-3000:]
+  skipped = [l for l in res.stderr.splitlines() if "] skipped " in l]
+  assert len(skipped) == 7, skipped
+  for case_id, words in reasons.items():
+    assert any(f"skipped {case_id}:" in l and words in l for l in skipped), (case_id, skipped)
+  assert (_rd(workdir) / "done.json").exists()
+  cached = sorted(p.name for p in shared["cache"].glob("*.json"))
+  assert len(cached) == 16  # The good cases reused the shared cache (same files, same keys).
+
+
+def test_corrupt_cache_entries_are_detected_and_rebuilt_on_rerun(shared, tmp_path):
+  """A truncated array and a garbled sidecar: the rerun rebuilds exactly those two entries."""
+  cache = tmp_path / "cache"
+  shutil.copytree(shared["cache"], cache)
+  config = _config(shared)
+  config.data.cache_dir = str(cache)
+  ds = experiment.prepare_data(config, tmp_path, progress=False).dataset
+  p0 = cache_lib.entry_paths(cache, ds.keys[0])
+  p1 = cache_lib.entry_paths(cache, ds.keys[1])
+  originals = {p: p.read_bytes() for p in (p0["image"], p1["image"], p1["meta"])}
+  untouched = cache_lib.entry_paths(cache, ds.keys[2])["image"]
+  mtime = untouched.stat().st_mtime_ns
+  p0["image"].write_bytes(originals[p0["image"]][:1000])
+  p1["meta"].write_text("{ truncated")
+  with pytest.raises(errors.DataError, match=r"unreadable cache entry of case .*rebuild"):
+    ds[0]  # Read by a running job: a clear error naming the file.
+  ds = experiment.prepare_data(config, tmp_path, progress=False).dataset
+  assert p0["image"].read_bytes() == originals[p0["image"]]
+  assert p1["image"].read_bytes() == originals[p1["image"]]
+  assert json.loads(p1["meta"].read_text())["case_id"] == ds.case_ids[1]
+  assert untouched.stat().st_mtime_ns == mtime  # Only the damaged entries were rebuilt.
+  assert not [p for p in cache.iterdir() if ".tmp-" in p.name]
