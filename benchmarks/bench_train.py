@@ -149,11 +149,26 @@ class TorchTrain:
   def __call__(self):
     self.opt.zero_grad(set_to_none=True)
     logits, aux = self.model(self.x, return_attention=True)
-    loss = self.torch_dsan.dsan_loss(logits, aux["attention"], self.mask, self.label,
-                                     self.has_mask)
+    loss = _torch_dsan_loss(self.torch, logits, aux["attention"], self.mask, self.label,
+                            self.has_mask)
     loss.backward()
     self.opt.step()
-    self.loss = float(loss)
+    self.loss = float(loss.detach())
+
+
+def _torch_dsan_loss(torch, logits, attention, mask, label, has_mask, attention_weight=0.5):
+  """``dsan_jax.losses.dsan_loss`` in PyTorch: the attention term is averaged over ALL cases.
+
+  (``torch_dsan.dsan_loss`` averages it over eligible cases only, a different reduction; the
+  cost is the same, but this one makes the two first-step losses comparable.)
+  """
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  bce = F.binary_cross_entropy_with_logits(logits, label.to(logits.dtype), reduction="none")
+  num = ((attention - mask) ** 2).sum(dim=(1, 2, 3))
+  den = attention.sum(dim=(1, 2, 3)) + mask.sum(dim=(1, 2, 3))
+  att = torch.where(den > 0, num / torch.clamp(den, min=1e-30), torch.zeros_like(num))
+  eligible = (has_mask & (label == 1)).to(logits.dtype)
+  return (bce + attention_weight * eligible * att).mean()
 
 
 class JaxInfer:
@@ -217,6 +232,71 @@ def _interleave(fns: dict[str, Callable[[], None]], reps: int) -> dict[str, list
   return times
 
 
+def breakdown(size, batch: int, reps: int, impl: str) -> list[tuple[str, int, float, float]]:
+  """Times pieces of the train step in isolation, forward+backward (``sum(out * g)``).
+
+  The pieces are the stem's conv (kernel gradient only, as in the step), the stem's BatchNorm
+  (batch statistics) + ReLU, the stem's max-pool in both implementations, one layer1 BatchNorm +
+  ReLU and one layer1 3x3x3 convolution (x6 each in the network), and the attention branch
+  (trilinear up-sampling to the input, min-max, sigmoid, Eq. 3). Small programs compile in
+  seconds, so this is a cheap profile; pieces are interleaved like the main table.
+
+  Returns:
+    [(piece, count in the network, median s, min s)].
+  """
+  from dsan_jax import losses  # pylint: disable=g-import-not-at-top
+  from dsan_jax.models import dsan as dsan_lib  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  d, h, w = size
+  half = (batch, -(-d // 2), -(-h // 2), -(-w // 2), 64)
+  quarter = (batch, -(-half[1] // 2), -(-half[2] // 2), -(-half[3] // 2), 64)
+  feat = (batch, -(-d // 16), -(-h // 16), -(-w // 16))
+  arr = lambda shape: jnp.asarray(rng.standard_normal(shape).astype(np.float32))
+
+  def fb(fn, *args, argnums=0):
+    """Jitted forward+backward of sum(fn(*args) * g) w.r.t. ``argnums``."""
+    out = jax.eval_shape(fn, *args)
+    g = arr(out.shape)
+    grad = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a) * g), argnums=argnums))
+    return lambda: jax.block_until_ready(grad(*args))
+
+  def bn_relu(x, scale, bias):
+    mean = jnp.mean(x, axis=(0, 1, 2, 3))
+    var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2, 3))
+    return nn.relu((x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias)
+
+  x_in = arr((batch, d, h, w, 1))
+  k7 = arr((7, 7, 7, 1, 64)) * 0.01
+  k3 = arr((3, 3, 3, 64, 64)) * 0.01
+  s64, b64 = jnp.ones(64), jnp.zeros(64)
+  stem_act = jax.nn.relu(arr(half))
+  cam = jax.nn.relu(arr(feat))
+  mask = jnp.asarray((rng.random((batch, d, h, w)) < 0.1).astype(np.float32))
+  pieces = {
+      "stem conv 7x7x7 s2 (dW only)": (1, fb(
+          lambda k: conv.conv3d(x_in, k, (2, 2, 2), [(3, 3)] * 3, impl), k7)),
+      "stem BatchNorm + ReLU": (1, fb(bn_relu, arr(half), s64, b64, argnums=(0, 1, 2))),
+      "stem max-pool, nn.max_pool (reduce_window)": (1, fb(
+          lambda x: resnet3d.stem_max_pool(x, "reduce_window"), stem_act)),
+      "stem max-pool, separable slices (new)": (1, fb(
+          lambda x: resnet3d.stem_max_pool(x, "slices"), stem_act)),
+      "layer1 BatchNorm + ReLU": (6, fb(bn_relu, arr(quarter), s64, b64, argnums=(0, 1, 2))),
+      "layer1 conv 3x3x3 64->64": (6, fb(
+          lambda x, k: conv.conv3d(x, k, (1, 1, 1), [(1, 1)] * 3, impl), arr(quarter), k3,
+          argnums=(0, 1))),
+      "attention: upsample + minmax + sigmoid + Eq. 3": (1, fb(
+          lambda c: losses.attention_loss(
+              dsan_lib.attention_from_cam(c, (d, h, w), 100.0, 0.4), mask), cam)),
+  }
+  fns = {name: fn for name, (_, fn) in pieces.items()}
+  for fn in fns.values():
+    fn()
+  times = _interleave(fns, reps)
+  return [(name, count, statistics.median(times[name]), min(times[name]))
+          for name, (count, _) in pieces.items()]
+
+
 def _row(kind, size, batch, name, t, flops, ref=None) -> str:
   med, best = statistics.median(t), min(t)
   ratio = "-"
@@ -236,7 +316,7 @@ def main(argv=None) -> int:
   parser.add_argument("--batch", type=int, default=2, help="train-step batch")
   parser.add_argument("--reps", type=int, default=5, help="timed repetitions (after a warm-up)")
   parser.add_argument("--reps_large", "--reps-large", type=int, default=3,
-                      help="repetitions for sizes with more than 2M voxels")
+                      help="repetitions for sizes of 1M voxels or more")
   parser.add_argument("--impl", default="auto",
                       help="JAX conv implementation(s): auto, folded, xla, comma-separated")
   parser.add_argument("--pool", default="default",
@@ -245,6 +325,9 @@ def main(argv=None) -> int:
   parser.add_argument("--no-torch", "--no_torch", dest="no_torch", action="store_true")
   parser.add_argument("--bf16-inference", "--bf16_inference", dest="bf16", action="store_true",
                       help="also time bf16-compute inference and report |p_bf16 - p_fp32|")
+  parser.add_argument("--breakdown", action="store_true",
+                      help="also time pieces of the step (stem, max-pool, BN, attention) at the "
+                           "largest train size")
   parser.add_argument("--no-flags", action="store_true",
                       help="do not add the recommended XLA:CPU flags (must be on the command line)")
   args = parser.parse_args(argv)
@@ -286,8 +369,9 @@ def main(argv=None) -> int:
   notes = []
   config = default_config.get_config()
 
+  step_median = {}
   for size in train_sizes:
-    reps = args.reps_large if np.prod(size) > 2_000_000 else args.reps
+    reps = args.reps_large if np.prod(size) >= 1_000_000 else args.reps
     fns, flops, losses = {}, {}, {}
     variables = None
     for impl, pool in variants:
@@ -307,6 +391,7 @@ def main(argv=None) -> int:
     for name in fns:
       rows.append(_row("train", size, args.batch, name, times[name], flops.get(name, ref_flops),
                        times.get("PyTorch")))
+    step_median[size] = statistics.median(times[vname(*variants[0])])
     notes.append(f"train {_size_name(size)}: loss of the first step "
                  + ", ".join(f"{n} {l:.6f}" for n, l in first_losses.items())
                  + f"; {reps} reps")
@@ -314,7 +399,7 @@ def main(argv=None) -> int:
     del fns
 
   for size in infer_sizes:
-    reps = args.reps_large if np.prod(size) > 2_000_000 else args.reps
+    reps = args.reps_large if np.prod(size) >= 1_000_000 else args.reps
     model = DSAN()
     variables = jax.tree_util.tree_map(
         np.asarray, dict(model.init(jax.random.key(0), jnp.zeros((1, 16, 32, 32, 1)))))
@@ -344,6 +429,11 @@ def main(argv=None) -> int:
     print(rows[-1], file=sys.stderr, flush=True)
     del fns
 
+  pieces = []
+  if args.breakdown and train_sizes:
+    size = max(train_sizes, key=np.prod)
+    pieces = breakdown(size, args.batch, args.reps, impls[0])
+
   load1 = os.getloadavg()
   print("| what | input | batch | implementation | median s (min) | volumes/s | GFLOP/s | "
         "JAX / PyTorch median (min) |")
@@ -356,6 +446,20 @@ def main(argv=None) -> int:
   print(f"- load average at end: {load1[0]:.1f} / {load1[1]:.1f} / {load1[2]:.1f} "
         f"({os.cpu_count()} CPUs; above {os.cpu_count()} the machine was shared and timings "
         "are noisy)")
+  if pieces:
+    size = max(train_sizes, key=np.prod)
+    step = step_median.get(size)
+    print(f"\n### Pieces of the JAX train step at {_size_name(size)}, batch {args.batch} "
+          f"(forward+backward, isolated; {impls[0]} convolutions)\n")
+    print("| piece | count in net | median s (min) | x count, share of the step |")
+    print("| --- | --- | --- | --- |")
+    for name, count, med, best in pieces:
+      share = f"{100 * count * med / step:.0f} %" if step else "-"
+      print(f"| {name} | {count} | {med:.3f} ({best:.3f}) | {count * med:.3f} s, {share} |")
+    if step:
+      print(f"\nStep median in this run: {step:.3f} s ({vname(*variants[0])}). Pieces timed "
+            "alone miss fusion with their neighbours, so shares are indicative.")
+    print()
   print("- GFLOP/s: FLOPs of the compiled JAX program (XLA cost analysis) / median time; the "
         "same count is used for PyTorch (identical network).")
   return 0

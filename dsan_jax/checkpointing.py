@@ -52,7 +52,11 @@ class RunCheckpoints:
     if step in mngr.all_steps():  # Saved by a run killed before its next `latest` save.
       directory = pathlib.Path(mngr.directory)
       old = directory / f".replaced-{step}-{uuid.uuid4().hex[:8]}"
-      os.replace(directory / str(step), old)
+      if jax.process_index() == 0:  # The primary process owns the files (as Orbax does).
+        os.replace(directory / str(step), old)
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(f"dsan_jax:replace_step_{step}")
       mngr.reload()
       shutil.rmtree(old, ignore_errors=True)
     mngr.save(step, args=ocp.args.Composite(

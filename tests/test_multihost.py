@@ -1,16 +1,19 @@
 """Multi-process data parallelism on CPU: 2 processes x 2 devices against 1 process x 4 devices.
 
 Each process of the 2-process run is started with ``jax.distributed.initialize`` on a free local
-port (CPU collectives over gloo, jax's default on CPU; set explicitly so a changed default cannot
-silently turn the cross-process all-reduce off), feeds only its own contiguous block of every
+port (CPU collectives over gloo: jax 0.10.2's default ``jax_cpu_collectives_implementation``,
+set explicitly so the test does not depend on that default), feeds only its own contiguous block of every
 global batch through ``sharding.shard_batch`` (``jax.make_array_from_process_local_data``), and
 runs a few train steps of a tiny DSAN. The test checks that
 
 * both processes end with bitwise identical parameters and BatchNorm statistics,
 * those equal a single process with 4 devices fed the same global batches (float tolerance),
 * the global batch each process assembled is the true global batch (gathered back),
-* the Orbax checkpoint written by the 2-process run (only the primary writes the files) restores
-  in a single process with 1 device to the same parameters and optimiser state.
+* the Orbax checkpoint saved by both processes of the 2-process run (Orbax lets only the primary
+  write) restores in a single process with 1 device to the same parameters and optimiser state.
+
+The optimiser is SGD with momentum (see the worker for why not Adam), and the workers compile at
+XLA optimisation level 0 to keep the test near a minute on 2 cores.
 """
 
 import json
@@ -162,7 +165,13 @@ def runs(repo_root, tmp_path_factory):
   out = tmp_path_factory.mktemp("multihost")
   port = _free_port()
   procs = [_start(repo_root, 2, "multi", out, pid, port) for pid in range(2)]
-  multi = [_finish(p) for p in procs]
+  try:
+    multi = [_finish(p) for p in procs]
+  finally:  # A failed process leaves its peer waiting in a collective: stop it.
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.communicate()
   single = _finish(_start(repo_root, 4, "single", out))
   restore = _finish(_start(repo_root, 1, "restore", out, out / "run"))
   return out, multi, single, restore

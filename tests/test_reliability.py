@@ -8,6 +8,7 @@ on 2 busy cores) and the others start in about 20 s. See docs/reliability.md for
 
 from __future__ import annotations
 
+import collections
 import csv
 import json
 import os
@@ -34,6 +35,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMING_KEYS = ("eval_seconds", "epoch_seconds")  # The only metrics.jsonl fields allowed to differ.
 RUN_TIMEOUT_S = 420
 KILL_SEED = 20260
+_DiskUsage = collections.namedtuple("_DiskUsage", "total used free")
 
 # ------------------------------------------------------------------------------ shared set-up.
 
@@ -448,7 +450,7 @@ def test_nan_case_steps_skipped_counted_and_repeated_faults_stop_the_run(shared,
 def test_disk_too_full_for_checkpoints_fails_before_anything_is_written(shared, tmp_path,
                                                                        monkeypatch):
   free = 1 << 20
-  monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 40, 0, free))
+  monkeypatch.setattr(shutil, "disk_usage", lambda p: _DiskUsage(1 << 40, 0, free))
   workdir = tmp_path / "work"
   with pytest.raises(errors.ResourceError, match=r"work.*only 0.00 GiB free, the run needs"):
     experiment.train_and_evaluate(_config(shared), workdir, 0, progress=False)
@@ -457,7 +459,7 @@ def test_disk_too_full_for_checkpoints_fails_before_anything_is_written(shared, 
 
 def test_disk_too_full_for_the_cache_fails_before_preprocessing(shared, tmp_path, monkeypatch):
   monkeypatch.setattr(shutil, "disk_usage",
-                      lambda p: shutil._ntuple_diskusage(1 << 40, 0, 50 << 20))
+                      lambda p: _DiskUsage(1 << 40, 0, 50 << 20))
   config = _config(shared)
   config.data.cache_dir = str(tmp_path / "cache")
   with pytest.raises(errors.ResourceError,

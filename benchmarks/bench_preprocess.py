@@ -1,0 +1,80 @@
+"""Preprocessing time of real chest CTs (``dsan_jax.data.preprocess.load_and_preprocess``).
+
+For each CT in ``../shared/data/ct/`` (relative to the repository root; skipped cleanly when
+absent), times the paper's preprocessing (read NIfTI, one trilinear resampling to the output grid,
+window, lung mask, pad to 138x256x256) with the classical lung-mask fallback and without any lung
+mask (``lung_mask_fallback=False``, i.e. the cost of reading + resampling + windowing alone).
+The two variants alternate inside every repetition; medians (and minima) are reported.
+
+Usage:
+  python benchmarks/bench_preprocess.py [--reps 3] [--ct_dir ../shared/data/ct]
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _ROOT)
+
+from configs import default as default_config  # pylint: disable=wrong-import-position
+from dsan_jax.data.preprocess import load_and_preprocess  # pylint: disable=wrong-import-position
+
+CASES = ("P002.nii.gz", "cap002.nii.gz")
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--ct_dir", "--ct-dir", default=os.path.join(_ROOT, "..", "shared", "data", "ct"))
+  parser.add_argument("--reps", type=int, default=3)
+  args = parser.parse_args(argv)
+
+  print("## Preprocessing of a real CT (`bench_preprocess.py`)\n")
+  paths = [os.path.join(args.ct_dir, c) for c in CASES]
+  paths = [p for p in paths if os.path.exists(p)]
+  if not paths:
+    print(f"- skipped: no CT found in `{os.path.normpath(args.ct_dir)}` ({', '.join(CASES)})")
+    return 0
+  load0 = os.getloadavg()
+  print(f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, python "
+        f"{platform.python_version()}; single process (NumPy/SciPy)")
+  print(f"- command: `python benchmarks/bench_preprocess.py --reps {args.reps}`")
+  print(f"- load average at start: {load0[0]:.1f} / {load0[1]:.1f} / {load0[2]:.1f}\n", flush=True)
+
+  variants = {}
+  for fallback in (True, False):
+    config = default_config.get_config()
+    config.data.lung_mask_fallback = fallback
+    variants["lung-mask fallback" if fallback else "no lung mask"] = config
+
+  print("| CT | stored shape (i, j, k) | variant | median s (min) | output | lung voxels |")
+  print("| --- | --- | --- | --- | --- | --- |")
+  for path in paths:
+    times = {name: [] for name in variants}
+    info = {}
+    for _ in range(args.reps):
+      for name, config in variants.items():
+        t0 = time.perf_counter()
+        pre = load_and_preprocess(path, config=config)
+        times[name].append(time.perf_counter() - t0)
+        info[name] = (pre.image.shape, int(pre.lung_mask.sum()),
+                      tuple(int(n) for n in pre.geometry.original_shape),
+                      tuple(int(n) for n in pre.geometry.resampled_shape))
+    for name in variants:
+      shape, lung, in_shape, resampled = info[name]
+      t = times[name]
+      print(f"| {os.path.basename(path)} | {in_shape or '-'} | {name} | "
+            f"{statistics.median(t):.2f} ({min(t):.2f}) | {'x'.join(map(str, shape))} "
+            f"(resampled {'x'.join(map(str, resampled))}) | "
+            f"{lung if name != 'no lung mask' else '-'} |", flush=True)
+  load1 = os.getloadavg()
+  print(f"\n- {args.reps} repetitions, variants alternated; load average at end: "
+        f"{load1[0]:.1f} / {load1[1]:.1f} / {load1[2]:.1f}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
