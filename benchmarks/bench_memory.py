@@ -12,7 +12,7 @@ over a 1-device mesh) is lowered with ``jax.ShapeDtypeStruct`` inputs (the state
 
 Run (one variant per line, prints a Markdown table; a full-size compile takes 1-5 min on 2 cores):
 
-  python benchmarks/bench_memory.py                     # the default set (see VARIANTS)
+  python benchmarks/bench_memory.py      # the default set: 24 compiles, ~40-60 min on 2 cores
   python benchmarks/bench_memory.py --variants fp32 --batches 1,20
   python benchmarks/bench_memory.py --shape 48,64,64 --batches 8   # quick check
 
@@ -32,7 +32,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # For configs/.
 from configs import default as default_config  # noqa: E402
@@ -40,7 +39,7 @@ from dsan_jax import optim, sharding, training
 from dsan_jax.models import DSAN
 from dsan_jax.models import conv as conv_lib
 
-# (name, batch) pairs run by default: the combinations the 24 GB target depends on first.
+# Variants run by default (at every --batches), then DEFAULT_ACCUM at the largest batch.
 DEFAULT_VARIANTS = ("fp32", "bf16", "bf16+remat=stem", "bf16+remat=blocks", "bf16+remat=all",
                     "fp32+remat=stem", "fp32+remat=all")
 DEFAULT_ACCUM = ("fp32+accum=4", "fp32+accum=20", "fp32+remat=all+accum=20")

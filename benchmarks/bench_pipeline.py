@@ -129,10 +129,11 @@ def main(argv=None) -> int:
   s = time_step(config, mesh, args.step_reps)
   step_rate = 1 / s["median_s"]
   rows.append(("train step alone (median)", step_rate,
-               f"median {s['median_s']:.3f} s, min {s['min_s']:.3f} s, compile {s['compile_s']:.0f} s"))
+               f"median {s['median_s']:.3f} s, min {s['min_s']:.3f} s, "
+               f"compile {s['compile_s']:.0f} s"))
 
-  print(f"| what | batches/s | volumes/s | x train step | notes |")
-  print(f"| --- | ---: | ---: | ---: | --- |")
+  print("| what | batches/s | volumes/s | x train step | notes |")
+  print("| --- | ---: | ---: | ---: | --- |")
   for name, rate, note in rows:
     print(f"| {name} | {rate:.2f} | {rate * b:.1f} | {rate / step_rate:.1f} | {note} |")
   return 0

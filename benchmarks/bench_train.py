@@ -39,6 +39,7 @@ else:
   _ADDED_FLAGS = ""
 
 import argparse  # pylint: disable=wrong-import-position,g-import-not-at-top
+import functools  # pylint: disable=wrong-import-position,g-import-not-at-top
 import contextlib  # pylint: disable=wrong-import-position,g-import-not-at-top
 import platform  # pylint: disable=wrong-import-position,g-import-not-at-top
 import statistics  # pylint: disable=wrong-import-position,g-import-not-at-top
@@ -172,7 +173,7 @@ def _torch_dsan_loss(torch, logits, attention, mask, label, has_mask, attention_
 
 
 class JaxInfer:
-  """Inference (``train=False``): logits and CAM, jitted and compiled ahead of time."""
+  """Inference (``train=False``): logit and CAM, jitted and compiled ahead of time."""
 
   def __init__(self, size, impl: str, variables, dtype=jnp.float32, pool: str = "default"):
     self.model = DSAN(conv_impl=impl, dtype=dtype)
@@ -180,20 +181,20 @@ class JaxInfer:
 
     def fn(variables, x):
       logits, aux = self.model.apply(variables, x, train=False)
-      return jax.nn.sigmoid(logits), aux["cam"]
+      return logits, aux["cam"]
 
-    self.x = jnp.asarray(_volume(size))
+    self.x = jnp.asarray(_volume(tuple(size)))
     with _pool(pool):
       t0 = time.perf_counter()
       self.compiled = jax.jit(fn).lower(self.variables, self.x).compile()
       self.compile_s = time.perf_counter() - t0
     self.flops = _flops(self.compiled)
-    self.prob = None
+    self.logit = self.cam = None
 
   def __call__(self):
-    prob, cam = self.compiled(self.variables, self.x)
-    jax.block_until_ready(cam)
-    self.prob = np.asarray(prob)
+    logit, cam = self.compiled(self.variables, self.x)
+    self.cam = np.asarray(cam, np.float32)  # Blocks until done.
+    self.logit = float(np.ravel(logit)[0])
 
 
 class TorchInfer:
@@ -203,21 +204,25 @@ class TorchInfer:
     import torch_dsan  # pylint: disable=g-import-not-at-top
     self.torch = torch
     self.model = torch_dsan.load_flax_params(torch_dsan.DSAN().eval(), variables)
-    self.x = torch.from_numpy(np.moveaxis(_volume(size), -1, 1).copy())
-    self.prob = None
+    self.x = torch.from_numpy(np.moveaxis(_volume(tuple(size)), -1, 1).copy())
+    self.logit = self.cam = None
 
   def __call__(self):
     with self.torch.inference_mode():
-      logits, _ = self.model(self.x)
-      self.prob = torch_sigmoid_np(logits)
+      logits, aux = self.model(self.x)
+      self.cam = aux["cam"].numpy()
+      self.logit = float(logits[0])
 
 
-def torch_sigmoid_np(logits) -> np.ndarray:
-  return 1.0 / (1.0 + np.exp(-logits.double().numpy()))
+_REAL_CT = os.path.join(_ROOT, "..", "shared", "data", "ct", "P002.nii.gz")
 
 
+@functools.lru_cache(maxsize=2)
 def _volume(size, seed: int = 1) -> np.ndarray:
-  """[1, D, H, W, 1] a smooth-ish random volume in [0, 1] (gives a non-degenerate CAM)."""
+  """[1, D, H, W, 1]: the preprocessed real CT when it exists and fits, else uniform noise."""
+  if tuple(size) == (138, 256, 256) and os.path.exists(_REAL_CT):
+    from dsan_jax.data.preprocess import load_and_preprocess  # pylint: disable=g-import-not-at-top
+    return load_and_preprocess(_REAL_CT).image[None, ..., None].astype(np.float32)
   rng = np.random.default_rng(seed)
   return rng.random((1, *size, 1)).astype(np.float32)
 
@@ -255,11 +260,15 @@ def breakdown(size, batch: int, reps: int, impl: str) -> list[tuple[str, int, fl
   arr = lambda shape: jnp.asarray(rng.standard_normal(shape).astype(np.float32))
 
   def fb(fn, *args, argnums=0):
-    """Jitted forward+backward of sum(fn(*args) * g) w.r.t. ``argnums``."""
-    out = jax.eval_shape(fn, *args)
-    g = arr(out.shape)
-    grad = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a) * g), argnums=argnums))
-    return lambda: jax.block_until_ready(grad(*args))
+    """Jitted forward+backward of sum(fn(*args) * g) w.r.t. ``argnums``.
+
+    Every array is an argument of the jitted function: captured arrays would be constants, and
+    XLA would constant-fold the whole computation at compile time.
+    """
+    g = arr(jax.eval_shape(fn, *args).shape)
+    grad = jax.jit(jax.grad(lambda g, *a: jnp.sum(fn(*a) * g),
+                            argnums=tuple(1 + i for i in np.atleast_1d(argnums))))
+    return lambda: jax.block_until_ready(grad(g, *args))
 
   def bn_relu(x, scale, bias):
     mean = jnp.mean(x, axis=(0, 1, 2, 3))
@@ -275,7 +284,7 @@ def breakdown(size, batch: int, reps: int, impl: str) -> list[tuple[str, int, fl
   mask = jnp.asarray((rng.random((batch, d, h, w)) < 0.1).astype(np.float32))
   pieces = {
       "stem conv 7x7x7 s2 (dW only)": (1, fb(
-          lambda k: conv.conv3d(x_in, k, (2, 2, 2), [(3, 3)] * 3, impl), k7)),
+          lambda k, x: conv.conv3d(x, k, (2, 2, 2), [(3, 3)] * 3, impl), k7, x_in)),
       "stem BatchNorm + ReLU": (1, fb(bn_relu, arr(half), s64, b64, argnums=(0, 1, 2))),
       "stem max-pool, nn.max_pool (reduce_window)": (1, fb(
           lambda x: resnet3d.stem_max_pool(x, "reduce_window"), stem_act)),
@@ -286,8 +295,8 @@ def breakdown(size, batch: int, reps: int, impl: str) -> list[tuple[str, int, fl
           lambda x, k: conv.conv3d(x, k, (1, 1, 1), [(1, 1)] * 3, impl), arr(quarter), k3,
           argnums=(0, 1))),
       "attention: upsample + minmax + sigmoid + Eq. 3": (1, fb(
-          lambda c: losses.attention_loss(
-              dsan_lib.attention_from_cam(c, (d, h, w), 100.0, 0.4), mask), cam)),
+          lambda c, m: losses.attention_loss(
+              dsan_lib.attention_from_cam(c, (d, h, w), 100.0, 0.4), m), cam, mask)),
   }
   fns = {name: fn for name, (_, fn) in pieces.items()}
   for fn in fns.values():
@@ -422,10 +431,23 @@ def main(argv=None) -> int:
     for name in fns:
       rows.append(_row("inference", size, 1, name, times[name], flops.get(name, ref_flops),
                        times.get("PyTorch")))
-    probs = {name: float(np.ravel(fn.prob)[0]) for name, fn in fns.items()}
-    ref = probs[vname(*variants[0])]
-    notes.append(f"inference {_size_name(size)}: P(COVID) " + ", ".join(
-        f"{n} {p:.6f} (|diff| {abs(p - ref):.1e})" for n, p in probs.items()) + f"; {reps} reps")
+    ref_name = vname(*variants[0])
+    ref_logit, ref_cam = fns[ref_name].logit, fns[ref_name].cam
+    parts = []
+    for name, fn in fns.items():
+      part = f"{name} logit {fn.logit:.5f}"
+      if name != ref_name:
+        dl = abs(fn.logit - ref_logit)
+        part += f" (|dlogit| {dl:.1e}, so |dP| <= {dl / 4:.1e}"
+        if fn.cam is not None:
+          cam_err = np.max(np.abs(fn.cam - ref_cam)) / max(np.max(np.abs(ref_cam)), 1e-30)
+          part += f"; CAM max rel. err. {cam_err:.1e}"
+        part += ")"
+      parts.append(part)
+    input_name = ("preprocessed P002.nii.gz" if tuple(size) == (138, 256, 256)
+                  and os.path.exists(_REAL_CT) else "uniform noise")
+    notes.append(f"inference {_size_name(size)} (untrained weights, input {input_name}; vs "
+                 f"{ref_name}, |dP| <= |dlogit| / 4): " + ", ".join(parts) + f"; {reps} reps")
     print(rows[-1], file=sys.stderr, flush=True)
     del fns
 

@@ -24,8 +24,9 @@ def define_distributed_flags() -> None:
 
 def setup(flag_values) -> None:
   """Logging, backend-dependent XLA flags, ``jax.distributed``, and a line about the devices."""
-  logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
-  logging.getLogger("absl").setLevel(logging.WARNING)
+  # absl has already put its handler on the root logger: libraries at WARNING, ours at INFO.
+  logging.getLogger().setLevel(logging.WARNING)
+  logging.getLogger("dsan_jax").setLevel(logging.INFO)
   from dsan_jax.models import conv  # Before the first jax computation: XLA reads its flags once.
   conv.apply_recommended_cpu_xla_flags()
   import jax

@@ -20,9 +20,12 @@ class ManifestError(DsanError):
   def __init__(self, manifest_path, problems: list[str]):
     self.manifest_path = str(manifest_path)
     self.problems = list(problems)
-    lines = "\n".join(f"  - {p}" for p in self.problems)
-    super().__init__(
-        f"{self.manifest_path}: {len(self.problems)} problem(s) found:\n{lines}")
+    if len(self.problems) == 1:  # One problem: one line, like every other error.
+      super().__init__(f"{self.manifest_path}: {self.problems[0]}")
+    else:
+      lines = "\n".join(f"  - {p}" for p in self.problems)
+      super().__init__(
+          f"{self.manifest_path}: {len(self.problems)} problems found:\n{lines}")
 
 
 class ConfigError(DsanError):

@@ -2,8 +2,8 @@
 
 Each process of the 2-process run is started with ``jax.distributed.initialize`` on a free local
 port (CPU collectives over gloo: jax 0.10.2's default ``jax_cpu_collectives_implementation``,
-set explicitly so the test does not depend on that default), feeds only its own contiguous block of every
-global batch through ``sharding.shard_batch`` (``jax.make_array_from_process_local_data``), and
+set explicitly so the test does not depend on that default), feeds only its own contiguous block
+of every global batch through ``sharding.shard_batch`` (``jax.make_array_from_process_local_data``), and
 runs a few train steps of a tiny DSAN. The test checks that
 
 * both processes end with bitwise identical parameters and BatchNorm statistics,

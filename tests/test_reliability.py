@@ -487,10 +487,9 @@ def test_cli_unwritable_workdir_and_missing_manifest(shared, tmp_path):
   workdir = tmp_path / "w"
   res = _run(shared, _train_cmd(shared, workdir, f"--config.data.manifest={missing}"))
   assert res.returncode == 2 and "Traceback" not in res.stderr + res.stdout
-  # The manifest loader reports through ManifestError, whose format is a list even for one item.
+  # A single manifest problem is reported on one line, like every other error.
   err = res.stderr.splitlines()
-  i = err.index(f"error: {missing}: 1 problem(s) found:")
-  assert err[i + 1:] == ["  - manifest file not found"]
+  assert err[-1] == f"error: {missing}: manifest file not found"
   assert [p for p in workdir.rglob("*")] == []
 
 
@@ -546,7 +545,7 @@ def test_cli_manifest_with_many_bad_rows_lists_all_before_any_work(shared, tmp_p
   res = _run(shared, _train_cmd(shared, workdir, f"--config.data.manifest={manifest}",
                                 f"--config.data.cache_dir={workdir / 'cache'}"))
   assert res.returncode == 2 and "Traceback" not in res.stderr + res.stdout
-  assert _stderr_error_lines(res.stderr) == [f"error: {manifest}: 6 problem(s) found:"]
+  assert _stderr_error_lines(res.stderr) == [f"error: {manifest}: 6 problems found:"]
   problems = [l for l in res.stderr.splitlines() if l.startswith("  - row ")]
   assert len(problems) == 6
   # Header-level problems are all listed at once; the NaN voxels are only visible when reading
