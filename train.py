@@ -8,8 +8,6 @@
 Re-running the same command resumes an interrupted run and skips a finished one.
 """
 
-import os
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags

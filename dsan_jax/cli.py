@@ -2,7 +2,6 @@
 turning expected errors into one line and a non-zero exit status instead of a traceback."""
 
 import logging
-import os
 import sys
 
 from absl import flags
@@ -41,6 +40,9 @@ def setup(flag_values) -> None:
 
 
 def print_summary(summary: dict) -> None:
+  import jax
+  if jax.process_index() != 0:
+    return
   if summary.get("status") == "already_complete":
     print(f"[dsan_jax] already complete: {summary['variant']} fold {summary['fold']}, best epoch "
           f"{summary['best_epoch'] + 1}, val {summary['select_metric']} = "

@@ -368,22 +368,6 @@ def _ensemble(rows: list[dict[str, Any]], ens: ml_collections.ConfigDict, thresh
 # ----------------------------------------------------------------------------------- writing.
 
 
-def _jsonable(x: Any) -> Any:
-  if isinstance(x, Mapping):
-    return {str(k): _jsonable(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
-  if isinstance(x, np.ndarray):
-    return _jsonable(x.tolist())
-  if isinstance(x, np.generic):
-    x = x.item()
-  if isinstance(x, pathlib.Path):
-    return str(x)
-  if isinstance(x, float) and not math.isfinite(x):
-    return None
-  return x
-
-
 def _write_csv(path: pathlib.Path, rows: Sequence[Mapping[str, Any]]) -> None:
   fields = list(dict.fromkeys(k for r in rows for k in r)) or ["empty"]
   with open(path, "w", newline="") as f:
@@ -653,7 +637,7 @@ def evaluate_workdir(workdir: str | os.PathLike, config_overrides: Any = None,
                                                  else float("nan"))
     _write_csv(tmp / "attention_cases.csv", att_rows)
     _write_csv(tmp / "runs.csv", run_rows)
-    (tmp / "ensemble.json").write_text(json.dumps(_jsonable(ens_info), indent=1))
+    (tmp / "ensemble.json").write_text(json.dumps(report.jsonable(ens_info), indent=1))
 
     fig_info = []
     ds_any = next(iter(datasets.values()))
@@ -697,7 +681,7 @@ def evaluate_workdir(workdir: str | os.PathLike, config_overrides: Any = None,
                               for p in list(result["files"]) + extra_files})
     result["out_dir"] = str(out_dir)
     result["figures"] = [os.path.relpath(p, tmp) for p in result.get("figures", [])]
-    (tmp / "metrics.json").write_text(json.dumps(_jsonable(result), indent=1, allow_nan=False))
+    (tmp / "metrics.json").write_text(json.dumps(report.jsonable(result), indent=1, allow_nan=False))
     if jax.process_index() == 0:
       _replace_dir(tmp, out_dir)
   finally:

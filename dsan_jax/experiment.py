@@ -275,8 +275,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   num_steps = steps_per_epoch * config.train.num_epochs
   tx = optim.make_optimizer(config.optim, steps_per_epoch)
 
+  primary = jax.process_index() == 0  # Only the primary process writes files of its own.
   rd.mkdir(parents=True, exist_ok=True)
-  _atomic_write_text(rd / "config.json", config.to_json_best_effort(indent=2))
+  if primary:
+    _atomic_write_text(rd / "config.json", config.to_json_best_effort(indent=2))
   ckpts = checkpointing.RunCheckpoints(rd)
   from dsan_jax.run_log import RunLog
   run_log = RunLog(rd)
@@ -289,7 +291,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   else:
     state = sharding.replicate(
         training.create_train_state(model, tx, config.seed, input_shape), mesh)
-  run_log.truncate(meta["epoch"])
+  if primary:
+    run_log.truncate(meta["epoch"])
 
   sampler_seed = config.seed * 1000 + fold
   train_iter = pipeline.make_train_iterator(
@@ -305,7 +308,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                                         config.train.grad_accum_steps)
   eval_step = training.make_eval_step(model, mesh, config.loss.attention_weight)
 
-  primary = jax.process_index() == 0
   show = progress and primary  # Progress bars; the per-epoch lines print either way.
   if primary:
     print(f"[dsan_jax] {config.variant} fold {fold}: {len(train_idx)} train / {len(val_idx)} val "
@@ -372,13 +374,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                  **{f"val_{k}": val[k] for k in metrics.METRIC_NAMES},
                  val_loss=float(np.mean(pred["cls_loss"])),
                  eval_seconds=time.perf_counter() - t_eval, epoch_seconds=epoch_time)
-      run_log.write(row)
+      if primary:
+        run_log.write(row)
       value = val[config.train.select_metric]
       improved = _better(value, meta["best_metric"] if meta["best_epoch"] >= 0 else None)
       meta = dict(meta, epoch=epoch + 1, epoch_sums={})
       if improved:
         meta.update(best_metric=value if math.isfinite(value) else None, best_epoch=epoch)
-        if jax.process_index() == 0:
+        if primary:
           write_predictions(rd / "val_predictions.csv", prediction_rows(dataset, pred))
         ckpts.save_best(step, state, train_iter.state_at(step), meta)
       ckpts.save_latest(step, state, train_iter.state_at(step), meta)
@@ -396,7 +399,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                  select_metric=config.train.select_metric, best_metric=meta["best_metric"],
                  best_val={k: best_rows[0].get(f"val_{k}") for k in metrics.METRIC_NAMES}
                  if best_rows else {}, steps=step, data=data.note)
-  if jax.process_index() == 0:
+  if primary:
     _atomic_write_text(rd / "done.json", json.dumps(summary, indent=2))
   return dict(summary, status="complete")
 

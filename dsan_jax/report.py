@@ -421,15 +421,18 @@ def _md_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]
   return lines + [""]
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
+  """Nested dicts/lists/arrays/NumPy scalars/paths -> strict-JSON values (NaN and inf -> None)."""
   if isinstance(x, Mapping):
-    return {str(k): _jsonable(v) for k, v in x.items()}
+    return {str(k): jsonable(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
+    return [jsonable(v) for v in x]
   if isinstance(x, np.ndarray):
-    return [_jsonable(v) for v in x.tolist()]
+    return [jsonable(v) for v in x.tolist()]
   if isinstance(x, np.generic):
     x = x.item()
+  if isinstance(x, os.PathLike):
+    return os.fspath(x)
   if isinstance(x, float) and not math.isfinite(x):
     return None  # Strict JSON has no NaN / inf.
   return x
@@ -688,5 +691,5 @@ def write_report(predictions: Any, out_dir, models: Sequence[str] | None = None,
   with open(files["report.md"], "w") as f:
     f.write(_markdown(result))
   with open(files["metrics.json"], "w") as f:
-    json.dump(_jsonable(result), f, indent=1, allow_nan=False)
+    json.dump(jsonable(result), f, indent=1, allow_nan=False)
   return result

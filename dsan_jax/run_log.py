@@ -2,18 +2,11 @@
 
 import csv
 import json
-import math
 import os
 import pathlib
 from typing import Any, Mapping
 
-
-def _jsonable(v):
-  if isinstance(v, float) and not math.isfinite(v):
-    return None
-  if hasattr(v, "item"):
-    return _jsonable(v.item())
-  return v
+from dsan_jax.report import jsonable
 
 
 class RunLog:
@@ -46,7 +39,7 @@ class RunLog:
     tmp = self.jsonl.with_suffix(".jsonl.tmp")
     with open(tmp, "w") as f:
       for r in rows:
-        f.write(json.dumps({k: _jsonable(v) for k, v in r.items()}) + "\n")
+        f.write(json.dumps({k: jsonable(v) for k, v in r.items()}) + "\n")
     os.replace(tmp, self.jsonl)
     keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "epoch", k))
     tmp = self.csv.with_suffix(".csv.tmp")
@@ -54,11 +47,11 @@ class RunLog:
       w = csv.DictWriter(f, fieldnames=keys)
       w.writeheader()
       for r in rows:
-        w.writerow({k: _jsonable(v) for k, v in r.items()})
+        w.writerow({k: jsonable(v) for k, v in r.items()})
     os.replace(tmp, self.csv)
 
   def write(self, row: Mapping[str, Any]) -> None:
-    row = {k: _jsonable(v) for k, v in row.items()}
+    row = {k: jsonable(v) for k, v in row.items()}
     self._rewrite(self.rows() + [row])
     if self._tb is not None:
       for k, v in row.items():

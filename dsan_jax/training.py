@@ -11,7 +11,6 @@ import functools
 from typing import Any, Callable
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax

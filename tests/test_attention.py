@@ -4,7 +4,6 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from dsan_jax import losses
 from dsan_jax.models import DSAN, dsan

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from dsan_jax import errors, experiment, sharding
+from dsan_jax import errors, experiment
 
 
 @pytest.fixture(scope="module")

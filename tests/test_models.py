@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsan_jax.models import DSAN, ResNet3D34, ResNet3DTiny, resnet3d
+from dsan_jax.models import DSAN, ResNet3DTiny, resnet3d
 
 TINY = dict(width=4, stage_sizes=(1, 1, 1, 1))
 

@@ -10,7 +10,7 @@ Parameter names are explicit so that converters (e.g. ``benchmarks/torch_dsan.py
 """
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
