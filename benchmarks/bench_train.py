@@ -3,7 +3,8 @@
 One process, one table: for each training size the full train step (``training.make_train_step``:
 forward, DSAN loss, backward, Adam with L2 decay, the non-finite guard) of the real network
 (ResNet34, width 64, attention on, batch 2), and full-size inference (138x256x256, batch 1,
-``train=False``, logits + CAM). PyTorch runs ``benchmarks/torch_dsan.py`` with the same weights
+``train=False``, logit + CAM; the input is the preprocessed real CT ``../shared/data/ct/P002.nii.gz``
+when present, else noise; weights untrained). PyTorch runs ``benchmarks/torch_dsan.py`` with the same weights
 (``load_flax_params``), ``torch.optim.Adam(weight_decay=1e-4)`` and 2 threads. Variants are
 interleaved inside every repetition (JAX, PyTorch, JAX, ...) because the machine is shared;
 the table gives medians and minima (noise only adds time, so the minimum is the less disturbed
@@ -19,8 +20,9 @@ Usage:
   python benchmarks/bench_train.py                       # the default table (~10 min on 2 cores)
   python benchmarks/bench_train.py --sizes 32x64x64 --infer_sizes none --reps 3
   python benchmarks/bench_train.py --impl folded,xla --no-torch
-  python benchmarks/bench_train.py --bf16-inference      # + bf16 inference, prob. diff vs fp32
+  python benchmarks/bench_train.py --bf16-inference      # + bf16 inference, logit/CAM diff vs fp32
   python benchmarks/bench_train.py --pool reduce_window,slices   # stem max-pool before/after
+  python benchmarks/bench_train.py --breakdown           # + pieces of the step (a cheap profile)
 """
 
 # The XLA flag must be in the environment before JAX initialises its backend.
@@ -39,8 +41,8 @@ else:
   _ADDED_FLAGS = ""
 
 import argparse  # pylint: disable=wrong-import-position,g-import-not-at-top
-import functools  # pylint: disable=wrong-import-position,g-import-not-at-top
 import contextlib  # pylint: disable=wrong-import-position,g-import-not-at-top
+import functools  # pylint: disable=wrong-import-position,g-import-not-at-top
 import platform  # pylint: disable=wrong-import-position,g-import-not-at-top
 import statistics  # pylint: disable=wrong-import-position,g-import-not-at-top
 import time  # pylint: disable=wrong-import-position,g-import-not-at-top
@@ -333,7 +335,8 @@ def main(argv=None) -> int:
                            "reduce_window, slices (see dsan_jax/models/resnet3d.py)")
   parser.add_argument("--no-torch", "--no_torch", dest="no_torch", action="store_true")
   parser.add_argument("--bf16-inference", "--bf16_inference", dest="bf16", action="store_true",
-                      help="also time bf16-compute inference and report |p_bf16 - p_fp32|")
+                      help="also time bf16-compute inference and report its logit/CAM difference to "
+                           "fp32 (|dP| <= |dlogit| / 4)")
   parser.add_argument("--breakdown", action="store_true",
                       help="also time pieces of the step (stem, max-pool, BN, attention) at the "
                            "largest train size")
@@ -381,7 +384,7 @@ def main(argv=None) -> int:
   step_median = {}
   for size in train_sizes:
     reps = args.reps_large if np.prod(size) >= 1_000_000 else args.reps
-    fns, flops, losses = {}, {}, {}
+    fns, flops = {}, {}
     variables = None
     for impl, pool in variants:
       runner = JaxTrain(size, args.batch, impl, pool)
@@ -412,7 +415,6 @@ def main(argv=None) -> int:
     model = DSAN()
     variables = jax.tree_util.tree_map(
         np.asarray, dict(model.init(jax.random.key(0), jnp.zeros((1, 16, 32, 32, 1)))))
-    # Randomise BatchNorm statistics a little so that inference is not trivially uniform.
     fns, flops = {}, {}
     for impl, pool in variants:
       r = JaxInfer(size, impl, variables, pool=pool)

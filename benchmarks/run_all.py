@@ -38,9 +38,9 @@ BENCHMARKS = {
               ["--sizes", "32x64x64", "--infer_sizes", "none", "--reps", "2"]),
     "preprocess": ("bench_preprocess.py", ["--reps", "3"], ["--reps", "1"]),
     "pipeline": ("bench_pipeline.py", [],
-                 ["--num_cases", "8", "--batches", "5", "--warmup", "1", "--step_reps", "2"]),
+                 ["--num_cases", "24", "--batches", "5", "--warmup", "1", "--step_reps", "2"]),
     "memory": ("bench_memory.py", [],
-               ["--shape", "48,64,64", "--batches", "1,2", "--variants", "fp32,bf16",
+               ["--shape", "48,64,64", "--batches", "1", "--variants", "fp32,bf16",
                 "--accum_variants", ""]),
     "conv": ("bench_conv.py", ["--size", "48,96,96", "--reps", "3"],
              ["--size", "32,64,64", "--reps", "2", "--layers", "stem,l1,l2_down"]),
@@ -57,12 +57,34 @@ def _supports(script: str, flag: str) -> bool:
   return flag in out.stdout
 
 
-def run_one(name: str, quick: bool, timeout: float) -> tuple[str, bool]:
+def _as_markdown(name: str, script: str, out: str) -> str:
+  """A benchmark's stdout as a markdown section under its own ``##`` heading.
+
+  Markdown output (starting with "## ") is kept; output with tables whose comment lines start
+  with "# " gets those lines as bullets; anything else goes into a code block.
+  """
+  out = out.strip()
+  if out.startswith("## "):
+    return out
+  head = f"## {name} (`{script}`)\n\n"
+  if "| ---" in out:
+    lines = []
+    for line in out.splitlines():
+      if line.startswith("# "):
+        line = f"- {line[2:].strip()}"
+      if line.startswith("|") and lines and lines[-1] and not lines[-1].startswith("|"):
+        lines.append("")  # A table needs a blank line before it.
+      lines.append(line)
+    return head + "\n".join(lines)
+  return head + f"```\n{out}\n```"
+
+
+def run_one(name: str, quick: bool, timeout: float, env: dict) -> tuple[str, bool]:
   """Runs one benchmark; returns (markdown section, ok)."""
   script, full_args, quick_args = BENCHMARKS[name]
   path = os.path.join(_HERE, script)
   if not os.path.exists(path):
-    return f"## {name}\n\n- not run: `benchmarks/{script}` does not exist.\n", True
+    return f"## {name} (`{script}`)\n\n- not run: `benchmarks/{script}` does not exist.\n", True
   args = list(quick_args if quick else full_args)
   if quick and "--quick" in args and not _supports(path, "--quick"):
     args.remove("--quick")
@@ -72,15 +94,13 @@ def run_one(name: str, quick: bool, timeout: float) -> tuple[str, bool]:
   t0 = time.perf_counter()
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=_ROOT,
-                          check=False)
+                          check=False, env=env)
   except subprocess.TimeoutExpired as e:
     out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
     return (f"## {name}\n\n- **timed out** after {timeout:.0f} s: `{shown}`\n\n"
             f"Partial output:\n\n{out}\n", False)
   wall = time.perf_counter() - t0
-  body = proc.stdout.strip()
-  if not body.lstrip().startswith("#"):
-    body = f"## {name}\n\n```\n{body}\n```"  # Plain-text output (bench_conv.py).
+  body = _as_markdown(name, script, proc.stdout)
   section = f"{body}\n\n- `{shown}`: {wall:.0f} s wall, exit status {proc.returncode}\n"
   if proc.returncode != 0:
     tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
@@ -95,6 +115,9 @@ def main(argv=None) -> int:
   parser.add_argument("--quick", action="store_true", help="small sizes, few repetitions")
   parser.add_argument("--out", default="", help="markdown file to write (also printed)")
   parser.add_argument("--timeout", type=float, default=1200, help="seconds per benchmark")
+  parser.add_argument("--no-flags", "--no_flags", dest="no_flags", action="store_true",
+                      help="do not put the recommended XLA:CPU flags into the benchmarks' "
+                           "XLA_FLAGS (bench_conv.py does not add them itself)")
   args = parser.parse_args(argv)
   names = [n for n in (args.only.split(",") if args.only else BENCHMARKS) if n]
   unknown = [n for n in names + [s for s in args.skip.split(",") if s] if n not in BENCHMARKS]
@@ -102,6 +125,15 @@ def main(argv=None) -> int:
     parser.error(f"unknown benchmarks {unknown}; choose from {list(BENCHMARKS)}")
   names = [n for n in names if n not in args.skip.split(",")]
 
+  env = dict(os.environ)
+  if args.no_flags:
+    env["DSAN_NO_XLA_FLAGS"] = "1"
+  else:
+    sys.path.insert(0, _ROOT)
+    from dsan_jax.models import conv  # pylint: disable=g-import-not-at-top
+    flags = conv.recommended_cpu_xla_flags()  # Checked in a subprocess; no JAX here.
+    if flags and "xla_cpu_experimental_ynn_fusion_type" not in env.get("XLA_FLAGS", ""):
+      env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flags}".strip()
   load0 = os.getloadavg()
   try:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -115,13 +147,14 @@ def main(argv=None) -> int:
       f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}; "
       f"commit {commit} (plus uncommitted changes, if any)",
       f"- command: `python benchmarks/run_all.py {' '.join(sys.argv[1:] if argv is None else argv)}`",
+      f"- XLA_FLAGS given to every benchmark: `{env.get('XLA_FLAGS', '') or '(none)'}`",
       f"- load average before: {load0[0]:.1f} / {load0[1]:.1f} / {load0[2]:.1f}",
       "",
   ]
   sections, failed = [], []
   t0 = time.perf_counter()
   for name in names:
-    section, ok = run_one(name, args.quick, args.timeout)
+    section, ok = run_one(name, args.quick, args.timeout, env)
     sections.append(section)
     print(section, flush=True)
     if not ok:

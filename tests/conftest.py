@@ -4,6 +4,11 @@ import pathlib
 
 import pytest
 
+from dsan_jax.models import conv
+
+# Tests run with the same XLA:CPU flags as train.py (set before JAX starts its backend).
+conv.apply_recommended_cpu_xla_flags()
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 REAL_CT_DIR = REPO_ROOT.parent / "shared" / "data" / "ct"
 
