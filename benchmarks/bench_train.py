@@ -152,26 +152,11 @@ class TorchTrain:
   def __call__(self):
     self.opt.zero_grad(set_to_none=True)
     logits, aux = self.model(self.x, return_attention=True)
-    loss = _torch_dsan_loss(self.torch, logits, aux["attention"], self.mask, self.label,
-                            self.has_mask)
+    loss = self.torch_dsan.dsan_loss(logits, aux["attention"], self.mask, self.label,
+                                     self.has_mask)
     loss.backward()
     self.opt.step()
     self.loss = float(loss.detach())
-
-
-def _torch_dsan_loss(torch, logits, attention, mask, label, has_mask, attention_weight=0.5):
-  """``dsan_jax.losses.dsan_loss`` in PyTorch: the attention term is averaged over ALL cases.
-
-  (``torch_dsan.dsan_loss`` averages it over eligible cases only, a different reduction; the
-  cost is the same, but this one makes the two first-step losses comparable.)
-  """
-  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
-  bce = F.binary_cross_entropy_with_logits(logits, label.to(logits.dtype), reduction="none")
-  num = ((attention - mask) ** 2).sum(dim=(1, 2, 3))
-  den = attention.sum(dim=(1, 2, 3)) + mask.sum(dim=(1, 2, 3))
-  att = torch.where(den > 0, num / torch.clamp(den, min=1e-30), torch.zeros_like(num))
-  eligible = (has_mask & (label == 1)).to(logits.dtype)
-  return (bce + attention_weight * eligible * att).mean()
 
 
 class JaxInfer:

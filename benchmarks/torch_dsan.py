@@ -130,17 +130,20 @@ class DSAN(nn.Module):
 
 
 def dsan_loss(logits, attention, mask, label, has_mask, attention_weight=0.5):
-  """``mean BCE + lambda * mean over COVID-with-mask cases of Eq. 3`` (torch, for the check).
+  """``dsan_jax.losses.dsan_loss`` in PyTorch: ``mean_b [BCE_b + lambda * e_b * Eq. 3_b]``.
+
+  The attention term counts for COVID cases with a mask (``e_b``) and is averaged over ALL cases
+  of the batch, as in the library.
 
   Args:
     logits: [B]; attention, mask: [B, D, H, W]; label, has_mask: [B].
   """
-  bce = F.binary_cross_entropy_with_logits(logits, label.to(logits.dtype))
-  inter = ((attention - mask) ** 2).sum(dim=(1, 2, 3))
-  denom = attention.sum(dim=(1, 2, 3)) + mask.sum(dim=(1, 2, 3))
-  att = inter / torch.clamp(denom, min=1e-8)
-  valid = (has_mask & (label == 1)).to(logits.dtype)
-  return bce + attention_weight * (att * valid).sum() / torch.clamp(valid.sum(), min=1.0)
+  bce = F.binary_cross_entropy_with_logits(logits, label.to(logits.dtype), reduction="none")
+  num = ((attention - mask) ** 2).sum(dim=(1, 2, 3))
+  den = attention.sum(dim=(1, 2, 3)) + mask.sum(dim=(1, 2, 3))
+  att = torch.where(den > 0, num / torch.clamp(den, min=1e-30), torch.zeros_like(num))
+  eligible = (has_mask & (label == 1)).to(logits.dtype)
+  return (bce + attention_weight * eligible * att).mean()
 
 
 # ------------------------------------------------------------------ parameter conversion.
@@ -246,7 +249,7 @@ def check(shape=(2, 35, 48, 40), width: int = 8, depth: int = 34, float64: bool 
   if float64:
     jax.config.update("jax_enable_x64", True)
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
+  from dsan_jax import losses as dsan_losses  # pylint: disable=g-import-not-at-top
   from dsan_jax.models import DSAN as FlaxDSAN  # pylint: disable=g-import-not-at-top
 
   dtype = np.float64 if float64 else np.float32
@@ -300,14 +303,10 @@ def check(shape=(2, 35, 48, 40), width: int = 8, depth: int = 34, float64: bool 
       (logits, aux), _ = fmodel.apply({"params": params, "batch_stats": variables["batch_stats"]},
                                       jnp.asarray(x), train=True, return_attention=True,
                                       mutable=["batch_stats"])
-      bce = jnp.mean(optax.sigmoid_binary_cross_entropy(logits, jnp.asarray(label, logits.dtype)))
-      att = aux["attention"]
-      m = jnp.asarray(mask)
-      inter = jnp.sum((att - m) ** 2, axis=(1, 2, 3))
-      denom = jnp.sum(att, axis=(1, 2, 3)) + jnp.sum(m, axis=(1, 2, 3))
-      per = inter / jnp.maximum(denom, 1e-8)
-      valid = jnp.asarray(has_mask & (label == 1), per.dtype)
-      return bce + 0.5 * jnp.sum(per * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+      loss, _ = dsan_losses.dsan_loss(logits, aux["attention"], jnp.asarray(label),
+                                      jnp.asarray(mask), jnp.asarray(has_mask),
+                                      jnp.ones(label.shape, logits.dtype), 0.5)
+      return loss
 
     loss_j, grads_j = jax.value_and_grad(loss_fn)(variables["params"])
     tmodel.train()
