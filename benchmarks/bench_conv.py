@@ -30,6 +30,8 @@ import time
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import timing  # pylint: disable=wrong-import-position  (benchmarks/timing.py)
 
 # (name, feature scale of the input relative to the volume, C, O, kernel, stride, count in net).
 LAYERS = (
@@ -206,12 +208,7 @@ def bench_network(size, batch, reps, impls=IMPLS, with_torch=True):
       fns["torch"] = torch_step
   for fn in fns.values():
     fn()
-  times = {name: [] for name in fns}
-  for _ in range(reps):
-    for name, fn in fns.items():
-      t0 = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - t0)
+  times = timing.interleave(fns, reps)
   return ({name: statistics.median(t) for name, t in times.items()},
           {name: min(t) for name, t in times.items()}, flops)
 

@@ -46,7 +46,6 @@ import functools  # pylint: disable=wrong-import-position,g-import-not-at-top
 import platform  # pylint: disable=wrong-import-position,g-import-not-at-top
 import statistics  # pylint: disable=wrong-import-position,g-import-not-at-top
 import time  # pylint: disable=wrong-import-position,g-import-not-at-top
-from typing import Callable  # pylint: disable=wrong-import-position,g-import-not-at-top
 
 import jax  # pylint: disable=wrong-import-position,g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=wrong-import-position,g-import-not-at-top
@@ -56,6 +55,7 @@ from configs import default as default_config  # pylint: disable=wrong-import-po
 from dsan_jax import optim, sharding, training  # pylint: disable=wrong-import-position
 from dsan_jax.models import resnet3d  # pylint: disable=wrong-import-position
 from dsan_jax.models.dsan import DSAN  # pylint: disable=wrong-import-position
+import timing  # pylint: disable=wrong-import-position  (benchmarks/timing.py)
 
 TRAIN_SIZES = "32x64x64,48x96x96,64x128x128"
 INFER_SIZES = "138x256x256"
@@ -214,16 +214,6 @@ def _volume(size, seed: int = 1) -> np.ndarray:
   return rng.random((1, *size, 1)).astype(np.float32)
 
 
-def _interleave(fns: dict[str, Callable[[], None]], reps: int) -> dict[str, list[float]]:
-  times = {name: [] for name in fns}
-  for _ in range(reps):
-    for name, fn in fns.items():
-      t0 = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - t0)
-  return times
-
-
 def breakdown(size, batch: int, reps: int, impl: str) -> list[tuple[str, int, float, float]]:
   """Times pieces of the train step in isolation, forward+backward (``sum(out * g)``).
 
@@ -288,7 +278,7 @@ def breakdown(size, batch: int, reps: int, impl: str) -> list[tuple[str, int, fl
   fns = {name: fn for name, (_, fn) in pieces.items()}
   for fn in fns.values():
     fn()
-  times = _interleave(fns, reps)
+  times = timing.interleave(fns, reps)
   return [(name, count, statistics.median(times[name]), min(times[name]))
           for name, (count, _) in pieces.items()]
 
@@ -383,7 +373,7 @@ def main(argv=None) -> int:
     for fn in fns.values():  # Warm-up (first PyTorch step allocates; JAX's is compiled).
       fn()
     first_losses = {name: fn.loss for name, fn in fns.items()}
-    times = _interleave(fns, reps)
+    times = timing.interleave(fns, reps)
     ref_flops = flops[vname(*variants[0])]
     for name in fns:
       rows.append(_row("train", size, args.batch, name, times[name], flops.get(name, ref_flops),
@@ -413,7 +403,7 @@ def main(argv=None) -> int:
       fns["PyTorch"] = TorchInfer(size, variables)
     for fn in fns.values():
       fn()
-    times = _interleave(fns, reps)
+    times = timing.interleave(fns, reps)
     ref_flops = flops[vname(*variants[0])]
     for name in fns:
       rows.append(_row("inference", size, 1, name, times[name], flops.get(name, ref_flops),

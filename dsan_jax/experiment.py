@@ -261,9 +261,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     raise ConfigError(f"train.batch_size={batch_size} is not divisible by "
                       f"train.grad_accum_steps={config.train.grad_accum_steps}")
   input_shape = (batch_size, *config.data.target_shape)
-  abstract_tx = optim.make_optimizer(config.optim, 1)
-  abstract = training.abstract_train_state(model, abstract_tx, config.seed, input_shape)
-  check_workdir(pathlib.Path(workdir), need_bytes=4 * _state_bytes(abstract) + 2**26)
+  # Checked before any data work. The state's size does not depend on the schedule, so a
+  # placeholder optimiser (steps_per_epoch=1) is enough here; the real one needs the data.
+  size_probe = training.abstract_train_state(model, optim.make_optimizer(config.optim, 1),
+                                             config.seed, input_shape)
+  check_workdir(pathlib.Path(workdir), need_bytes=4 * _state_bytes(size_probe) + 2**26)
 
   data = data or prepare_data(config, workdir, progress)
   dataset = data.dataset
