@@ -58,6 +58,8 @@ def get_config() -> ml_collections.ConfigDict:
   model.dtype = "float32"  # Compute dtype; "bfloat16" for mixed precision (params stay fp32).
   model.conv_impl = "auto"  # "xla", "folded" or "auto" (per backend, see models/conv.py).
   model.remat = ""  # "", "stem", "blocks" or "all": recompute activations in the backward.
+  model.stem_pool = "slices"  # Stem max-pool: "slices" or "reduce_window" (same values).
+  model.stem_conv_impl = "auto"  # The stem conv (1 input channel): "auto" -> "folded" on CPU/GPU.
 
   # ----------------------------------------------------------------- loss (Section III-D).
   loss = config.loss = ml_collections.ConfigDict()

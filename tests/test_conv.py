@@ -196,9 +196,12 @@ class Conv3DImplTest(parameterized.TestCase):
 
   def test_resolve(self):
     self.assertEqual(conv.resolve_conv_impl("auto", "cpu"), "folded")
-    self.assertEqual(conv.resolve_conv_impl("auto", "gpu"), "xla")
+    self.assertEqual(conv.resolve_conv_impl("auto", "gpu"), "folded")
     self.assertEqual(conv.resolve_conv_impl("auto", "tpu"), "xla")
     self.assertIn(conv.resolve_conv_impl("auto"), conv.CONV_IMPLS)
+    self.assertEqual(conv.resolve_stem_conv_impl("auto", "gpu"), "folded")
+    self.assertEqual(conv.resolve_stem_conv_impl("auto", "tpu"), "xla")
+    self.assertEqual(conv.resolve_stem_conv_impl("xla", "gpu"), "xla")
     for impl in conv.CONV_IMPLS:
       self.assertEqual(conv.resolve_conv_impl(impl), impl)
     with self.assertRaisesRegex(ValueError, "Unknown conv_impl 'winograd'"):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from dsan_jax.models import resnet3d
+from dsan_jax.models.dsan import DSAN
 
 
 def _numpy_pool(x: np.ndarray, g: np.ndarray):
@@ -71,3 +72,15 @@ def test_stem_pool_switch():
                                 np.asarray(resnet3d.stem_max_pool(x, "reduce_window")))
   with pytest.raises(ValueError, match="Unknown stem pool"):
     resnet3d.stem_max_pool(x, "avg")
+
+
+def test_stem_pool_is_a_model_attribute():
+  """``DSAN(stem_pool=...)`` picks the implementation: same logits, bad names refused."""
+  x = np.random.default_rng(1).standard_normal((1, 8, 16, 16, 1)).astype(np.float32)
+  kw = dict(depth=10, width=4)
+  variables = DSAN(**kw).init(jax.random.key(0), x)
+  a, _ = DSAN(**kw, stem_pool="slices").apply(variables, x)
+  b, _ = DSAN(**kw, stem_pool="reduce_window").apply(variables, x)
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="stem_pool must be one of"):
+    DSAN(**kw, stem_pool="avg").init(jax.random.key(0), x)

@@ -19,7 +19,9 @@ Every implementation computes the same function from the same parameter (``kerne
   because the library's 2D convolution is very slow there.
 
 ``"auto"`` (the config default) resolves per backend with ``resolve_conv_impl``: ``"folded"``
-on CPU (measured faster, see benchmarks/README.md), ``"xla"`` elsewhere.
+on CPU and GPU (measured faster on both: benchmarks/README.md, docs/benchmarks.md), ``"xla"``
+elsewhere (TPU: not measured). On GPU folding trades memory for speed: ``conv_impl="xla"`` with
+the stem still folded (``stem_conv_impl``) is the middle ground.
 
 XLA:CPU also has a flag that changes the speed *and* precision of 2D convolutions;
 ``recommended_cpu_xla_flags`` returns it when this jaxlib supports it. It must be in
@@ -57,10 +59,17 @@ _DIMS_3D = ("NDHWC", "DHWIO", "NDHWC")
 _DIMS_2D = ("NHWC", "HWIO", "NHWC")
 
 
+# Backends on which folding was measured faster than the native 3D convolution.
+# CPU (XLA:CPU, 2 cores): the 2D library path beats XLA's generic 3D code (benchmarks/README.md).
+# GPU (H200, cuDNN, bf16, batch 20 at 138x256x256): train step 129 ms folded against 240 ms
+# native in one run, the native stem conv (1 input channel) alone ~125 ms on a generic cuDNN
+# kernel (docs/benchmarks.md, GPU). Folding costs memory (28.3 against 17.3 GB compiled there).
+# TPU: not measured, native.
+_FOLDED_BACKENDS = ("cpu", "gpu", "cuda")
+
+
 def _default_impl_for_backend(backend: str) -> str:
-  # cuDNN and the TPU compiler have native 3D convolutions; folding there only adds copies
-  # (the kd-fold input) and memory. On CPU the 2D library path wins (benchmarks/README.md).
-  return "folded" if backend == "cpu" else "xla"
+  return "folded" if backend in _FOLDED_BACKENDS else "xla"
 
 
 def resolve_conv_impl(impl: str, backend: str | None = None) -> str:
@@ -81,6 +90,27 @@ def resolve_conv_impl(impl: str, backend: str | None = None) -> str:
   if impl not in CONV_IMPLS:
     raise ValueError(f"Unknown conv_impl {impl!r}; expected 'auto' or one of {CONV_IMPLS}.")
   return impl
+
+
+def resolve_stem_conv_impl(impl: str, backend: str | None = None) -> str:
+  """Maps "auto" to the implementation of the stem's convolution (one input channel).
+
+  "auto" is "folded" on CPU and GPU, whatever ``conv_impl`` the rest of the network uses. On GPU
+  (H200, cuDNN, bf16) the native 7x7x7 convolution with a single input channel ran on a generic
+  ``implicit_convolveNd_sgemm`` kernel: 73 ms forward and 51 ms kernel gradient of a 240 ms
+  batch-20 train step at 138x256x256; folded, its depth taps become 7 channels of a 2D
+  convolution on a tensor-core kernel (11 + 7 ms; step 146 ms; docs/benchmarks.md, GPU).
+
+  Args:
+    impl: "auto" or one of ``CONV_IMPLS``.
+    backend: platform name; None -> ``jax.default_backend()``.
+
+  Returns:
+    One of ``CONV_IMPLS``.
+  """
+  if impl == "auto":
+    return _default_impl_for_backend(backend or jax.default_backend())
+  return resolve_conv_impl(impl)
 
 
 def _out_size(size: int, k: int, s: int, lo: int, hi: int) -> int:

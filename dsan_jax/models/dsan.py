@@ -107,6 +107,8 @@ class DSAN(nn.Module):
   param_dtype: Any = jnp.float32
   conv_impl: str = "auto"
   remat: str = ""
+  stem_pool: str = "slices"
+  stem_conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
@@ -118,7 +120,8 @@ class DSAN(nn.Module):
         stage_sizes=self.stage_sizes or resnet3d.STAGE_SIZES[self.depth],
         block_cls=resnet3d.BLOCKS[self.depth], width=self.width,
         stage_strides=self.stage_strides, dtype=self.dtype, param_dtype=self.param_dtype,
-        conv_impl=self.conv_impl, remat=self.remat, name="backbone")
+        conv_impl=self.conv_impl, remat=self.remat, stem_pool=self.stem_pool,
+        stem_conv_impl=self.stem_conv_impl, name="backbone")
     # The head (GAP, logit, CAM) runs in at least float32 whatever the backbone's dtype.
     head_dtype = jnp.promote_types(self.dtype, jnp.float32)
     f = backbone(x, train=train).astype(head_dtype)  # [B, d, h, w, C]
@@ -148,4 +151,6 @@ def model_from_config(model_config) -> DSAN:
       stage_sizes=tuple(stage_sizes) if stage_sizes else None,
       attention=model_config.attention, attention_alpha=model_config.attention_alpha,
       attention_beta=model_config.attention_beta, cam_use_bias=model_config.cam_use_bias,
-      dtype=dtype, conv_impl=model_config.conv_impl, remat=model_config.remat)
+      dtype=dtype, conv_impl=model_config.conv_impl, remat=model_config.remat,
+      stem_pool=model_config.get("stem_pool", "slices"),
+      stem_conv_impl=model_config.get("stem_conv_impl", "auto"))

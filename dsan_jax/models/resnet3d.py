@@ -17,17 +17,17 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dsan_jax.models.conv import Conv3D
+from dsan_jax.models.conv import Conv3D, resolve_stem_conv_impl
 
 ModuleDef = Any
 
 REMAT_OPTIONS = ("", "stem", "blocks", "all")
 
-# The stem's max-pool: "slices" (``max_pool_3x3x3_s2``) or "reduce_window" (``nn.max_pool``). Both
-# give identical values and gradients (tests/test_maxpool.py); "slices" is faster on XLA:CPU,
-# whose select-and-scatter backward of ``reduce_window`` is slow (docs/benchmarks.md). Read at
-# trace time, so benchmarks can switch it before jitting.
-STEM_POOL = "slices"
+# The stem's max-pool implementations (``ResNet3D.stem_pool``): "slices" (``max_pool_3x3x3_s2``)
+# or "reduce_window" (``nn.max_pool``). Both give identical values and gradients
+# (tests/test_maxpool.py); "slices" is faster on XLA:CPU, whose select-and-scatter backward of
+# ``reduce_window`` is slow (docs/benchmarks.md).
+STEM_POOL_OPTIONS = ("slices", "reduce_window")
 
 
 def _pad_axis(x: jax.Array, axis: int) -> jax.Array:
@@ -138,17 +138,16 @@ def _max_pool_bwd(res, g):
 max_pool_3x3x3_s2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
-def stem_max_pool(x: jax.Array, impl: str | None = None) -> jax.Array:
+def stem_max_pool(x: jax.Array, impl: str = "slices") -> jax.Array:
   """The stem's 3x3x3 stride-2 padding-1 max-pool with the selected implementation.
 
   Args:
     x: [B, D, H, W, C].
-    impl: "slices", "reduce_window" or None (``STEM_POOL``).
+    impl: one of ``STEM_POOL_OPTIONS``.
 
   Returns:
     [B, ceil(D / 2), ceil(H / 2), ceil(W / 2), C].
   """
-  impl = impl or STEM_POOL
   if impl == "slices":
     return max_pool_3x3x3_s2(x)
   if impl == "reduce_window":
@@ -204,12 +203,13 @@ class Stem(nn.Module):
   features: int
   conv: ModuleDef
   norm: ModuleDef
+  pool: str = "slices"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = self.conv(self.features, (7, 7, 7), (2, 2, 2), name="conv_init")(x)
     x = nn.relu(self.norm(name="bn_init")(x))
-    return stem_max_pool(x)
+    return stem_max_pool(x, self.pool)
 
 
 class ResNet3D(nn.Module):
@@ -223,6 +223,10 @@ class ResNet3D(nn.Module):
     dtype: compute dtype (``jnp.bfloat16`` for mixed precision); parameters stay ``param_dtype``.
     conv_impl: convolution implementation (see ``dsan_jax.models.conv``).
     remat: "" (none), "stem", "blocks" or "all": recompute these activations in the backward pass.
+    stem_pool: the stem max-pool implementation, one of ``STEM_POOL_OPTIONS`` (same values).
+    stem_conv_impl: convolution implementation of the stem's 7x7x7 convolution; "auto" is
+      ``conv.resolve_stem_conv_impl`` ("folded" on CPU and GPU, also when ``conv_impl="xla"``:
+      with one input channel cuDNN falls back to a slow generic kernel, docs/benchmarks.md).
     bn_momentum: running-average decay (0.9 == PyTorch's momentum 0.1).
   """
   stage_sizes: Sequence[int]
@@ -233,6 +237,8 @@ class ResNet3D(nn.Module):
   param_dtype: Any = jnp.float32
   conv_impl: str = "auto"
   remat: str = ""
+  stem_pool: str = "slices"
+  stem_conv_impl: str = "auto"
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
 
@@ -241,6 +247,8 @@ class ResNet3D(nn.Module):
     """Args: x: [B, D, H, W, C_in]. Returns: features [B, ceil(D/16), ceil(H/16), ceil(W/16), C]."""
     if self.remat not in REMAT_OPTIONS:
       raise ValueError(f"remat must be one of {REMAT_OPTIONS}, got {self.remat!r}")
+    if self.stem_pool not in STEM_POOL_OPTIONS:
+      raise ValueError(f"stem_pool must be one of {STEM_POOL_OPTIONS}, got {self.stem_pool!r}")
     if len(self.stage_sizes) != len(self.stage_strides):
       raise ValueError("stage_sizes and stage_strides must have the same length")
     conv = functools.partial(Conv3D, impl=self.conv_impl, dtype=self.dtype,
@@ -250,7 +258,10 @@ class ResNet3D(nn.Module):
                              dtype=self.dtype, param_dtype=self.param_dtype)
     stem_cls = nn.remat(Stem) if self.remat in ("stem", "all") else Stem
     block_cls = nn.remat(self.block_cls) if self.remat in ("blocks", "all") else self.block_cls
-    x = stem_cls(self.width, conv=conv, norm=norm, name="stem")(x.astype(self.dtype))
+    stem_conv = functools.partial(Conv3D, impl=resolve_stem_conv_impl(self.stem_conv_impl),
+                                  dtype=self.dtype, param_dtype=self.param_dtype)
+    x = stem_cls(self.width, conv=stem_conv, norm=norm, pool=self.stem_pool,
+                 name="stem")(x.astype(self.dtype))
     for i, (size, stride) in enumerate(zip(self.stage_sizes, self.stage_strides)):
       for j in range(size):
         strides = (stride,) * 3 if j == 0 else (1, 1, 1)
