@@ -9,10 +9,14 @@ Sections:
   train      the real train step (``training.make_train_step``: DSAN ResNet34 width 64 with
              attention, forward, Eq. 4 loss in fp32, backward, Adam + L2, non-finite guard) at
              138x256x256 with ``DSAN(dtype=bfloat16)`` (fp32 parameters), the paper's batch 20 in
-             one pass, then smaller batches and fp32. Volumes/s, TFLOP/s, share of the peak.
+             one pass. Volumes/s, TFLOP/s, share of the peak (``--profile``: GPU kernel time
+             by class and the top kernels, from a ``jax.profiler`` trace).
   infer      batch-1 inference (logit + CAM) at full size, bf16 and fp32: latency, |dP|.
   memory24   batch 20 for a 24 GB card: compiled memory of remat / accumulation variants, and
              the speed of the accumulation variant that fits.
+  scaling    bf16 at smaller batches (--batches) and fp32.
+  folded     the convolution implementations side by side: native 3D everywhere, native with
+             the stem folded (the default row, all folded on GPU, is the ``train`` section's).
   pool       the stem max-pool implementations (``resnet3d.stem_max_pool``) in the bf16 step.
   torch      the identical network in PyTorch on the same GPU (``benchmarks/torch_dsan.py``),
              bf16 autocast, channels_last_3d, cudnn.benchmark; run in a subprocess.
@@ -160,7 +164,7 @@ class TrainRun:
   """The compiled train step for one variant; ``__call__`` runs one step and blocks."""
 
   def __init__(self, shape, batch: int, dtype, remat: str = "", accum: int = 1,
-               pool: str | None = None, compile_only: bool = False, conv_impl: str = "auto",
+               pool: str | None = None, conv_impl: str = "auto",
                stem_conv_impl: str = "auto"):
     config = default_config.get_config()
     self.model = DSAN(dtype=dtype, remat=remat, conv_impl=conv_impl, stem_pool=pool or "slices",
@@ -169,28 +173,17 @@ class TrainRun:
     tx = optim.make_optimizer(config.optim, steps_per_epoch=100)
     step = training.make_train_step(self.model, mesh, config.loss.attention_weight,
                                     grad_accum_steps=accum)
-    if compile_only:
-      state = training.abstract_train_state(self.model, tx, 0, (batch, *shape))
-      vol = (batch, *shape)
-      batch_arrays = dict(
-          image=jax.ShapeDtypeStruct(vol, jnp.float32),
-          infection_mask=jax.ShapeDtypeStruct(vol, jnp.uint8),
-          has_mask=jax.ShapeDtypeStruct((batch,), jnp.bool_),
-          label=jax.ShapeDtypeStruct((batch,), jnp.int32),
-          weight=jax.ShapeDtypeStruct((batch,), jnp.float32))
-    else:
-      # Parameters do not depend on the input size (GAP) or the compute dtype: initialise once,
-      # on a small input, and give every variant a fresh device copy (the step donates it).
-      state = jax.device_put(_host_state(tx), sharding.replicated(mesh))
-      batch_arrays = jax.device_put(_device_batch(shape, batch),
-                                    sharding.batch_sharding(mesh))
+    # Parameters do not depend on the input size (GAP) or the compute dtype: initialise once, on
+    # a small input, and give every variant a fresh device copy (the step donates it).
+    state = jax.device_put(_host_state(tx), sharding.replicated(mesh))
+    batch_arrays = jax.device_put(_device_batch(shape, batch), sharding.batch_sharding(mesh))
     self.flops = flops_lib.count_flops(step, state, batch_arrays)["total"]
     t0 = time.perf_counter()
     self.compiled = step.lower(state, batch_arrays).compile()
     self.compile_s = time.perf_counter() - t0
     self.compiled_flops = _flops(self.compiled)  # XLA's count; misses library calls on GPU.
     self.memory = _memory(self.compiled)
-    self.state, self.batch = (None, None) if compile_only else (state, batch_arrays)
+    self.state, self.batch = state, batch_arrays
     self.loss = None
 
   def __call__(self):
@@ -420,12 +413,13 @@ def main(argv=None) -> int:  # pylint: disable=too-many-statements
     del run
 
   def sec_folded():
+    """The convolution implementations side by side (the default row is in ``train``)."""
     r.line(header)
-    train_variant("bf16 stem=xla", args.big_batch, jnp.bfloat16, stem_conv_impl="xla",
-                  note="the stem's 1-channel conv native (cuDNN) too: before the stem fold")
+    train_variant("bf16 conv_impl=xla stem=xla", args.big_batch, jnp.bfloat16, conv_impl="xla",
+                  stem_conv_impl="xla", note="native 3D convolutions everywhere")
     if r.elapsed() < args.budget_s:
-      train_variant("bf16 conv_impl=folded", args.big_batch, jnp.bfloat16, conv_impl="folded",
-                    note="every 3D conv folded (the CPU path) on this backend")
+      train_variant("bf16 conv_impl=xla", args.big_batch, jnp.bfloat16, conv_impl="xla",
+                    note="native 3D convolutions, stem folded (stem_conv_impl auto)")
 
   def sec_infer():
     if os.path.exists(args.input) and shape == (138, 256, 256):

@@ -145,17 +145,28 @@ class Conv3DImplTest(parameterized.TestCase):
     np.testing.assert_allclose(np.asarray(gx), want_gx, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(np.asarray(gw), want_gw, rtol=1e-12, atol=1e-12)
 
-  @parameterized.parameters(X_SHAPE, (2, 6, 3, 5))
-  def test_asymmetric_padding_and_mixed_strides(self, *shape):
-    x, w = _problem(2, 3, 3, shape)
+  @parameterized.product(shape=(X_SHAPE, (2, 6, 3, 5), (2, 7, 12, 13)), c=(2, 64))
+  def test_asymmetric_padding_and_mixed_strides(self, shape, c, impl="folded"):
+    # Forward and both gradients against float64, im2col (tiny planes) and 2D-conv branches.
+    x, w = _problem(c, 3, 3, shape)
     strides, padding = (2, 1, 2), [(0, 2), (1, 0), (2, 1)]
+
+    def conv_fn(x, w, impl=impl):
+      return conv.conv3d(x, w, strides, padding, impl)
+
     with jax.enable_x64(True):
-      want = np.asarray(lax.conv_general_dilated(
-          jnp.asarray(x), jnp.asarray(w), strides, padding,
-          dimension_numbers=("NDHWC", "DHWIO", "NDHWC")))
-    got = conv.conv3d(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32), strides,
-                      padding, "folded")
-    np.testing.assert_allclose(np.asarray(got), want, rtol=RTOL, atol=ATOL)
+      x64, w64 = jnp.asarray(x), jnp.asarray(w)
+      want = conv_fn(x64, w64, "xla")
+      g = np.random.default_rng(1).standard_normal(want.shape)
+      want_gx, want_gw = jax.grad(lambda x, w: jnp.sum(conv_fn(x, w, "xla") * g), (0, 1))(
+          x64, w64)
+    x32, w32 = jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32)
+    got = jax.jit(conv_fn)(x32, w32)
+    gx, gw = jax.jit(jax.grad(lambda x, w: jnp.sum(conv_fn(x, w) * jnp.asarray(g, jnp.float32)),
+                              (0, 1)))(x32, w32)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=RTOL, atol=ATOL)
+    _assert_rel_close(gx, want_gx, GRAD_REL_TOL, f"{impl} dx")
+    _assert_rel_close(gw, want_gw, GRAD_REL_TOL, f"{impl} dw")
 
   def test_branches(self):
     # The folded path is a 2D convolution on normal planes, a matmul on tiny planes and 1x1x1.
@@ -182,7 +193,8 @@ class Conv3DImplTest(parameterized.TestCase):
             variables, {"params": {"kernel": jnp.zeros((k, k, k, 3, 4)), "bias": jnp.zeros(4)}})
         outs[impl, k] = module.apply(variables, x)
     for k in (7, 3, 1):
-      chex.assert_trees_all_close(outs["xla", k], outs["folded", k], rtol=RTOL, atol=ATOL)
+      for impl in conv.CONV_IMPLS:
+        chex.assert_trees_all_close(outs["xla", k], outs[impl, k], rtol=RTOL, atol=ATOL)
 
   def test_module_bf16_compute(self):
     x = jnp.asarray(_problem(3, 4, 3)[0], jnp.float32)
