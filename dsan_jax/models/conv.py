@@ -64,7 +64,7 @@ _DIMS_2D = ("NHWC", "HWIO", "NHWC")
 # GPU (H200, cuDNN, bf16, batch 20 at 138x256x256): train step 129 ms folded against 240 ms
 # native in one run, the native stem conv (1 input channel) alone ~125 ms on a generic cuDNN
 # kernel (docs/benchmarks.md, GPU). Folding costs memory (28.3 against 17.3 GB compiled there).
-# TPU: not measured, native.
+# "gpu" is also what JAX reports for ROCm, where this was not measured. TPU: not measured, native.
 _FOLDED_BACKENDS = ("cpu", "gpu", "cuda")
 
 
