@@ -63,7 +63,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import default as default_config  # pylint: disable=wrong-import-position
 from dsan_jax import flops as flops_lib  # pylint: disable=wrong-import-position
 from dsan_jax import optim, sharding, training  # pylint: disable=wrong-import-position
-from dsan_jax.models import resnet3d  # pylint: disable=wrong-import-position
+from dsan_jax.models import conv as conv_lib  # pylint: disable=wrong-import-position
 from dsan_jax.models.dsan import DSAN  # pylint: disable=wrong-import-position
 
 GB = 1e9
@@ -330,8 +330,8 @@ def main(argv=None) -> int:  # pylint: disable=too-many-statements
   except (OSError, subprocess.SubprocessError):
     pass
   r.line(f"- XLA_FLAGS: `{os.environ.get('XLA_FLAGS', '') or '(none)'}`; input {shape}, "
-         f"ResNet34 width 64, attention on, conv_impl auto -> "
-         f"{__import__('dsan_jax.models.conv', fromlist=['x']).resolve_conv_impl('auto')}")
+         f"ResNet34 width 64, attention on, conv_impl auto -> {conv_lib.resolve_conv_impl('auto')}, "
+         f"stem_conv_impl auto -> {conv_lib.resolve_stem_conv_impl('auto')}")
   r.line(f"- command: `python benchmarks/bench_gpu.py {' '.join(sys.argv[1:] if argv is None else argv)}`")
   r.line()
 
