@@ -232,7 +232,6 @@ def test_kill_9_at_random_moments_then_rerun_equals_uninterrupted(shared, refere
     if res["rc"] == 0:  # Finished before its trigger: nothing left to kill.
       break
     assert res["rc"] == -signal.SIGKILL, res["output"][-3000:]
-    kills += 1
     # What a kill may leave: committed step folders are complete (Orbax renames a finished tmp
     # folder), tmp folders are never listed as checkpoints, metrics.jsonl is whole JSON lines.
     ckpts = checkpointing.RunCheckpoints(rd)
@@ -246,13 +245,19 @@ def test_kill_9_at_random_moments_then_rerun_equals_uninterrupted(shared, refere
       ckpts.close()
     if (rd / "metrics.jsonl").exists():
       _metrics_rows(rd)
-    assert not (rd / "done.json").exists()
+    if (rd / "done.json").exists():
+      # The kill landed after done.json (written last, atomically): the run was complete and
+      # only the process exit was left, as a delayed kill can do on a loaded machine. Nothing
+      # left to interrupt; the rerun below must see a complete run equal to the reference.
+      entry["after_done"] = True
+      break
+    kills += 1
   print("\nkills:", json.dumps(log, indent=1))
   assert kills >= 3, log
 
   final = mon.run()
   assert final["rc"] == 0, final["output"][-3000:]
-  assert "done:" in final["output"]
+  assert "done:" in final["output"] or "already complete:" in final["output"]
   # No half-written checkpoint survives the final run.
   leftover = [n for names in _ckpt_entries(rd).values() for n in names if "tmp" in n]
   assert not leftover, leftover
