@@ -10,8 +10,10 @@ interleaved inside every repetition (JAX, PyTorch, JAX, ...) because the machine
 the table gives medians and minima (noise only adds time, so the minimum is the less disturbed
 estimate) and the ratio JAX / PyTorch of both.
 
-GFLOP/s = FLOPs of the compiled JAX program (``cost_analysis()``) / time; the same FLOP count
-is used for PyTorch (same network), so GFLOP/s compare like volumes/s.
+GFLOP/s = model FLOPs (``dsan_jax.flops.count_flops``: convolutions and matrix products of the
+traced program, 2 per multiply-add, the oneDNN calls included, dead code excluded) / time; the
+same count is used for PyTorch (same network), so GFLOP/s compare like volumes/s. (XLA's cost
+analysis cannot see into the oneDNN calls of ``conv_impl="onednn"``.)
 
 The recommended XLA:CPU flags are applied before JAX starts
 (``conv.apply_recommended_cpu_xla_flags``); the header prints the active ``XLA_FLAGS``.
@@ -51,6 +53,7 @@ import jax.numpy as jnp  # pylint: disable=wrong-import-position,g-import-not-at
 import numpy as np  # pylint: disable=wrong-import-position,g-import-not-at-top
 
 from configs import default as default_config  # pylint: disable=wrong-import-position
+from dsan_jax import flops as flops_lib  # pylint: disable=wrong-import-position
 from dsan_jax import optim, sharding, training  # pylint: disable=wrong-import-position
 from dsan_jax.models import resnet3d  # pylint: disable=wrong-import-position
 from dsan_jax.models.dsan import DSAN  # pylint: disable=wrong-import-position
@@ -68,13 +71,6 @@ def _parse_sizes(text: str) -> list[tuple[int, int, int]]:
 
 def _size_name(size) -> str:
   return "x".join(str(v) for v in size)
-
-
-def _flops(compiled) -> float:
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0]
-  return float(cost.get("flops", float("nan")))
 
 
 def _pool_kw(kind: str) -> dict:
@@ -111,7 +107,7 @@ class JaxTrain:
     t0 = time.perf_counter()
     self.compiled = step.lower(self.state, self.batch).compile()
     self.compile_s = time.perf_counter() - t0
-    self.flops = _flops(self.compiled)
+    self.flops = flops_lib.count_flops(step, self.state, self.batch)["total"]
     self.loss = None
 
   def __call__(self):
@@ -163,7 +159,7 @@ class JaxInfer:
     t0 = time.perf_counter()
     self.compiled = jax.jit(fn).lower(self.variables, self.x).compile()
     self.compile_s = time.perf_counter() - t0
-    self.flops = _flops(self.compiled)
+    self.flops = flops_lib.count_flops(fn, self.variables, self.x)["total"]
     self.logit = self.cam = None
 
   def __call__(self):
@@ -447,8 +443,8 @@ def main(argv=None) -> int:
       print(f"\nStep median in this run: {step:.3f} s ({vname(*variants[0])}). Pieces timed "
             "alone miss fusion with their neighbours, so shares are indicative.")
     print()
-  print("- GFLOP/s: FLOPs of the compiled JAX program (XLA cost analysis) / median time; the "
-        "same count is used for PyTorch (identical network).")
+  print("- GFLOP/s: model FLOPs (dsan_jax.flops.count_flops, 2 per multiply-add) / median time; "
+        "the same count is used for PyTorch (identical network).")
   return 0
 
 

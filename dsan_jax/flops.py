@@ -10,7 +10,8 @@ the zeros that a transposed convolution inserts between input elements (``lhs_di
 is how autodiff writes the input gradient of a strided convolution) are not counted, as no
 library kernel performs them; taps on zero padding are counted (the usual convention). Element-
 wise work (BatchNorm, activations, the optimiser) is not counted: it is memory-bound and small
-in FLOPs. ``scan`` bodies count ``length`` times; ``cond`` counts its most expensive branch.
+in FLOPs. The oneDNN convolution calls of ``conv_impl="onednn"`` (``ffi_call``s that XLA cannot
+look into) are counted like the convolutions they compute. ``scan`` bodies count ``length`` times; ``cond`` counts its most expensive branch.
 """
 
 from typing import Any, Callable
@@ -39,6 +40,23 @@ def _dot_flops(eqn) -> float:
   return 2.0 * np.prod(eqn.outvars[0].aval.shape, dtype=np.float64) * contracted
 
 
+def _onednn_conv_flops(eqn) -> float:
+  """2 * multiply-adds of one of ``dsan_jax.models.onednn``'s convolution calls.
+
+  Forward, input gradient and kernel gradient of a convolution each do the forward's
+  multiply-adds: 2 * |y| * C * kd * kh * kw, with y [B, D', H', W', O] the convolution's output
+  (the call's result for the forward, its cotangent input ``dy`` for both gradients).
+  """
+  target = eqn.params["target_name"]
+  if target.endswith("_fwd"):
+    (_, kernel), y = [v.aval.shape for v in eqn.invars], eqn.outvars[0].aval.shape
+  elif target.endswith("_bwd_data"):
+    y, kernel = [v.aval.shape for v in eqn.invars]
+  else:  # Kernel gradient: (x, dy) -> dw.
+    y, kernel = eqn.invars[1].aval.shape, eqn.outvars[0].aval.shape
+  return 2.0 * np.prod(y, dtype=np.float64) * np.prod(kernel[:4], dtype=np.float64)
+
+
 def _sub_jaxprs(value) -> list[Any]:
   """Jaxprs held in an equation parameter (ClosedJaxpr, Jaxpr, or tuples of them)."""
   if isinstance(value, jax.extend.core.ClosedJaxpr):
@@ -50,13 +68,31 @@ def _sub_jaxprs(value) -> list[Any]:
   return []
 
 
+def _live_eqns(jaxpr) -> list[Any]:
+  """The equations whose results are used (XLA removes the others before running anything).
+
+  A custom VJP computes every input's cotangent; where an input is not differentiated (the
+  image entering the stem) its cotangent is discarded, and the call that made it is dead.
+  """
+  used = {v for v in jaxpr.outvars if isinstance(v, jax.extend.core.Var)}
+  live = []
+  for eqn in reversed(jaxpr.eqns):
+    if eqn.effects or any(v in used for v in eqn.outvars):
+      live.append(eqn)
+      used.update(v for v in eqn.invars if isinstance(v, jax.extend.core.Var))
+  return live[::-1]
+
+
 def _count(jaxpr, totals: dict[str, float], scale: float) -> None:
-  for eqn in jaxpr.eqns:
+  for eqn in _live_eqns(jaxpr):
     name = eqn.primitive.name
     if name == "conv_general_dilated":
       totals["conv"] += scale * _conv_flops(eqn)
     elif name == "dot_general":
       totals["dot"] += scale * _dot_flops(eqn)
+    elif name == "ffi_call" and str(eqn.params.get("target_name", "")).startswith(
+        "dsan_onednn_conv3d"):
+      totals["conv"] += scale * _onednn_conv_flops(eqn)
     elif name == "cond":
       branches = []
       for branch in eqn.params["branches"]:

@@ -59,11 +59,6 @@ def abstract_train_state(model: DSAN, tx: optax.GradientTransformation, seed: in
   return jax.eval_shape(functools.partial(create_train_state, model, tx, seed, input_shape))
 
 
-def _tree_all_finite(tree) -> jax.Array:
-  leaves = jax.tree_util.tree_leaves(tree)
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
-
-
 def _forward_loss(model: DSAN, attention_weight: float, params, batch_stats,
                   batch: dict[str, jax.Array]):
   x = batch["image"][..., None]
@@ -120,19 +115,32 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: DSAN,
     grads = jax.tree_util.tree_map(lambda g: g / a, grads)
     terms = jax.tree_util.tree_map(jnp.mean, terms)
 
-  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  finite = jnp.isfinite(terms["loss"]) & _tree_all_finite(grads)
-  keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+  # One reduction over the gradients serves both the metric and the guard: a NaN or Inf anywhere
+  # makes the sum of squares non-finite (so does a finite gradient whose square overflows
+  # float32, |g| > 1.8e19, which is no usable step either).
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(terms["loss"]) & jnp.isfinite(grad_norm)
+
+  def apply_update(_):
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    return optax.apply_updates(state.params, updates), opt_state, batch_stats
+
+  def keep_state(_):
+    return state.params, state.opt_state, state.batch_stats
+
+  # A conditional rather than a per-array select: the skipped branch does no work, and XLA updates
+  # the donated parameters and Adam moments in place (a select kept both versions alive, which
+  # cost one copy of every moment and split the update into several passes over memory).
+  params, opt_state, batch_stats = jax.lax.cond(finite, apply_update, keep_state, None)
   skipped = (~finite).astype(jnp.int32)
   new_state = state.replace(
       step=state.step + 1,
-      params=keep(params, state.params),
-      batch_stats=keep(batch_stats, state.batch_stats),
-      opt_state=keep(opt_state, state.opt_state),
+      params=params,
+      batch_stats=batch_stats,
+      opt_state=opt_state,
       skipped_steps=state.skipped_steps + skipped,
       consecutive_skipped=jnp.where(finite, 0, state.consecutive_skipped + 1))
-  terms["grad_norm"] = optax.global_norm(grads)
+  terms["grad_norm"] = grad_norm
   terms["skipped"] = skipped.astype(jnp.float32)
   return new_state, terms
 

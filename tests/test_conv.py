@@ -102,7 +102,7 @@ class Conv3DImplTest(parameterized.TestCase):
   def test_forward_matches_reference(self, c, o, k, s, shape):
     x, w = _problem(c, o, k, shape)
     want = _reference(x, w, s)
-    for impl in conv.CONV_IMPLS:
+    for impl in conv.available_conv_impls():
       fn = self.variant(functools.partial(conv.conv3d, strides=(s, s, s),
                                           padding=[(k // 2, k // 2)] * 3, impl=impl))
       got = fn(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
@@ -115,7 +115,7 @@ class Conv3DImplTest(parameterized.TestCase):
     x, w = _problem(c, o, k, shape)
     g = np.random.default_rng(1).standard_normal(_reference(x, w, s).shape)
     want_gx, want_gw = _reference_grads(x, w, s, g)
-    for impl in conv.CONV_IMPLS:
+    for impl in conv.available_conv_impls():
 
       def loss(x, w, impl=impl):
         y = conv.conv3d(x, w, (s, s, s), [(k // 2, k // 2)] * 3, impl)
@@ -145,9 +145,13 @@ class Conv3DImplTest(parameterized.TestCase):
     np.testing.assert_allclose(np.asarray(gx), want_gx, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(np.asarray(gw), want_gw, rtol=1e-12, atol=1e-12)
 
-  @parameterized.product(shape=(X_SHAPE, (2, 6, 3, 5), (2, 7, 12, 13)), c=(2, 64))
-  def test_asymmetric_padding_and_mixed_strides(self, shape, c, impl="folded"):
-    # Forward and both gradients against float64, im2col (tiny planes) and 2D-conv branches.
+  @parameterized.product(shape=(X_SHAPE, (2, 6, 3, 5), (2, 7, 12, 13)), c=(2, 64),
+                         impl=("folded", "onednn"))
+  def test_asymmetric_padding_and_mixed_strides(self, shape, c, impl):
+    # Forward and both gradients against float64 (folded: im2col on tiny planes and 2D-conv
+    # branches; oneDNN: its padding and stride arguments).
+    if impl not in conv.available_conv_impls():
+      self.skipTest(f"oneDNN unavailable: {conv.onednn.unavailable_reason()}")
     x, w = _problem(c, 3, 3, shape)
     strides, padding = (2, 1, 2), [(0, 2), (1, 0), (2, 1)]
 
@@ -185,7 +189,7 @@ class Conv3DImplTest(parameterized.TestCase):
   def test_module_params_identical_across_impls(self):
     x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 5, 6, 7, 3)), jnp.float32)
     outs = {}
-    for impl in conv.CONV_IMPLS:
+    for impl in conv.available_conv_impls():
       for k, s in ((7, 2), (3, 1), (1, 2)):
         module = conv.Conv3D(4, (k,) * 3, (s,) * 3, impl=impl, use_bias=True)
         variables = module.init(jax.random.key(0), x)
@@ -193,7 +197,7 @@ class Conv3DImplTest(parameterized.TestCase):
             variables, {"params": {"kernel": jnp.zeros((k, k, k, 3, 4)), "bias": jnp.zeros(4)}})
         outs[impl, k] = module.apply(variables, x)
     for k in (7, 3, 1):
-      for impl in conv.CONV_IMPLS:
+      for impl in conv.available_conv_impls():
         chex.assert_trees_all_close(outs["xla", k], outs[impl, k], rtol=RTOL, atol=ATOL)
 
   def test_module_bf16_compute(self):
@@ -207,7 +211,10 @@ class Conv3DImplTest(parameterized.TestCase):
     np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(want), rtol=0.05, atol=0.05)
 
   def test_resolve(self):
-    self.assertEqual(conv.resolve_conv_impl("auto", "cpu"), "folded")
+    cpu = "onednn" if conv.onednn.available() and jax.device_count() == 1 else "folded"
+    self.assertEqual(conv.resolve_conv_impl("auto", "cpu"), cpu)
+    self.assertEqual(conv.resolve_stem_conv_impl("auto", "cpu"), cpu)
+    self.assertEqual(conv.resolve_conv_impl("auto", "cpu", jnp.bfloat16), "folded")
     self.assertEqual(conv.resolve_conv_impl("auto", "gpu"), "folded")
     self.assertEqual(conv.resolve_conv_impl("auto", "tpu"), "xla")
     self.assertIn(conv.resolve_conv_impl("auto"), conv.CONV_IMPLS)

@@ -18,10 +18,15 @@ Every implementation computes the same function from the same parameter (``kerne
   (H' * W' <= 16, deep layers of small inputs) fold all taps instead (im2col + one matmul),
   because the library's 2D convolution is very slow there.
 
-``"auto"`` (the config default) resolves per backend with ``resolve_conv_impl``: ``"folded"``
-on CPU and GPU (measured faster on both: benchmarks/README.md, docs/benchmarks.md), ``"xla"``
-elsewhere (TPU: not measured). On GPU folding trades memory for speed: ``conv_impl="xla"`` with
-the stem still folded (``stem_conv_impl``) is the middle ground.
+* ``"onednn"``: the convolution and both its gradients run on oneDNN, the library PyTorch
+  uses on CPU, through XLA's FFI (``dsan_jax/models/onednn.py``): XLA:CPU has no 3D
+  convolution of that speed. CPU and float32 only.
+
+``"auto"`` (the config default) resolves per backend with ``resolve_conv_impl``: on CPU
+``"onednn"`` when it is available (``onednn.available()``), the computation is float32 and there
+is one device, else ``"folded"``; ``"folded"`` on GPU (measured faster: docs/benchmarks.md);
+``"xla"`` elsewhere (TPU: not measured). On GPU folding trades memory for speed:
+``conv_impl="xla"`` with the stem still folded (``stem_conv_impl``) is the middle ground.
 
 XLA:CPU also has a flag that changes the speed *and* precision of 2D convolutions;
 ``recommended_cpu_xla_flags`` returns it when this jaxlib supports it. It must be in
@@ -40,7 +45,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-CONV_IMPLS = ("xla", "folded")
+from dsan_jax.models import onednn
+
+CONV_IMPLS = ("xla", "folded", "onednn")
 
 # Removes individual convolutions from XLA:CPU's YNNPACK rewriting, so 2D convolutions use
 # Eigen's kernels: on this jaxlib that is both faster for this network and keeps fp32
@@ -68,16 +75,26 @@ _DIMS_2D = ("NHWC", "HWIO", "NHWC")
 _FOLDED_BACKENDS = ("cpu", "gpu", "cuda")
 
 
-def _default_impl_for_backend(backend: str) -> str:
+def available_conv_impls() -> tuple[str, ...]:
+  """``CONV_IMPLS`` that work in this process ("onednn" needs oneDNN and a C++ compiler)."""
+  return tuple(i for i in CONV_IMPLS if i != "onednn" or onednn.available())
+
+
+def _default_impl_for_backend(backend: str, dtype: Any = None) -> str:
+  if backend == "cpu" and (dtype is None or jnp.dtype(dtype) == jnp.float32):
+    # One device: XLA does not partition custom calls (see onednn.py).
+    if jax.device_count() == 1 and onednn.available():
+      return "onednn"
   return "folded" if backend in _FOLDED_BACKENDS else "xla"
 
 
-def resolve_conv_impl(impl: str, backend: str | None = None) -> str:
+def resolve_conv_impl(impl: str, backend: str | None = None, dtype: Any = None) -> str:
   """Maps "auto" to the implementation chosen for a backend and validates names.
 
   Args:
     impl: "auto" or one of ``CONV_IMPLS``.
     backend: platform name ("cpu", "gpu", "tpu"); None -> ``jax.default_backend()``.
+    dtype: the compute dtype, when known ("onednn" is float32 only).
 
   Returns:
     One of ``CONV_IMPLS``.
@@ -86,16 +103,17 @@ def resolve_conv_impl(impl: str, backend: str | None = None) -> str:
     ValueError: for an unknown name.
   """
   if impl == "auto":
-    return _default_impl_for_backend(backend or jax.default_backend())
+    return _default_impl_for_backend(backend or jax.default_backend(), dtype)
   if impl not in CONV_IMPLS:
     raise ValueError(f"Unknown conv_impl {impl!r}; expected 'auto' or one of {CONV_IMPLS}.")
   return impl
 
 
-def resolve_stem_conv_impl(impl: str, backend: str | None = None) -> str:
+def resolve_stem_conv_impl(impl: str, backend: str | None = None, dtype: Any = None) -> str:
   """Maps "auto" to the implementation of the stem's convolution (one input channel).
 
-  "auto" is "folded" on CPU and GPU, whatever ``conv_impl`` the rest of the network uses. On GPU
+  "auto" is what ``resolve_conv_impl`` picks on CPU ("onednn" where available, else "folded")
+  and "folded" on GPU, whatever ``conv_impl`` the rest of the network uses. On GPU
   (H200, cuDNN, bf16) the native 7x7x7 convolution with a single input channel ran on a generic
   ``implicit_convolveNd_sgemm`` kernel: 73 ms forward and 51 ms kernel gradient of a 240 ms
   batch-20 train step at 138x256x256; folded, its depth taps become 7 channels of a 2D
@@ -104,12 +122,16 @@ def resolve_stem_conv_impl(impl: str, backend: str | None = None) -> str:
   Args:
     impl: "auto" or one of ``CONV_IMPLS``.
     backend: platform name; None -> ``jax.default_backend()``.
+    dtype: the compute dtype, when known.
 
   Returns:
     One of ``CONV_IMPLS``.
   """
   if impl == "auto":
-    return _default_impl_for_backend(backend or jax.default_backend())
+    backend = backend or jax.default_backend()
+    if backend == "cpu":
+      return _default_impl_for_backend(backend, dtype)
+    return "folded" if backend in _FOLDED_BACKENDS else "xla"
   return resolve_conv_impl(impl)
 
 
@@ -186,7 +208,7 @@ def _conv3d_folded(x, kernel, strides, padding):
   return y.reshape(b, d_out, *y.shape[1:])
 
 
-_IMPL_FNS = {"xla": _conv3d_xla, "folded": _conv3d_folded}
+_IMPL_FNS = {"xla": _conv3d_xla, "folded": _conv3d_folded, "onednn": onednn.conv3d}
 
 
 def conv3d(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
@@ -203,7 +225,7 @@ def conv3d(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
   Returns:
     [B, D', H', W', O] output, D' = (D + lo + hi - kd) // sd + 1 (likewise H', W').
   """
-  impl = resolve_conv_impl(impl)
+  impl = resolve_conv_impl(impl, dtype=x.dtype)
   if x.ndim != 5 or kernel.ndim != 5 or x.shape[-1] != kernel.shape[3]:
     raise ValueError(f"conv3d expects x [B, D, H, W, C] and kernel [kd, kh, kw, C, O]; got "
                      f"{x.shape} and {kernel.shape}.")

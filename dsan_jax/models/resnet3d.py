@@ -225,8 +225,9 @@ class ResNet3D(nn.Module):
     remat: "" (none), "stem", "blocks" or "all": recompute these activations in the backward pass.
     stem_pool: the stem max-pool implementation, one of ``STEM_POOL_OPTIONS`` (same values).
     stem_conv_impl: convolution implementation of the stem's 7x7x7 convolution; "auto" is
-      ``conv.resolve_stem_conv_impl`` ("folded" on CPU and GPU, also when ``conv_impl="xla"``:
-      with one input channel cuDNN falls back to a slow generic kernel, docs/benchmarks.md).
+      ``conv.resolve_stem_conv_impl`` (on CPU "onednn" where available, else "folded"; "folded"
+      on GPU, also when ``conv_impl="xla"``: with one input channel cuDNN falls back to a slow
+      generic kernel, docs/benchmarks.md).
     bn_momentum: running-average decay (0.9 == PyTorch's momentum 0.1).
   """
   stage_sizes: Sequence[int]
@@ -258,8 +259,9 @@ class ResNet3D(nn.Module):
                              dtype=self.dtype, param_dtype=self.param_dtype)
     stem_cls = nn.remat(Stem) if self.remat in ("stem", "all") else Stem
     block_cls = nn.remat(self.block_cls) if self.remat in ("blocks", "all") else self.block_cls
-    stem_conv = functools.partial(Conv3D, impl=resolve_stem_conv_impl(self.stem_conv_impl),
-                                  dtype=self.dtype, param_dtype=self.param_dtype)
+    stem_conv = functools.partial(
+        Conv3D, impl=resolve_stem_conv_impl(self.stem_conv_impl, dtype=self.dtype),
+        dtype=self.dtype, param_dtype=self.param_dtype)
     x = stem_cls(self.width, conv=stem_conv, norm=norm, pool=self.stem_pool,
                  name="stem")(x.astype(self.dtype))
     for i, (size, stride) in enumerate(zip(self.stage_sizes, self.stage_strides)):

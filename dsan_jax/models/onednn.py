@@ -1,0 +1,276 @@
+"""3D convolutions on oneDNN through XLA's FFI (the CPU fast path, ``conv_impl="onednn"``).
+
+XLA:CPU (jaxlib 0.10) has no fast 3D convolution: its generic code runs DSAN's layers at
+1-100 GFLOP/s, and even folded into 2D convolutions (``conv_impl="folded"``) they stay 1.6-2.4x
+slower per layer than oneDNN's conv3d, which PyTorch uses (benchmarks/README.md). This module
+calls oneDNN itself: ``onednn_conv3d.cc`` defines three XLA FFI handlers (forward, input
+gradient, kernel gradient); ``conv3d`` calls them with ``jax.ffi.ffi_call`` inside a
+``jax.custom_vjp``, so they run inside the jitted XLA program like any other op, and XLA still
+fuses everything around them (BatchNorm, ReLU, the optimizer).
+
+Where oneDNN comes from: the ``onednn-devel-cpu-gomp`` wheel (headers and ``libdnnl.so``, GNU
+OpenMP runtime; a dependency of this package on Linux x86-64), or a oneDNN 3.x install named by
+the environment variable ``DSAN_ONEDNN_ROOT`` (with ``include/`` and ``lib/``). The handlers are
+compiled on first use with the system C++ compiler (``$CXX`` or ``g++``, about 10 s) against
+jaxlib's FFI headers, into ``$DSAN_JAX_CACHE`` (default ``~/.cache/dsan_jax``), keyed by the
+source, jaxlib and oneDNN; later processes load the cached library. Nothing is downloaded.
+
+If any of this is missing, ``available()`` is False and ``unavailable_reason()`` says why;
+``conv_impl="auto"`` then falls back to ``"folded"``. Limits: float32 only (this CPU has no
+bf16 instructions, and XLA:CPU computes bf16 convolutions in fp32 anyway); reverse-mode autodiff
+only (``custom_vjp``: no ``jax.jvp``); XLA does not partition custom calls, so under a
+multi-device mesh the inputs are gathered and every device computes the whole batch (correct,
+not faster; ``auto`` picks it only with one device).
+
+Numerics: oneDNN's fp32 kernels against a float64 reference are as accurate as XLA's
+(tests/test_onednn.py).
+"""
+
+import ctypes
+import functools
+import hashlib
+import importlib.metadata
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_SOURCE = pathlib.Path(__file__).with_name("onednn_conv3d.cc")
+_TARGETS = {  # FFI target name -> symbol in the compiled library.
+    "dsan_onednn_conv3d_fwd": "DsanConv3dForward",
+    "dsan_onednn_conv3d_bwd_data": "DsanConv3dBackwardData",
+    "dsan_onednn_conv3d_bwd_weights": "DsanConv3dBackwardWeights",
+}
+_WHEEL_HEADERS = "onednn-devel-cpu-gomp"
+_WHEEL_LIBRARY = "onednn-cpu-gomp"
+
+_lock = threading.Lock()
+_state: dict = {}  # "lib" (ctypes.CDLL) or "error" (str), set once per process.
+
+
+class OnednnUnavailableError(RuntimeError):
+  """oneDNN convolutions were asked for but cannot be built or loaded here."""
+
+
+def cache_dir() -> pathlib.Path:
+  """Where compiled handler libraries are kept ($DSAN_JAX_CACHE or ~/.cache/dsan_jax)."""
+  root = os.environ.get("DSAN_JAX_CACHE")
+  if root:
+    return pathlib.Path(root)
+  return pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache")) / "dsan_jax"
+
+
+def _find_in_distribution(dist_name: str, suffix: str) -> pathlib.Path | None:
+  try:
+    dist = importlib.metadata.distribution(dist_name)
+  except importlib.metadata.PackageNotFoundError:
+    return None
+  for f in dist.files or ():
+    if str(f).replace("\\", "/").endswith(suffix):
+      path = pathlib.Path(dist.locate_file(f)).resolve()
+      if path.exists():
+        return path
+  return None
+
+
+def find_onednn() -> tuple[pathlib.Path, pathlib.Path]:
+  """Locates oneDNN's headers and library.
+
+  Returns:
+    (include directory holding ``oneapi/dnnl/dnnl.hpp``, directory holding ``libdnnl.so``).
+
+  Raises:
+    OnednnUnavailableError: naming what is missing.
+  """
+  root = os.environ.get("DSAN_ONEDNN_ROOT")
+  if root:
+    inc, lib = pathlib.Path(root) / "include", pathlib.Path(root) / "lib"
+    if not (inc / "oneapi" / "dnnl" / "dnnl.hpp").exists():
+      raise OnednnUnavailableError(f"DSAN_ONEDNN_ROOT={root}: no include/oneapi/dnnl/dnnl.hpp")
+    if not any(lib.glob("libdnnl.so*")):
+      raise OnednnUnavailableError(f"DSAN_ONEDNN_ROOT={root}: no lib/libdnnl.so*")
+    return inc, lib
+  header = _find_in_distribution(_WHEEL_HEADERS, "oneapi/dnnl/dnnl.hpp")
+  library = _find_in_distribution(_WHEEL_LIBRARY, "libdnnl.so")
+  if header is None or library is None:
+    raise OnednnUnavailableError(
+        f"oneDNN not found: install the '{_WHEEL_HEADERS}' wheel (pip install "
+        f"{_WHEEL_HEADERS}) or set DSAN_ONEDNN_ROOT to a oneDNN 3.x install")
+  return header.parents[2], library.parent
+
+
+def _library_path(include: pathlib.Path, libdir: pathlib.Path, cxx: str) -> pathlib.Path:
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  key = hashlib.sha256()
+  for part in (_SOURCE.read_bytes(), jaxlib.__version__.encode(), str(include).encode(),
+               str(libdir).encode(), cxx.encode(), sys.platform.encode()):
+    key.update(part)
+    key.update(b"\0")
+  return cache_dir() / "onednn" / key.hexdigest()[:16] / "libdsan_onednn_conv3d.so"
+
+
+def build(verbose: bool = False) -> pathlib.Path:
+  """Compiles ``onednn_conv3d.cc`` into the cache (once; later calls return the cached file).
+
+  Args:
+    verbose: print the compiler command.
+
+  Returns:
+    Path of the shared library.
+
+  Raises:
+    OnednnUnavailableError: no oneDNN, no compiler, or the compiler failed (its last lines are
+      in the message). Nothing half-written is left in the cache: the library is compiled to a
+      temporary name and renamed into place.
+  """
+  include, libdir = find_onednn()
+  cxx = os.environ.get("CXX", "g++")
+  out = _library_path(include, libdir, cxx)
+  if out.exists():
+    return out
+  if shutil.which(cxx) is None:
+    raise OnednnUnavailableError(f"no C++ compiler: {cxx!r} not found (set CXX)")
+  out.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=out.parent)
+  os.close(fd)
+  cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}",
+         f"-I{include}", str(_SOURCE), f"-L{libdir}", f"-Wl,-rpath,{libdir}", "-ldnnl", "-o", tmp]
+  if verbose:
+    print(" ".join(cmd), file=sys.stderr)
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=600)
+    if proc.returncode != 0:
+      tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+      raise OnednnUnavailableError(f"compiling {_SOURCE.name} failed ({cxx}):\n{tail}")
+    os.replace(tmp, out)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return out
+
+
+def _load() -> ctypes.CDLL:
+  """Builds (if needed), loads and registers the handlers once per process."""
+  with _lock:
+    if "lib" in _state:
+      return _state["lib"]
+    if "error" in _state:
+      raise OnednnUnavailableError(_state["error"])
+    try:
+      if jax.config.jax_platforms and "cpu" not in jax.config.jax_platforms:
+        raise OnednnUnavailableError(f"JAX_PLATFORMS={jax.config.jax_platforms} has no CPU")
+      lib = ctypes.CDLL(str(build()))
+      for target, symbol in _TARGETS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                    platform="cpu")
+    except (OnednnUnavailableError, OSError) as e:
+      _state["error"] = str(e)
+      raise OnednnUnavailableError(str(e)) from e
+    _state["lib"] = lib
+    return lib
+
+
+def available() -> bool:
+  """Whether the oneDNN handlers can be built and loaded in this process (cached)."""
+  try:
+    _load()
+  except OnednnUnavailableError:
+    return False
+  return True
+
+
+def unavailable_reason() -> str | None:
+  """Why ``available()`` is False (None when it is True)."""
+  return None if available() else _state.get("error")
+
+
+def version() -> str:
+  """The version of the oneDNN library the handlers run on, e.g. "3.2.0"."""
+  v = _load().DsanOnednnVersion()
+  return f"{v // 10000}.{v // 100 % 100}.{v % 100}"
+
+
+def workspace_bytes() -> int:
+  """Bytes of oneDNN workspace held in this process (reordered kernels and scratchpads).
+
+  Each distinct convolution (shape, stride, direction) keeps one workspace after its first call,
+  so that later calls do not allocate. XLA's memory analysis does not include it.
+  """
+  lib = _load()
+  lib.DsanOnednnWorkspaceBytes.restype = ctypes.c_int64
+  return int(lib.DsanOnednnWorkspaceBytes())
+
+
+def _attrs(strides, padding) -> dict:
+  return dict(strides=np.asarray(strides, np.int64),
+              pad_lo=np.asarray([lo for lo, _ in padding], np.int64),
+              pad_hi=np.asarray([hi for _, hi in padding], np.int64))
+
+
+def _call(target, out_shape, *args, strides, padding):
+  _load()
+  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, jnp.float32),
+                          vmap_method="sequential")(*args, **_attrs(strides, padding))
+
+
+def _out_shape(x_shape, k_shape, strides, padding):
+  spatial = [(n + lo + hi - k) // s + 1
+             for n, k, s, (lo, hi) in zip(x_shape[1:4], k_shape[:3], strides, padding)]
+  return (x_shape[0], *spatial, k_shape[4])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv3d(x, kernel, strides, padding):
+  return _call("dsan_onednn_conv3d_fwd", _out_shape(x.shape, kernel.shape, strides, padding),
+               x, kernel, strides=strides, padding=padding)
+
+
+def _conv3d_fwd(x, kernel, strides, padding):
+  return _conv3d(x, kernel, strides, padding), (x, kernel)
+
+
+def _conv3d_bwd(strides, padding, residuals, dy):
+  x, kernel = residuals
+  # Each gradient is its own custom call, so XLA drops the input gradient where nothing uses
+  # it (the stem's input is data).
+  dx = _call("dsan_onednn_conv3d_bwd_data", x.shape, dy, kernel, strides=strides,
+             padding=padding)
+  dw = _call("dsan_onednn_conv3d_bwd_weights", kernel.shape, x, dy, strides=strides,
+             padding=padding)
+  return dx, dw
+
+
+_conv3d.defvjp(_conv3d_fwd, _conv3d_bwd)
+
+
+def conv3d(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
+           padding: Sequence[tuple[int, int]]) -> jax.Array:
+  """3D convolution, channels last, on oneDNN (CPU, float32).
+
+  Args:
+    x: [B, D, H, W, C] float32 input.
+    kernel: [kd, kh, kw, C, O] float32 kernel.
+    strides: (sd, sh, sw).
+    padding: ((lo, hi),) * 3 explicit zero padding on (D, H, W).
+
+  Returns:
+    [B, D', H', W', O] float32 output, as ``lax.conv_general_dilated`` would give.
+
+  Raises:
+    OnednnUnavailableError: oneDNN cannot be built or loaded here (the reason is in the message).
+    ValueError: a non-float32 input.
+  """
+  if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
+    raise ValueError(f"conv_impl='onednn' computes in float32 only; got {x.dtype} and "
+                     f"{kernel.dtype} (use conv_impl='folded' or 'auto' for other dtypes)")
+  strides = tuple(int(s) for s in strides)
+  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  return _conv3d(x, kernel, strides, padding)

@@ -1,0 +1,169 @@
+"""The oneDNN convolution path (dsan_jax/models/onednn.py): build, numerics, network, refusals.
+
+Per-convolution numerics against float64 for every network geometry run in tests/test_conv.py
+(which loops over ``conv.available_conv_impls()``); here: that it is available where it should
+be, the whole network against the plain path, the dtype and device rules of "auto", and the
+errors when oneDNN or the compiler is missing.
+"""
+
+import importlib.metadata
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import textwrap
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsan_jax.models import DSAN
+from dsan_jax.models import conv
+from dsan_jax.models import onednn
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _wheel_installed() -> bool:
+  try:
+    importlib.metadata.distribution("onednn-devel-cpu-gomp")
+  except importlib.metadata.PackageNotFoundError:
+    return False
+  return True
+
+
+needs_onednn = pytest.mark.skipif(not onednn.available(),
+                                  reason=f"oneDNN unavailable: {onednn.unavailable_reason()}")
+
+
+def test_available_where_the_dependency_is_installed():
+  """On Linux x86-64 the wheel is a dependency, so a silent fallback would be a bug."""
+  if not (sys.platform.startswith("linux") and platform.machine() == "x86_64"
+          and _wheel_installed()):
+    pytest.skip("not Linux x86-64 with onednn-devel-cpu-gomp installed")
+  assert onednn.available(), onednn.unavailable_reason()
+  assert onednn.version().startswith("3.")
+  assert "onednn" in conv.available_conv_impls()
+  assert conv.resolve_conv_impl("auto", "cpu") == "onednn"
+
+
+@needs_onednn
+def test_network_matches_the_plain_convolutions():
+  """DSAN (ResNet18, width 8, attention on) in train mode: logits, CAM, loss gradients."""
+  x = jnp.asarray(np.random.default_rng(0).random((2, 16, 32, 32, 1)), jnp.float32)
+  models = {impl: DSAN(depth=18, width=8, conv_impl=impl, stem_conv_impl=impl)
+            for impl in ("xla", "onednn")}
+  variables = models["xla"].init(jax.random.key(0), x)
+
+  def loss(params, impl):
+    (logits, aux), _ = models[impl].apply({**variables, "params": params}, x, train=True,
+                                          return_attention=True, mutable=["batch_stats"])
+    return jnp.sum(jnp.sin(logits)) + jnp.sum(aux["attention"] ** 2), (logits, aux["cam"])
+
+  out = {impl: jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(
+      variables["params"], impl) for impl in models}
+  (v_ref, (logits_ref, cam_ref)), g_ref = out["xla"]
+  (v, (logits, cam)), g = out["onednn"]
+  np.testing.assert_allclose(logits, logits_ref, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(cam, cam_ref, rtol=1e-4, atol=1e-4 * float(jnp.abs(cam_ref).max()))
+  np.testing.assert_allclose(v, v_ref, rtol=1e-4)
+  # Every parameter's gradient, relative to its own largest entry.
+  for path, (a, b) in zip(jax.tree_util.tree_leaves_with_path(g_ref),
+                          zip(jax.tree_util.tree_leaves(g_ref), jax.tree_util.tree_leaves(g))):
+    scale = float(jnp.abs(a).max()) or 1.0
+    assert float(jnp.abs(a - b).max()) / scale < 1e-3, jax.tree_util.keystr(path[0])
+
+
+@needs_onednn
+def test_stem_input_gradient_is_not_computed():
+  """The image is not differentiated: XLA drops the stem's input-gradient call."""
+  x = jnp.ones((1, 8, 16, 16, 1))
+  w = jnp.ones((7, 7, 7, 1, 4))
+  grad = jax.jit(jax.grad(lambda w, x: jnp.sum(conv.conv3d(x, w, (2, 2, 2), [(3, 3)] * 3,
+                                                           "onednn") ** 2)))
+  hlo = grad.lower(w, x).compile().as_text()
+  assert "dsan_onednn_conv3d_bwd_weights" in hlo
+  assert "dsan_onednn_conv3d_bwd_data" not in hlo
+
+
+@needs_onednn
+def test_dtype_rules():
+  x, w = jnp.ones((1, 4, 4, 4, 2), jnp.bfloat16), jnp.ones((3, 3, 3, 2, 2), jnp.bfloat16)
+  with pytest.raises(ValueError, match="float32 only"):
+    conv.conv3d(x, w, (1, 1, 1), [(1, 1)] * 3, "onednn")
+  assert conv.resolve_conv_impl("auto", "cpu", jnp.bfloat16) == "folded"
+  model = DSAN(depth=10, width=4, dtype=jnp.bfloat16)  # "auto" picks folded for bf16 compute.
+  v = model.init(jax.random.key(0), jnp.ones((1, 16, 32, 32, 1)))
+  logits, _ = model.apply(v, jnp.ones((1, 16, 32, 32, 1)))
+  assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
+
+
+@needs_onednn
+def test_vmap_and_eager():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((3, 1, 5, 6, 7, 2)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((3, 3, 3, 2, 4)), jnp.float32)
+  fn = lambda impl: (lambda x: conv.conv3d(x, w, (1, 2, 1), [(1, 1)] * 3, impl))
+  chex.assert_trees_all_close(jax.vmap(fn("onednn"))(x), jax.vmap(fn("xla"))(x),
+                              rtol=1e-5, atol=1e-5)
+
+
+def test_multi_device_auto_and_explicit():
+  """With 8 CPU devices "auto" is "folded"; an explicit "onednn" under a sharded jit is still
+  right (XLA gathers the batch for the custom call)."""
+  code = textwrap.dedent("""
+      import jax, jax.numpy as jnp, numpy as np
+      from dsan_jax import sharding
+      from dsan_jax.models import conv, onednn
+      assert jax.device_count() == 8
+      print("AUTO", conv.resolve_conv_impl("auto"))
+      if onednn.available():
+        mesh = sharding.make_mesh()
+        rng = np.random.default_rng(0)
+        x = jax.device_put(jnp.asarray(rng.standard_normal((8, 4, 6, 6, 3)), jnp.float32),
+                           sharding.batch_sharding(mesh))
+        w = jnp.asarray(rng.standard_normal((3, 3, 3, 3, 5)), jnp.float32)
+        f = lambda impl: jax.jit(jax.grad(lambda w, x: jnp.sum(
+            conv.conv3d(x, w, (1, 1, 1), [(1, 1)] * 3, impl) ** 2)))
+        err = float(jnp.max(jnp.abs(f("onednn")(w, x) - f("xla")(w, x))))
+        print("ERR", err / float(jnp.max(jnp.abs(f("xla")(w, x)))))
+      """)
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "AUTO folded" in proc.stdout
+  if onednn.available():
+    err = float(proc.stdout.split("ERR")[1])
+    assert err < 1e-5
+
+
+def test_missing_onednn_is_named(monkeypatch, tmp_path):
+  monkeypatch.setenv("DSAN_ONEDNN_ROOT", str(tmp_path / "nowhere"))
+  with pytest.raises(onednn.OnednnUnavailableError, match="nowhere.*dnnl.hpp"):
+    onednn.find_onednn()
+
+
+@needs_onednn
+def test_compiler_failure_leaves_nothing_behind(monkeypatch, tmp_path):
+  monkeypatch.setenv("DSAN_JAX_CACHE", str(tmp_path / "cache"))
+  monkeypatch.setenv("CXX", "false")  # Exists, exits 1.
+  with pytest.raises(onednn.OnednnUnavailableError, match="compiling onednn_conv3d.cc failed"):
+    onednn.build()
+  assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+  monkeypatch.setenv("CXX", "no-such-compiler-dsan")
+  with pytest.raises(onednn.OnednnUnavailableError, match="no C.. compiler"):
+    onednn.build()
+
+
+@needs_onednn
+def test_build_is_cached(monkeypatch, tmp_path):
+  monkeypatch.setenv("DSAN_JAX_CACHE", str(tmp_path))
+  first = onednn.build()
+  assert first.is_file() and first.is_relative_to(tmp_path)
+  mtime = first.stat().st_mtime_ns
+  assert onednn.build() == first and first.stat().st_mtime_ns == mtime
