@@ -426,6 +426,10 @@ def main(argv=None) -> int:
   print()
   for note in notes:
     print(f"- {note}")
+  if "onednn" in impls:
+    from dsan_jax.models import onednn  # pylint: disable=g-import-not-at-top
+    print(f"- oneDNN {onednn.version()}: workspace held after all runs (reordered kernels, "
+          f"scratchpads; outside XLA's memory): {onednn.workspace_bytes() / 2**20:.0f} MiB")
   print(f"- load average at end: {load1[0]:.1f} / {load1[1]:.1f} / {load1[2]:.1f} "
         f"({os.cpu_count()} CPUs; above {os.cpu_count()} the machine was shared and timings "
         "are noisy)")

@@ -267,7 +267,7 @@ def check(shape=(2, 35, 48, 40), width: int = 8, depth: int = 34, float64: bool 
 
   results = {}
   for impl in conv_impls:
-    fmodel = FlaxDSAN(depth=depth, width=width, conv_impl=impl,
+    fmodel = FlaxDSAN(depth=depth, width=width, conv_impl=impl, stem_conv_impl=impl,
                       dtype=jnp.float64 if float64 else jnp.float32,
                       param_dtype=jnp.float64 if float64 else jnp.float32)
     variables = fmodel.init(jax.random.key(seed), jnp.asarray(x), train=False)
@@ -335,7 +335,10 @@ def main():
   parser.add_argument("--depth", type=int, default=34)
   args = parser.parse_args()
   shape = tuple(int(v) for v in args.shape.split(","))
-  results = check(shape, args.width, args.depth, args.float64)
+  from dsan_jax.models import conv  # pylint: disable=g-import-not-at-top
+  # "onednn" computes in float32 only.
+  impls = [i for i in conv.available_conv_impls() if not (args.float64 and i == "onednn")]
+  results = check(shape, args.width, args.depth, args.float64, conv_impls=impls)
   # fp32: different summation orders; errors relative to the largest magnitude of each array.
   tol = {"logits": 1e-4, "cam": 1e-4, "attention_max_abs": 1e-3, "loss": 1e-5, "grad": 1e-3}
   if args.float64:

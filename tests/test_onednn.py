@@ -167,3 +167,15 @@ def test_build_is_cached(monkeypatch, tmp_path):
   assert first.is_file() and first.is_relative_to(tmp_path)
   mtime = first.stat().st_mtime_ns
   assert onednn.build() == first and first.stat().st_mtime_ns == mtime
+
+
+@needs_onednn
+def test_handler_errors_reach_python():
+  """Bad geometry or ranks become Python exceptions with the handler's message, not crashes."""
+  x, w = jnp.ones((1, 4, 4, 4, 2)), jnp.ones((3, 3, 3, 2, 2))
+  with pytest.raises(Exception, match="must have 3 entries"):
+    jax.block_until_ready(onednn._call("dsan_onednn_conv3d_fwd", (1, 4, 4, 4, 2), x, w,
+                                       strides=(1, 1), padding=((1, 1), (1, 1))))
+  with pytest.raises(Exception, match="(?i)rank"):
+    jax.block_until_ready(onednn._call("dsan_onednn_conv3d_fwd", (1, 4, 4, 2), x[0], w,
+                                       strides=(1, 1, 1), padding=((1, 1),) * 3))

@@ -10,7 +10,8 @@
 //
 // oneDNN picks its own kernel layout ("any"); the kernel (and its gradient) are reordered from and
 // to "dhwio" on each call. Activations stay channels-last, which oneDNN's AVX2/AVX-512 kernels read
-// directly. Primitives are cached per shape and attribute set (creating one costs ~1 ms of JIT).
+// directly. Primitives are cached per shape and attribute set (creating one costs ~1 ms of JIT),
+// and so are the buffers they need (see Workspace).
 
 #include <atomic>
 #include <cstdint>
@@ -32,6 +33,9 @@ using dims = dnnl::memory::dims;
 using tag = dnnl::memory::format_tag;
 using dt = dnnl::memory::data_type;
 using prop = dnnl::prop_kind;
+// Every operand is a rank-5 float32 array; XLA's FFI rejects anything else before the handler runs.
+using Tensor = ffi::Buffer<ffi::F32, 5>;
+using ResultTensor = ffi::ResultBuffer<ffi::F32, 5>;
 
 dnnl::engine& Engine() {
   static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
@@ -240,8 +244,7 @@ ffi::Error Run(Plan& plan, void* in0, void* in1, void* out) {
   return ffi::Error::Success();
 }
 
-ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                   ffi::ResultBuffer<ffi::F32> y, ffi::Span<const int64_t> strides,
+ffi::Error Forward(Tensor x, Tensor w, ResultTensor y, ffi::Span<const int64_t> strides,
                    ffi::Span<const int64_t> pad_lo, ffi::Span<const int64_t> pad_hi) {
   if (auto err = CheckAttrs(strides, pad_lo, pad_hi); !err.success()) return err;
   std::shared_ptr<Plan> plan;
@@ -254,8 +257,7 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   return Run(*plan, x.untyped_data(), w.untyped_data(), y->untyped_data());
 }
 
-ffi::Error BackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
-                        ffi::ResultBuffer<ffi::F32> dx, ffi::Span<const int64_t> strides,
+ffi::Error BackwardData(Tensor dy, Tensor w, ResultTensor dx, ffi::Span<const int64_t> strides,
                         ffi::Span<const int64_t> pad_lo, ffi::Span<const int64_t> pad_hi) {
   if (auto err = CheckAttrs(strides, pad_lo, pad_hi); !err.success()) return err;
   std::shared_ptr<Plan> plan;
@@ -268,8 +270,8 @@ ffi::Error BackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
   return Run(*plan, dy.untyped_data(), w.untyped_data(), dx->untyped_data());
 }
 
-ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
-                           ffi::ResultBuffer<ffi::F32> dw, ffi::Span<const int64_t> strides,
+ffi::Error BackwardWeights(Tensor x, Tensor dy, ResultTensor dw,
+                           ffi::Span<const int64_t> strides,
                            ffi::Span<const int64_t> pad_lo, ffi::Span<const int64_t> pad_hi) {
   if (auto err = CheckAttrs(strides, pad_lo, pad_hi); !err.success()) return err;
   std::shared_ptr<Plan> plan;
@@ -288,9 +290,9 @@ ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
 // Two float32 inputs, one float32 result, and the geometry.
 #define DSAN_CONV_BINDING                        \
   ffi::Ffi::Bind()                               \
-      .Arg<ffi::Buffer<ffi::F32>>()              \
-      .Arg<ffi::Buffer<ffi::F32>>()              \
-      .Ret<ffi::Buffer<ffi::F32>>()              \
+      .Arg<Tensor>()                             \
+      .Arg<Tensor>()                             \
+      .Ret<Tensor>()                             \
       .Attr<ffi::Span<const int64_t>>("strides") \
       .Attr<ffi::Span<const int64_t>>("pad_lo")  \
       .Attr<ffi::Span<const int64_t>>("pad_hi")
