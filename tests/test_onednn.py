@@ -179,3 +179,14 @@ def test_handler_errors_reach_python():
   with pytest.raises(Exception, match="(?i)rank"):
     jax.block_until_ready(onednn._call("dsan_onednn_conv3d_fwd", (1, 4, 4, 2), x[0], w,
                                        strides=(1, 1, 1), padding=((1, 1),) * 3))
+
+
+def test_auto_falls_back_with_a_warning(monkeypatch, caplog):
+  monkeypatch.setattr(onednn, "available", lambda: False)
+  monkeypatch.setattr(onednn, "unavailable_reason", lambda: "no C++ compiler (test)")
+  conv._warn_no_onednn.cache_clear()
+  with caplog.at_level("WARNING"):
+    assert conv.resolve_conv_impl("auto", "cpu") == "folded"
+    assert conv.resolve_stem_conv_impl("auto", "cpu") == "folded"
+  assert [r for r in caplog.records if "no C++ compiler (test)" in r.getMessage()]
+  conv._warn_no_onednn.cache_clear()

@@ -34,6 +34,7 @@ XLA:CPU also has a flag that changes the speed *and* precision of 2D convolution
 """
 
 import functools
+import logging
 import os
 import subprocess
 import sys
@@ -80,11 +81,20 @@ def available_conv_impls() -> tuple[str, ...]:
   return tuple(i for i in CONV_IMPLS if i != "onednn" or onednn.available())
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_no_onednn(reason: str) -> None:
+  logging.getLogger(__name__).warning(
+      "dsan_jax: oneDNN convolutions unavailable (%s); conv_impl='auto' uses XLA's 'folded' "
+      "convolutions, 1.4-1.6x slower than PyTorch's on CPU (benchmarks/README.md).", reason)
+
+
 def _default_impl_for_backend(backend: str, dtype: Any = None) -> str:
   if backend == "cpu" and (dtype is None or jnp.dtype(dtype) == jnp.float32):
     # One device: XLA does not partition custom calls (see onednn.py).
-    if jax.device_count() == 1 and onednn.available():
-      return "onednn"
+    if jax.device_count() == 1:
+      if onednn.available():
+        return "onednn"
+      _warn_no_onednn(onednn.unavailable_reason() or "unknown reason")
   return "folded" if backend in _FOLDED_BACKENDS else "xla"
 
 
