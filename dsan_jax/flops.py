@@ -11,7 +11,9 @@ is how autodiff writes the input gradient of a strided convolution) are not coun
 library kernel performs them; taps on zero padding are counted (the usual convention). Element-
 wise work (BatchNorm, activations, the optimiser) is not counted: it is memory-bound and small
 in FLOPs. The oneDNN convolution calls of ``conv_impl="onednn"`` (``ffi_call``s that XLA cannot
-look into) are counted like the convolutions they compute. ``scan`` bodies count ``length`` times; ``cond`` counts its most expensive branch.
+look into) are counted like the convolutions they compute. ``scan`` bodies count ``length``
+times; ``cond`` counts its most expensive branch; results nothing uses are not counted (XLA
+removes them).
 """
 
 from typing import Any, Callable

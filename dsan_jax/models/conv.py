@@ -137,12 +137,9 @@ def resolve_stem_conv_impl(impl: str, backend: str | None = None, dtype: Any = N
   Returns:
     One of ``CONV_IMPLS``.
   """
-  if impl == "auto":
-    backend = backend or jax.default_backend()
-    if backend == "cpu":
-      return _default_impl_for_backend(backend, dtype)
-    return "folded" if backend in _FOLDED_BACKENDS else "xla"
-  return resolve_conv_impl(impl)
+  # The same rule as the other layers' today; a separate switch because the stem's best choice
+  # has differed from theirs (on GPU before every layer was folded).
+  return resolve_conv_impl(impl, backend, dtype)
 
 
 def _out_size(size: int, k: int, s: int, lo: int, hi: int) -> int:

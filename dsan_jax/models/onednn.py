@@ -11,7 +11,7 @@ fuses everything around them (BatchNorm, ReLU, the optimizer).
 Where oneDNN comes from: the ``onednn-devel-cpu-gomp`` wheel (headers and ``libdnnl.so``, GNU
 OpenMP runtime; a dependency of this package on Linux x86-64), or a oneDNN 3.x install named by
 the environment variable ``DSAN_ONEDNN_ROOT`` (with ``include/`` and ``lib/``). The handlers are
-compiled on first use with the system C++ compiler (``$CXX`` or ``g++``, about 10 s) against
+compiled on first use with the system C++ compiler (``$CXX`` or ``g++``, 2-3 s here) against
 jaxlib's FFI headers, into ``$DSAN_JAX_CACHE`` (default ``~/.cache/dsan_jax``), keyed by the
 source, jaxlib and oneDNN; later processes load the cached library. Nothing is downloaded.
 
