@@ -114,8 +114,10 @@ def find_onednn() -> tuple[pathlib.Path, pathlib.Path]:
 def _library_path(include: pathlib.Path, libdir: pathlib.Path, cxx: str) -> pathlib.Path:
   import jaxlib  # pylint: disable=g-import-not-at-top
   key = hashlib.sha256()
+  version_header = include / "oneapi" / "dnnl" / "dnnl_version.h"  # An upgrade in place.
   for part in (_SOURCE.read_bytes(), jaxlib.__version__.encode(), str(include).encode(),
-               str(libdir).encode(), cxx.encode(), sys.platform.encode()):
+               version_header.read_bytes(), str(libdir).encode(), cxx.encode(),
+               sys.platform.encode()):
     key.update(part)
     key.update(b"\0")
   return cache_dir() / "onednn" / key.hexdigest()[:16] / "libdsan_onednn_conv3d.so"
