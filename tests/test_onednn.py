@@ -190,3 +190,20 @@ def test_auto_falls_back_with_a_warning(monkeypatch, caplog):
     assert conv.resolve_stem_conv_impl("auto", "cpu") == "folded"
   assert [r for r in caplog.records if "no C++ compiler (test)" in r.getMessage()]
   conv._warn_no_onednn.cache_clear()
+
+
+# What the installed ``dsan-onednn-check`` command runs.
+_CHECK = [sys.executable, "-c",
+          "from dsan_jax.models import onednn; raise SystemExit(onednn.main())"]
+
+
+def test_status_command(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", DSAN_ONEDNN_ROOT=str(tmp_path))
+  proc = subprocess.run(_CHECK, cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode == 1 and "unavailable" in proc.stdout and str(tmp_path) in proc.stdout
+  if onednn.available():
+    env.pop("DSAN_ONEDNN_ROOT")
+    proc = subprocess.run(_CHECK, cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0 and "convolutions ready" in proc.stdout, proc.stdout + proc.stderr

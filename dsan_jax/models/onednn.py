@@ -16,7 +16,8 @@ jaxlib's FFI headers, into ``$DSAN_JAX_CACHE`` (default ``~/.cache/dsan_jax``), 
 source, jaxlib and oneDNN; later processes load the cached library. Nothing is downloaded.
 
 If any of this is missing, ``available()`` is False and ``unavailable_reason()`` says why;
-``conv_impl="auto"`` then falls back to ``"folded"``. Limits: float32 only (this CPU has no
+``conv_impl="auto"`` then falls back to ``"folded"`` (with a warning), and
+the ``dsan-onednn-check`` command prints the reason. Limits: float32 only (this CPU has no
 bf16 instructions, and XLA:CPU computes bf16 convolutions in fp32 anyway); reverse-mode autodiff
 only (``custom_vjp``: no ``jax.jvp``); XLA does not partition custom calls, so under a
 multi-device mesh the inputs are gathered and every device computes the whole batch (correct,
@@ -280,3 +281,12 @@ def conv3d(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
   strides = tuple(int(s) for s in strides)
   padding = tuple((int(lo), int(hi)) for lo, hi in padding)
   return _conv3d(x, kernel, strides, padding)
+
+
+def main() -> int:
+  """``dsan-onednn-check`` (installed with the package): builds the handlers if needed, reports."""
+  if not available():
+    print(f"oneDNN convolutions unavailable: {unavailable_reason()}")
+    return 1
+  print(f"oneDNN {version()} convolutions ready: {build()}")
+  return 0
