@@ -27,6 +27,9 @@ Numerics: forward and both gradients are checked against a float64 reference for
 geometry of the network, within the same tolerances as XLA's own convolution (tests/test_conv.py),
 and the whole network against ``conv_impl="xla"`` (tests/test_onednn.py).
 
+Threads: one oneDNN call runs at a time, on OpenMP threads (``OMP_NUM_THREADS``, default: every
+core), while XLA's own thread pool runs the rest of the program.
+
 Memory: each distinct convolution keeps the buffers oneDNN needs (its reordered kernel and a
 scratchpad) after its first call, outside XLA's memory analysis (``workspace_bytes()``).
 """

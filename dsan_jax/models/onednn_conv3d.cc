@@ -82,7 +82,7 @@ struct Workspace {
 };
 
 // One cached oneDNN setup: the compute primitive, its three tensor arguments, and a pool of
-// workspaces (XLA may run the same plan on two threads at once; each takes its own).
+// workspaces (one per concurrent caller; with the lock in Run that is one).
 struct Plan {
   dnnl::primitive compute;
   Arg args[3];  // Activation in, weights, activation out (order of the FFI buffers below).
@@ -213,8 +213,15 @@ ffi::Error CheckAttrs(ffi::Span<const int64_t> st, ffi::Span<const int64_t> lo,
 }
 
 // Runs a plan on the three FFI buffers, in the order of `Plan::args`.
+// One oneDNN call at a time. XLA runs independent thunks on several threads, and every oneDNN
+// call starts an OpenMP team as wide as the machine, so two at once would run twice as many
+// threads as cores (DSAN train step at 48x96x96 on 2 cores: 554-559 ms with this lock, 554-557 ms
+// without: no cost here; on wide machines oversubscription would cost more).
+std::mutex exec_mutex;
+
 ffi::Error Run(Plan& plan, void* in0, void* in1, void* out) {
   std::unique_ptr<Workspace> ws;
+  std::lock_guard<std::mutex> one_at_a_time(exec_mutex);
   try {
     ws = plan.Acquire();
     dnnl::stream stream(Engine());
