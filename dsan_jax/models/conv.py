@@ -90,7 +90,9 @@ def _warn_no_onednn(reason: str) -> None:
 
 def _default_impl_for_backend(backend: str, dtype: Any = None) -> str:
   if backend == "cpu" and (dtype is None or jnp.dtype(dtype) == jnp.float32):
-    # One device: XLA does not partition custom calls (see onednn.py).
+    # With several devices the oneDNN calls are batch-partitioned (onednn.py) and agree with
+    # XLA's convolutions, but "auto" keeps "folded" there until the multi-process comparison
+    # (tests/test_multihost.py) holds at its tolerance with them; see benchmarks/README.md.
     if jax.device_count() == 1:
       if onednn.available():
         return "onednn"

@@ -19,9 +19,16 @@ If any of this is missing, ``available()`` is False and ``unavailable_reason()``
 ``conv_impl="auto"`` then falls back to ``"folded"`` (with a warning), and
 the ``dsan-onednn-check`` command prints the reason. Limits: float32 only (this CPU has no
 bf16 instructions, and XLA:CPU computes bf16 convolutions in fp32 anyway); reverse-mode autodiff
-only (``custom_vjp``: no ``jax.jvp``); XLA does not partition custom calls, so under a
-multi-device mesh the inputs are gathered and every device computes the whole batch (correct,
-not faster; ``auto`` picks it only with one device).
+only (``custom_vjp``: no ``jax.jvp``).
+
+Several devices (the library's data parallelism: batch sharded over a ``('data',)`` mesh): XLA
+cannot look into a custom call and would gather its operands onto every device, so with more
+than one device each call is wrapped in ``custom_partitioning`` as batch-parallel: every device
+convolves its own slice of the batch, and the kernel gradient is summed over the batch axes
+(one all-reduce, like XLA's own convolutions). Only the batch may be sharded; ``vmap`` is then
+not supported (``custom_partitioning`` has no batching rule; on one device it is).
+``conv_impl="auto"`` still picks ``"folded"`` with several devices (see ``conv.py``): ask for
+``"onednn"`` explicitly there.
 
 Numerics: forward and both gradients are checked against a float64 reference for every
 geometry of the network, within the same tolerances as XLA's own convolution (tests/test_conv.py),
@@ -48,7 +55,10 @@ import threading
 from typing import Sequence
 
 import jax
+from jax.experimental.custom_partitioning import custom_partitioning
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 
 _SOURCE = pathlib.Path(__file__).with_name("onednn_conv3d.cc")
@@ -231,16 +241,93 @@ def _call(target, out_shape, *args, strides, padding):
                           vmap_method="sequential")(*args, **_attrs(strides, padding))
 
 
+# ------------------------------------------------------------- batch-parallel partitioning.
+# XLA cannot look into a custom call, so by itself it would gather a batch-sharded operand onto
+# every device. Each call below tells the partitioner that it is batch-parallel: every device
+# runs the call on its own slice of the batch (the kernel gradient is then summed over the batch
+# axes with psum); nothing else may be sharded (spatial and channel dimensions are replicated).
+
+_SPATIAL_RULES = {  # Shardy rules: only the leading batch factor "b" may be sharded.
+    "fwd": "b d h w c, k l m c o -> b e f g o",
+    "bwd_data": "b e f g o, k l m c o -> b d h w c",
+    "bwd_weights": "b d h w c, b e f g o -> k l m c o",
+}
+
+
+def _replicated_factors(rule: str) -> tuple[str, ...]:
+  """Every factor but "b", in order of first appearance (Shardy wants them sorted so)."""
+  names = rule.replace(",", " ").replace("->", " ").split()
+  return tuple(n for n in dict.fromkeys(names) if n != "b")
+
+
+def _batch_axes(sharding):
+  """Mesh axes the leading dimension is split over (None: not split)."""
+  spec = getattr(sharding, "spec", None)
+  return spec[0] if spec else None
+
+
+def _partitioned(kind: str):
+  """``(a, b, out_shape, strides, padding) -> result`` of one call, partitioned over the batch."""
+  target = f"dsan_onednn_conv3d_{kind}"
+
+  @functools.partial(custom_partitioning, static_argnums=(2, 3, 4))
+  def call(a, b, out_shape, strides, padding):
+    return _call(target, out_shape, a, b, strides=strides, padding=padding)
+
+  def partition(out_shape, strides, padding, mesh, arg_shapes, result_shape):
+    del result_shape
+    batch = _batch_axes(arg_shapes[0].sharding)
+    split = NamedSharding(mesh, P(batch, None, None, None, None))
+    whole = NamedSharding(mesh, P())
+    if kind == "bwd_weights":  # (x, dy) -> dkernel: a sum over the batch.
+
+      def lower(x, dy):
+        dw = _call(target, out_shape, x, dy, strides=strides, padding=padding)
+        return jax.lax.psum(dw, batch) if batch is not None else dw
+
+      return mesh, lower, whole, (split, split)
+
+    def lower(a, kernel):  # (x or dy, kernel) -> y or dx, for the local batch.
+      return _call(target, (a.shape[0], *out_shape[1:]), a, kernel, strides=strides,
+                   padding=padding)
+
+    return mesh, lower, split, (split, whole)
+
+  def infer_sharding(out_shape, strides, padding, mesh, arg_shapes, result_shape):
+    del out_shape, strides, padding, result_shape
+    if kind == "bwd_weights":
+      return NamedSharding(mesh, P())
+    return NamedSharding(mesh, P(_batch_axes(arg_shapes[0].sharding), None, None, None, None))
+
+  extra = {"reduction_factors": ("b",)} if kind == "bwd_weights" else {}
+  call.def_partition(partition, infer_sharding_from_operands=infer_sharding,
+                     sharding_rule=_SPATIAL_RULES[kind],
+                     need_replication_factors=_replicated_factors(_SPATIAL_RULES[kind]),
+                     **extra)
+  return call
+
+
+_PARTITIONED = {kind: _partitioned(kind) for kind in _SPATIAL_RULES}
+
+
 def _out_shape(x_shape, k_shape, strides, padding):
   spatial = [(n + lo + hi - k) // s + 1
              for n, k, s, (lo, hi) in zip(x_shape[1:4], k_shape[:3], strides, padding)]
   return (x_shape[0], *spatial, k_shape[4])
 
 
+def _conv_call(kind, a, b, out_shape, strides, padding):
+  """One call; with several devices, as a batch-partitioned op (``custom_partitioning``, which
+  has no ``vmap`` rule: the plain call keeps ``vmap`` working on one device)."""
+  if jax.device_count() > 1:
+    return _PARTITIONED[kind](a, b, tuple(out_shape), strides, padding)
+  return _call(f"dsan_onednn_conv3d_{kind}", out_shape, a, b, strides=strides, padding=padding)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv3d(x, kernel, strides, padding):
-  return _call("dsan_onednn_conv3d_fwd", _out_shape(x.shape, kernel.shape, strides, padding),
-               x, kernel, strides=strides, padding=padding)
+  return _conv_call("fwd", x, kernel, _out_shape(x.shape, kernel.shape, strides, padding),
+                    strides, padding)
 
 
 def _conv3d_fwd(x, kernel, strides, padding):
@@ -251,10 +338,8 @@ def _conv3d_bwd(strides, padding, residuals, dy):
   x, kernel = residuals
   # Each gradient is its own custom call, so XLA drops the input gradient where nothing uses
   # it (the stem's input is data).
-  dx = _call("dsan_onednn_conv3d_bwd_data", x.shape, dy, kernel, strides=strides,
-             padding=padding)
-  dw = _call("dsan_onednn_conv3d_bwd_weights", kernel.shape, x, dy, strides=strides,
-             padding=padding)
+  dx = _conv_call("bwd_data", dy, kernel, x.shape, strides, padding)
+  dw = _conv_call("bwd_weights", x, dy, kernel.shape, strides, padding)
   return dx, dw
 
 
