@@ -188,6 +188,7 @@ def _load() -> ctypes.CDLL:
       if jax.config.jax_platforms and "cpu" not in jax.config.jax_platforms:
         raise OnednnUnavailableError(f"JAX_PLATFORMS={jax.config.jax_platforms} has no CPU")
       lib = ctypes.CDLL(str(build()))
+      lib.DsanOnednnWorkspaceBytes.restype = ctypes.c_int64
       for target, symbol in _TARGETS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
                                     platform="cpu")
@@ -224,15 +225,18 @@ def workspace_bytes() -> int:
   Each distinct convolution (shape, stride, direction) keeps one workspace after its first call,
   so that later calls do not allocate. XLA's memory analysis does not include it.
   """
-  lib = _load()
-  lib.DsanOnednnWorkspaceBytes.restype = ctypes.c_int64
-  return int(lib.DsanOnednnWorkspaceBytes())
+  return int(_load().DsanOnednnWorkspaceBytes())
 
 
 def _attrs(strides, padding) -> dict:
   return dict(strides=np.asarray(strides, np.int64),
               pad_lo=np.asarray([lo for lo, _ in padding], np.int64),
               pad_hi=np.asarray([hi for _, hi in padding], np.int64))
+
+
+def _target(kind: str) -> str:
+  """FFI target of a call kind ("fwd", "bwd_data", "bwd_weights"), a key of ``_TARGETS``."""
+  return f"dsan_onednn_conv3d_{kind}"
 
 
 def _call(target, out_shape, *args, strides, padding):
@@ -247,7 +251,7 @@ def _call(target, out_shape, *args, strides, padding):
 # runs the call on its own slice of the batch (the kernel gradient is then summed over the batch
 # axes with psum); nothing else may be sharded (spatial and channel dimensions are replicated).
 
-_SPATIAL_RULES = {  # Shardy rules: only the leading batch factor "b" may be sharded.
+_SHARDING_RULES = {  # Per call kind; only the leading batch factor "b" may be sharded.
     "fwd": "b d h w c, k l m c o -> b e f g o",
     "bwd_data": "b e f g o, k l m c o -> b d h w c",
     "bwd_weights": "b d h w c, b e f g o -> k l m c o",
@@ -268,7 +272,7 @@ def _batch_axes(sharding):
 
 def _partitioned(kind: str):
   """``(a, b, out_shape, strides, padding) -> result`` of one call, partitioned over the batch."""
-  target = f"dsan_onednn_conv3d_{kind}"
+  target = _target(kind)
 
   @functools.partial(custom_partitioning, static_argnums=(2, 3, 4))
   def call(a, b, out_shape, strides, padding):
@@ -301,13 +305,13 @@ def _partitioned(kind: str):
 
   extra = {"reduction_factors": ("b",)} if kind == "bwd_weights" else {}
   call.def_partition(partition, infer_sharding_from_operands=infer_sharding,
-                     sharding_rule=_SPATIAL_RULES[kind],
-                     need_replication_factors=_replicated_factors(_SPATIAL_RULES[kind]),
+                     sharding_rule=_SHARDING_RULES[kind],
+                     need_replication_factors=_replicated_factors(_SHARDING_RULES[kind]),
                      **extra)
   return call
 
 
-_PARTITIONED = {kind: _partitioned(kind) for kind in _SPATIAL_RULES}
+_PARTITIONED = {kind: _partitioned(kind) for kind in _SHARDING_RULES}
 
 
 def _out_shape(x_shape, k_shape, strides, padding):
@@ -321,7 +325,7 @@ def _conv_call(kind, a, b, out_shape, strides, padding):
   has no ``vmap`` rule: the plain call keeps ``vmap`` working on one device)."""
   if jax.device_count() > 1:
     return _PARTITIONED[kind](a, b, tuple(out_shape), strides, padding)
-  return _call(f"dsan_onednn_conv3d_{kind}", out_shape, a, b, strides=strides, padding=padding)
+  return _call(_target(kind), out_shape, a, b, strides=strides, padding=padding)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

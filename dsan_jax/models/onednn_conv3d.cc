@@ -135,7 +135,7 @@ std::unordered_map<std::string, std::shared_ptr<Plan>>& Cache() {
   return *cache;
 }
 
-// User-managed scratchpads: XLA may run two convolutions at once on different threads.
+// User-managed scratchpads, so that each plan's cached Workspace owns its own.
 dnnl::primitive_attr Attr() {
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
