@@ -15,6 +15,11 @@ import jax.numpy as jnp
 import optax
 
 
+def _at_least_f32(x: jax.Array) -> jnp.dtype:
+  """float32 for float32/bf16/int inputs, float64 for float64 (losses never drop below float32)."""
+  return jnp.promote_types(x.dtype, jnp.float32)
+
+
 def classification_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Binary cross-entropy ``L_c`` per case (COVID = 1 positive).
 
@@ -23,12 +28,12 @@ def classification_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
     labels: [B] int or float labels in {0, 1}.
 
   Returns:
-    [B] float32 losses.
+    [B] losses, float32 (float64 for float64 logits).
   """
   chex.assert_rank(logits, 1)
   chex.assert_equal_shape([logits, labels])
-  return optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32),
-                                            labels.astype(jnp.float32))
+  dtype = _at_least_f32(logits)
+  return optax.sigmoid_binary_cross_entropy(logits.astype(dtype), labels.astype(dtype))
 
 
 def attention_loss(attention: jax.Array, mask: jax.Array) -> jax.Array:
@@ -41,12 +46,13 @@ def attention_loss(attention: jax.Array, mask: jax.Array) -> jax.Array:
     mask: [B, D, H, W] binary infection mask ``M``.
 
   Returns:
-    [B] float32 losses.
+    [B] losses, float32 (float64 for float64 attention).
   """
   chex.assert_rank(attention, 4)
   chex.assert_equal_shape([attention, mask])
-  t = attention.astype(jnp.float32)
-  m = mask.astype(jnp.float32)
+  dtype = _at_least_f32(attention)
+  t = attention.astype(dtype)
+  m = mask.astype(dtype)
   axes = (1, 2, 3)
   num = jnp.sum(jnp.square(t - m), axis=axes)
   den = jnp.sum(t, axis=axes) + jnp.sum(m, axis=axes)
@@ -73,7 +79,7 @@ def dsan_loss(logits: jax.Array, attention: jax.Array | None, labels: jax.Array,
     cases, for logging), ``att_cases`` (number of eligible cases)).
   """
   chex.assert_equal_shape([logits, labels, has_mask, weight])
-  weight = weight.astype(jnp.float32)
+  weight = weight.astype(_at_least_f32(logits))
   denom = jnp.maximum(jnp.sum(weight), 1.0)
   l_c = classification_loss(logits, labels)
   per_case = l_c
@@ -82,7 +88,7 @@ def dsan_loss(logits: jax.Array, attention: jax.Array | None, labels: jax.Array,
   if attention is not None:
     l_ex = jnp.where(eligible, attention_loss(attention, infection_mask), 0.0)
     per_case = per_case + attention_weight * l_ex
-  n_att = jnp.sum(eligible.astype(jnp.float32))
+  n_att = jnp.sum(eligible.astype(weight.dtype))
   terms = {
       "cls_loss": jnp.sum(l_c * weight) / denom,
       "att_loss": jnp.sum(l_ex) / jnp.maximum(n_att, 1.0),

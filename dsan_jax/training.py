@@ -46,9 +46,14 @@ def create_train_state(model: DSAN, tx: optax.GradientTransformation, seed: int,
   init_key, run_key = jax.random.split(key)
   variables = init_variables(model, init_key, input_shape)
   params = variables["params"]
+  # Flax creates BatchNorm's running statistics in float32 whatever the model's dtypes; keep them
+  # at least as wide as the parameters, or a float64 model would change their dtype at step 1.
+  batch_stats = jax.tree_util.tree_map(
+      lambda s: s.astype(jnp.promote_types(s.dtype, model.param_dtype)),
+      variables.get("batch_stats", {}))
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params,
-      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+      batch_stats=batch_stats, opt_state=tx.init(params),
       rng=jax.random.key_data(run_key), skipped_steps=jnp.zeros((), jnp.int32),
       consecutive_skipped=jnp.zeros((), jnp.int32), tx=tx)
 
@@ -118,6 +123,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: DSAN,
   # One reduction over the gradients serves both the metric and the guard: a NaN or Inf anywhere
   # makes the sum of squares non-finite (so does a finite gradient whose square overflows
   # float32, |g| > 1.8e19, which is no usable step either).
+  # The state's dtypes never change (donation, checkpoints): BatchNorm's update promotes the
+  # running statistics to the compute dtype.
+  batch_stats = jax.tree_util.tree_map(lambda new, old: new.astype(old.dtype), batch_stats,
+                                       state.batch_stats)
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(terms["loss"]) & jnp.isfinite(grad_norm)
 

@@ -78,9 +78,9 @@ def attention_from_cam(cam: jax.Array, shape: Sequence[int], alpha: float,
     alpha, beta: Eq. 2's constants.
 
   Returns:
-    [B, D, H, W] attention in (0, 1), float32.
+    [B, D, H, W] attention in (0, 1), float32 (float64 for a float64 ``cam``).
   """
-  up = upsample_trilinear(cam.astype(jnp.float32), shape)
+  up = upsample_trilinear(cam.astype(jnp.promote_types(cam.dtype, jnp.float32)), shape)
   return soft_mask(minmax_normalize(up), alpha, beta)
 
 
