@@ -23,7 +23,7 @@ What is compared, and why these tolerances:
   amplify it to ~7 % (measured; the float64 run shows that this is rounding, not a bug). So the
   float32 runs are not compared with each other at a fixed tolerance; each is compared with the
   float64 result from the same start, and the 2-process run must be about as accurate as the
-  1-process run (within ``F32_ACCURACY_RATIO`` of its error, plus a floor of a few float32 ulps).
+  1-process run (``tests/reduction_order.py``).
 * **both processes** hold bitwise identical states (same program, same all-reduced values), and
   the **Orbax checkpoint** the 2-process run saved restores bitwise in a 1-device process.
 
@@ -42,14 +42,13 @@ import textwrap
 import numpy as np
 import pytest
 
+from tests.reduction_order import F64_RTOL, assert_as_accurate, assert_leaves_close
+
 pytestmark = pytest.mark.slow
 
 NUM_STEPS = 3
 GLOBAL_BATCH = 8
-F64_RTOL = 1e-10  # Float64 reduction-order bound with margin (module docstring).
 F64_RTOL_3_STEPS = 1e-8  # Three steps may amplify step 1's differences (float32: ~200x).
-F32_ACCURACY_RATIO = 10.0  # 2-process float32 error <= 10 x 1-process error (+ F32_FLOOR).
-F32_FLOOR = 1e-6  # ~8 float32 ulps of 1: the error floor of a single rounding.
 
 # Modes: "multi" (argv: out_dir, process_id, port), "single" (out_dir), "restore" (out_dir,
 # checkpoint run dir). Every mode writes <out_dir>/<name>.npz with the flattened
@@ -199,22 +198,6 @@ def _select(d: dict, prefix: str) -> dict:
   return {k[len(prefix):]: v for k, v in d.items() if k.startswith(prefix)}
 
 
-def _assert_leaves_close(got: dict, want: dict, rtol: float, what: str) -> None:
-  """Every leaf: ``max|got - want| <= rtol * max|want|`` (relative to the leaf's scale, so a
-  near-zero entry of a leaf is not held to a relative bound its rounding cannot meet)."""
-  assert got.keys() == want.keys() and want, f"{what}: different leaves"
-  for k in want:
-    scale = float(np.max(np.abs(want[k]))) if want[k].size else 0.0
-    err = float(np.max(np.abs(got[k] - want[k]))) if want[k].size else 0.0
-    assert err <= rtol * scale, f"{what}: {k}: max |diff| {err:.3g} > {rtol:g} x {scale:.3g}"
-
-
-def _relative_error(got: dict, want: dict) -> float:
-  """Worst leaf's ``max|got - want| / max|want|`` over the leaves with a non-zero scale."""
-  return max(float(np.max(np.abs(got[k] - want[k])) / np.max(np.abs(want[k])))
-             for k in want if want[k].size and np.max(np.abs(want[k])) > 0)
-
-
 @pytest.fixture(scope="module")
 def runs(repo_root, tmp_path_factory):
   """Runs the 2-process job, the 4-device reference and the 1-device restore once."""
@@ -261,8 +244,8 @@ def test_float64_one_step_gradients_statistics_and_loss_agree(runs):
   grads = lambda d: _select(d, "f64/step1['opt_state']")
   stats = lambda d: _select(d, "f64/step1['batch_stats']")
   assert len(grads(want)) > 20 and len(stats(want)) > 10
-  _assert_leaves_close(grads(got), grads(want), F64_RTOL, "float64 gradients, 2 vs 1 process")
-  _assert_leaves_close(stats(got), stats(want), F64_RTOL,
+  assert_leaves_close(grads(got), grads(want), F64_RTOL, "float64 gradients, 2 vs 1 process")
+  assert_leaves_close(stats(got), stats(want), F64_RTOL,
                        "float64 BatchNorm statistics, 2 vs 1 process")
   np.testing.assert_allclose(multi[0]["losses64"][0], single["losses64"][0], rtol=F64_RTOL)
 
@@ -277,7 +260,7 @@ def test_float64_three_steps_agree(runs):
   for k, v in init.items():
     if k.startswith("['params']"):
       assert np.max(np.abs(final[k] - v)) > 1e3 * F64_RTOL_3_STEPS * np.max(np.abs(v)), k
-  _assert_leaves_close(_select(got, "f64/step3"), final, F64_RTOL_3_STEPS,
+  assert_leaves_close(_select(got, "f64/step3"), final, F64_RTOL_3_STEPS,
                        "float64 state after 3 steps, 2 vs 1 process")
   np.testing.assert_allclose(multi[0]["losses64"], single["losses64"], rtol=F64_RTOL_3_STEPS)
 
@@ -286,15 +269,11 @@ def test_float32_step_is_as_accurate_as_one_process(runs):
   out, multi, single, _ = runs
   got, want = _load(out / "multi0.npz"), _load(out / "single0.npz")
   for part in ("['opt_state']", "['batch_stats']", "['params']"):
-    exact = _select(want, f"f64/step1{part}")
-    err_multi = _relative_error(_select(got, f"f32/step1{part}"), exact)
-    err_single = _relative_error(_select(want, f"f32/step1{part}"), exact)
-    assert err_multi <= F32_ACCURACY_RATIO * err_single + F32_FLOOR, (
-        f"float32 {part} after one step: 2-process error {err_multi:.3g} vs 1-process "
-        f"{err_single:.3g} (both against float64)")
-  exact_loss = single["losses64"][0]
-  err = abs(multi[0]["losses32"][0] - exact_loss)
-  assert err <= F32_ACCURACY_RATIO * abs(single["losses32"][0] - exact_loss) + F32_FLOOR
+    assert_as_accurate(_select(got, f"f32/step1{part}"), _select(want, f"f32/step1{part}"),
+                       _select(want, f"f64/step1{part}"), f"2 vs 1 process, float32 {part}")
+  exact = {"loss": np.float64(single["losses64"][0])}
+  assert_as_accurate({"loss": np.float64(multi[0]["losses32"][0])},
+                     {"loss": np.float64(single["losses32"][0])}, exact, "float32 loss")
 
 
 def test_checkpoint_from_two_processes_restores_on_one_device(runs):

@@ -15,6 +15,7 @@ import pytest
 
 from dsan_jax import errors, optim, sharding, training
 from dsan_jax.models import DSAN, conv
+from tests import reduction_order
 
 TINY = dict(width=4, stage_sizes=(1, 1, 1, 1))
 
@@ -103,27 +104,34 @@ def test_non_finite_step_is_skipped_and_counted():
 
 def test_gradient_accumulation_averages_micro_batch_gradients():
   """accum=2 equals: grads of the two interleaved micro-batches, averaged, BN stats chained."""
-  # Plain SGD with lr 1 makes the update the gradient itself (Adam's first step would turn
-  # tiny gradients into +-lr and amplify rounding).
-  model, mesh, state, step2 = _setup(accum=2, tx=optax.sgd(1.0))
-  batch = make_batch(b=4)
-  new_state, _ = step2(state, sharding.shard_batch(batch, mesh))
-  # Reference without scan: micro-batch i = rows i, i + 2.
-  fresh = _setup(accum=2, tx=optax.sgd(1.0))[2]
-  loss_fn = lambda p, s, mb: training._forward_loss(model, 0.5, p, s, mb)
-  keys = ("image", "infection_mask", "label", "has_mask", "weight")
-  stats, gsum = fresh.batch_stats, None
-  for i in range(2):
-    mb = {k: jnp.asarray(batch[k][i::2]) for k in keys}
-    (_, (stats, _)), g = jax.value_and_grad(loss_fn, has_aux=True)(fresh.params, stats, mb)
-    gsum = g if gsum is None else jax.tree_util.tree_map(jnp.add, gsum, g)
-  grads = jax.tree_util.tree_map(lambda g: g / 2, gsum)
-  updates, _ = fresh.tx.update(grads, fresh.opt_state, fresh.params)
-  want = optax.apply_updates(fresh.params, updates)
-  # Float tolerance: scan vs. separate calls fuse differently (measured max diff 2e-5). Splitting
-  # the batch into contiguous micro-batches instead changes the parameters by up to 0.8 here.
-  chex.assert_trees_all_close(new_state.params, want, rtol=1e-3, atol=1e-4)
-  chex.assert_trees_all_close(new_state.batch_stats, stats, rtol=1e-5, atol=1e-6)
+  # In float64 (tests/reduction_order.py): the scan and the separate calls fuse differently, a
+  # rounding-level difference; splitting into contiguous micro-batches instead, or not chaining
+  # the statistics, changes the result by 1e-2 or more. Plain SGD with lr 1 makes the update
+  # the gradient itself (Adam's first step would turn tiny gradients into +-lr).
+  with jax.enable_x64(True):
+    model = DSAN(**TINY, dtype=jnp.float64, param_dtype=jnp.float64, conv_impl="folded",
+                 stem_conv_impl="folded")
+    _, mesh, state, step2 = _setup(accum=2, model=model, tx=optax.sgd(1.0))
+    batch = make_batch(b=4)
+    batch["image"] = batch["image"].astype(np.float64)
+    new_state, _ = step2(state, sharding.shard_batch(batch, mesh))
+    # Reference without scan: micro-batch i = rows i, i + 2.
+    fresh = _setup(accum=2, model=model, tx=optax.sgd(1.0))[2]
+    loss_fn = lambda p, s, mb: training._forward_loss(model, 0.5, p, s, mb)
+    keys = ("image", "infection_mask", "label", "has_mask", "weight")
+    stats, gsum = fresh.batch_stats, None
+    for i in range(2):
+      mb = {k: jnp.asarray(batch[k][i::2]) for k in keys}
+      (_, (stats, _)), g = jax.value_and_grad(loss_fn, has_aux=True)(fresh.params, stats, mb)
+      gsum = g if gsum is None else jax.tree_util.tree_map(jnp.add, gsum, g)
+    grads = jax.tree_util.tree_map(lambda g: g / 2, gsum)
+    updates, _ = fresh.tx.update(grads, fresh.opt_state, fresh.params)
+    want = optax.apply_updates(fresh.params, updates)
+    assert new_state.params["classifier"]["kernel"].dtype == jnp.float64
+    reduction_order.assert_leaves_close(new_state.params, want, reduction_order.F64_RTOL,
+                                        "accumulated vs separate micro-batches, params")
+    reduction_order.assert_leaves_close(new_state.batch_stats, stats, reduction_order.F64_RTOL,
+                                        "accumulated vs separate micro-batches, statistics")
 
 
 def test_baseline_without_attention_trains():
@@ -154,36 +162,44 @@ def test_batch_not_divisible_by_devices_is_a_clear_error():
 
 
 MULTI_DEVICE_SCRIPT = textwrap.dedent("""
-    import jax, numpy as np, chex
-    from dsan_jax import sharding, training, optim
+    import jax, jax.numpy as jnp, numpy as np, optax
+    from dsan_jax import sharding, training
     from dsan_jax.models import DSAN
-    from tests.test_training import make_batch, optim_config, TINY
+    from tests.test_training import make_batch, TINY
+    from tests import reduction_order as ro
     assert jax.device_count() == 8, jax.devices()
-    import optax
-    model = DSAN(**TINY)
-    # SGD, not Adam: Adam turns rounding-level gradient differences into +-lr steps.
+    model = lambda dtype: DSAN(**TINY, dtype=dtype, param_dtype=dtype, conv_impl="folded",
+                               stem_conv_impl="folded")
+    # SGD, not Adam: Adam turns rounding-level gradient differences into +-lr steps. After step 1
+    # the momentum trace is the gradient.
     tx = optax.sgd(0.01, momentum=0.9)
-    results = []
-    for devices in (jax.devices()[:1], jax.devices()):
+    init = training.create_train_state(model(jnp.float32), tx, seed=0, input_shape=(8, 16, 32, 32))
+
+    def run(state, dtype, devices, steps):
       mesh = sharding.make_mesh(devices)
-      state = training.create_train_state(model, tx, seed=0, input_shape=(8, 16, 32, 32))
-      step = training.make_train_step(model, mesh, attention_weight=0.5)
-      for i in range(2):
-        batch = sharding.shard_batch(make_batch(b=8, seed=i), mesh)
+      step = training.make_train_step(model(dtype), mesh, attention_weight=0.5)
+      state = sharding.replicate(jax.device_get(state), mesh)  # A fresh copy: steps donate it.
+      for i in range(steps):
+        batch = make_batch(b=8, seed=i)
+        batch["image"] = batch["image"].astype(dtype)
+        batch = sharding.shard_batch(batch, mesh)
         assert len(batch["image"].sharding.device_set) == len(devices)
         state, metrics = step(state, batch)
-      results.append((jax.device_get(state.params), jax.device_get(state.batch_stats),
-                      float(metrics["loss"])))
-    (p1, s1, l1), (p8, s8, l8) = results
-    diff = lambda a, b: max(jax.tree_util.tree_leaves(
-        jax.tree_util.tree_map(lambda x, y: float(np.max(np.abs(x - y))), a, b)))
-    print("max |diff| params", diff(p1, p8), "batch stats", diff(s1, s8))
-    # Float tolerance: after 2 steps the measured max difference was 3.3e-5 (params) and 2.4e-6
-    # (batch statistics), from different reduction orders amplified by BatchNorm.
-    chex.assert_trees_all_close(p1, p8, rtol=1e-3, atol=1e-4)
-    chex.assert_trees_all_close(s1, s8, rtol=1e-3, atol=1e-4)
-    np.testing.assert_allclose(l1, l8, rtol=1e-5)
-    print("OK", l1, l8)
+      return dict(state=(state.params, state.batch_stats, state.opt_state),
+                  loss=np.float64(metrics["loss"]))
+
+    one, eight = jax.devices()[:1], jax.devices()
+    with jax.enable_x64(True):
+      init64 = ro.to_float64(jax.device_get(init))
+      f64 = {n: {s: run(init64, jnp.float64, d, s) for s in (1, 2)} for n, d in ((1, one), (8, eight))}
+    f32 = {n: run(init, jnp.float32, d, 1) for n, d in ((1, one), (8, eight))}
+    ro.assert_leaves_close(f64[8][1], f64[1][1], ro.F64_RTOL, "float64, 1 step, 8 vs 1 device")
+    ro.assert_leaves_close(f64[8][2], f64[1][2], 100 * ro.F64_RTOL, "float64, 2 steps")
+    ro.assert_as_accurate(f32[8], f32[1], f64[1][1], "float32, 1 step, 8 vs 1 device")
+    print("float64 max rel diff", ro.relative_error(f64[8][2], f64[1][2]),
+          "float32 errors vs float64", ro.relative_error(f32[8], f64[1][1]),
+          ro.relative_error(f32[1], f64[1][1]))
+    print("OK")
 """)
 
 
