@@ -8,7 +8,8 @@ The rules (docs/data.md "DICOM series", pinned by tests/data/test_dicom.py):
 
 * Files: every regular, non-hidden file directly in the folder. Files that are not DICOM
   (no ``DICM`` preamble) and DICOM files that are not images (DICOMDIR, reports) are ignored
-  with a log note; a DICOM file that cannot be parsed is refused (it may be a lost slice).
+  with a log note; a DICOM file that cannot be parsed, or an image-storage file without an
+  image (pydicom reads a truncated file without complaint), is refused (it is a lost slice).
 * Localizers: images whose ImageType contains ``LOCALIZER`` are dropped, with a log warning
   naming them. Any other image whose orientation, size or pixel spacing differs from the rest
   of its series is refused (a scout without the flag, or two stacks in one series).
@@ -200,6 +201,9 @@ def _scan(folder: Path, pixels: bool) -> list[_Image]:
       raise DataError(f, f"cannot read the DICOM file, truncated or corrupt ({io._short(e)})"
                       ) from None
     if not ds.get("Rows"):  # DICOMDIR, structured report, presentation state...
+      sop = getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID")
+      if "Image Storage" in getattr(sop, "name", ""):  # pydicom reads a cut file silently.
+        raise DataError(f, f"a {sop.name} file without Rows: truncated or corrupt")
       ignored.append(f.name)
       continue
     images.append(_parse(f, ds, keep=pixels))
