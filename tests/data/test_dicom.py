@@ -22,6 +22,7 @@ from dsan_jax.data import manifest as manifest_lib
 from dsan_jax.data import preprocess
 from dsan_jax.errors import DataError, ManifestError
 from tests.data.conftest import save_nifti
+from tests.test_end_to_end import trained_workdir  # noqa: F401  (a fixture)
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 CORONAL = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
@@ -355,3 +356,64 @@ def test_cache_key_follows_the_folder_and_preprocessing_matches_nifti(tmp_path):
   # the resampling positions by far less than 1e-4 of a voxel: values agree to 1e-5.
   np.testing.assert_allclose(a.image, b.image, atol=1e-5)
   np.testing.assert_allclose(a.geometry.original_affine, b.geometry.original_affine, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ predict.
+
+
+def _write_like_nifti(folder, stored, affine, intercept=-2048.0):
+  """Writes ``stored`` [i, j, k] (HU, integers) with a RAS ``affine`` as the DICOM series that
+  dcm2niix would convert back to it (i = column, j = row reversed, k = slices along the normal).
+  """
+  folder.mkdir(parents=True, exist_ok=True)
+  lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+  col_mm, row_mm = np.linalg.norm(lps[:3, 0]), np.linalg.norm(lps[:3, 1])
+  x, y, step = lps[:3, 0] / col_mm, -lps[:3, 1] / row_mm, lps[:3, 2]
+  assert np.cross(x, y) @ step > 0, "slices must run along the normal"
+  columns, rows, n = stored.shape
+  first = lps[:3, 3] - (rows - 1) * row_mm * y
+  for k in range(n):
+    pixels = (stored[:, ::-1, k].T - intercept).astype(np.uint16)
+    _write_image(folder / f"slice{k:03d}.dcm", pixels, first + k * step,
+                 np.concatenate([x, y]), (row_mm, col_mm), intercept=intercept)
+  return folder
+
+
+def test_predict_refuses_a_folder_of_two_series_before_loading_models(tmp_path):
+  from dsan_jax import predict
+  folder, *_ = _series(tmp_path / "s")
+  _series(folder, n=4, series_uid="1.2.3.4")  # Same folder, names overwritten in part.
+  with pytest.raises(DataError) as e:
+    predict.predict_case(tmp_path / "no_workdir", folder)
+  _one_line_error(e, folder, "series; choose one as")
+
+
+@pytest.mark.slow
+def test_predict_from_dicom_equals_predict_from_nifti(trained_workdir, tmp_path):
+  import nibabel as nib
+  from dsan_jax import predict
+  from tests.test_predict import _las_affine, _phantom, _save
+  hu, _, _ = _phantom()
+  affine = _las_affine()
+  nifti = _save(tmp_path / "ct.nii.gz", hu, affine)
+  folder = _write_like_nifti(tmp_path / "dicom", hu, affine)
+  res = {name: predict.predict_case(trained_workdir, src, out=tmp_path / f"out_{name}")
+         for name, src in (("nifti", nifti), ("dicom", folder))}
+  assert res["dicom"]["probability"] == pytest.approx(res["nifti"]["probability"], abs=1e-6)
+  np.testing.assert_allclose(res["dicom"]["input_affine"], affine, atol=1e-5)
+  a, b = (nib.load(str(tmp_path / f"out_{n}" / "attention.nii.gz")) for n in ("dicom", "nifti"))
+  assert a.shape == b.shape == hu.shape
+  np.testing.assert_allclose(a.affine, b.affine, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(a.dataobj), np.asarray(b.dataobj), atol=1e-6)
+
+
+def test_series_written_from_a_nifti_reads_back_as_that_nifti(tmp_path):
+  """The premise of the predict test: an oblique LAS volume and its DICOM twin read alike."""
+  from tests.test_predict import _las_affine, _phantom, _save
+  hu = _phantom(shape=(20, 16, 6))[0]
+  nifti = io.read_volume(_save(tmp_path / "ct.nii.gz", hu, _las_affine()))
+  vol = io.read_volume(_write_like_nifti(tmp_path / "dicom", hu, _las_affine()))
+  np.testing.assert_array_equal(vol.array, nifti.array)
+  np.testing.assert_allclose(vol.affine, nifti.affine, atol=1e-5)
+  np.testing.assert_allclose(vol.original_affine, nifti.original_affine, atol=1e-5)
+  assert vol.original_shape == nifti.original_shape
