@@ -277,10 +277,10 @@ def _check_images(folder: Path, series: list[_Image], is_mask: bool) -> None:
 
 def _check_stack(folder: Path, series: list[_Image]) -> np.ndarray:
   """All images share one orientation, size and pixel spacing; returns the orientation (6,)."""
-  key = lambda im: (tuple(np.round(im.orientation, 3)), im.rows, im.columns,
-                    tuple(np.round(im.spacing, 4)))
-  ref = series[[key(im) for im in series].index(
-      collections.Counter(key(im) for im in series).most_common(1)[0][0])]
+  keys = [(tuple(np.round(im.orientation, 3)), im.rows, im.columns,
+           tuple(np.round(im.spacing, 4))) for im in series]
+  # The majority is the stack; the odd image out is the one named.
+  ref = series[keys.index(collections.Counter(keys).most_common(1)[0][0])]
   for im in series:
     if not np.allclose(im.orientation, ref.orientation, atol=ORIENTATION_ATOL):
       raise DataError(im.path, f"orientation {np.round(im.orientation, 4).tolist()} differs "

@@ -99,12 +99,24 @@ def _load(path: Path) -> nib.Nifti1Image:
   try:
     img = nib.load(str(path))
   except nib.filebasedimages.ImageFileError as e:
+    if _is_dicom_file(path):
+      raise DataError(path, "is one DICOM file; pass the folder of its series (a DICOM series "
+                      "is read from its folder)") from None
     raise DataError(path, f"not a readable NIfTI file ({_short(e)})") from None
   except Exception as e:  # OSError, EOFError, HeaderDataError, struct.error...: all damage.
     raise DataError(path, f"cannot read header, truncated or corrupt ({_short(e)})") from None
   if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
     raise DataError(path, f"not a NIfTI image (nibabel reads it as {type(img).__name__})")
   return img
+
+
+def _is_dicom_file(path: Path) -> bool:
+  """The DICOM Part 10 preamble: 128 bytes, then ``DICM``."""
+  try:
+    with open(path, "rb") as f:
+      return f.read(132)[128:] == b"DICM"
+  except OSError:
+    return False
 
 
 def _short(e: BaseException) -> str:
