@@ -27,6 +27,8 @@ The rules (docs/data.md "DICOM series", pinned by tests/data/test_dicom.py):
 * Gantry tilt: the slices' in-plane drift along the stack must stay under half a pixel, else
   refused (this reader does not correct tilt).
 * Values: RescaleSlope and RescaleIntercept of each slice are applied (float32), giving HU.
+  Pixel data are decoded by pydicom (pylibjpeg for JPEG), or, for lossless JPEG when
+  imagecodecs is installed, by imagecodecs (checked against pydicom on the first slice).
 * Geometry: the stored voxel order is dcm2niix's: i = column, j = row reversed, k = slices in
   increasing position along the normal; the affine maps it to RAS+ world coordinates (DICOM's
   LPS with x and y negated), so the volume equals dcm2niix's NIfTI of the same series.
@@ -46,6 +48,8 @@ import warnings
 import numpy as np
 import pydicom
 import pydicom.config
+import pydicom.uid
+from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
 
 from dsan_jax.data import io
@@ -66,6 +70,10 @@ HEADER_TAGS = ("SeriesInstanceUID", "SeriesDescription", "Modality", "ImageType"
                "Columns", "NumberOfFrames", "SamplesPerPixel", "RescaleSlope",
                "RescaleIntercept", "GantryDetectorTilt")
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# Lossless JPEG (Process 14, any predictor / selection value 1): decoded by imagecodecs when
+# it is installed (``pip install imagecodecs``; about 3x faster than pylibjpeg's libjpeg).
+FAST_SYNTAXES = (pydicom.uid.JPEGLossless, pydicom.uid.JPEGLosslessSV1)
+USE_IMAGECODECS = True
 
 log = logging.getLogger("dsan_jax")
 
@@ -385,21 +393,65 @@ def read_header(path: str | os.PathLike, *, is_mask: bool = False) -> io.HeaderI
     return _series(path, is_mask, pixels=False)[1]
 
 
+def _pydicom_pixels(im: _Image) -> np.ndarray:
+  """pydicom's decoding (pylibjpeg for JPEG); DataError names the file and transfer syntax."""
+  try:
+    return im.dataset.pixel_array
+  except Exception as e:  # Decoders raise many types for damaged or unsupported data.
+    ts = im.dataset.file_meta.get("TransferSyntaxUID", "?")
+    name = getattr(ts, "name", str(ts))
+    raise DataError(im.path, f"cannot decode the pixel data (transfer syntax {name}, "
+                    f"{ts}): {io._short(e)}") from None
+
+
+def _fast_pixels(im: _Image, decode) -> np.ndarray | None:
+  """imagecodecs' lossless-JPEG decoding of an unsigned single frame; None where it does not
+  apply or fails (pydicom's decoder then decodes, or names the problem)."""
+  ds = im.dataset
+  if (ds.file_meta.get("TransferSyntaxUID") not in FAST_SYNTAXES
+      or int(ds.get("PixelRepresentation", 0)) != 0):
+    return None
+  try:
+    return decode(next(generate_frames(ds.PixelData, number_of_frames=1)))
+  except Exception:  # Any failure: the reference decoder decides.
+    return None
+
+
+def _fast_decoder():
+  """``imagecodecs.ljpeg_decode`` when enabled and installed, else None."""
+  if not USE_IMAGECODECS:
+    return None
+  try:
+    import imagecodecs  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return None
+  return imagecodecs.ljpeg_decode
+
+
 def _decode(ims: list[_Image], rows: int, columns: int) -> np.ndarray:
-  """Decodes and rescales every slice; returns [slices, rows, columns] float32."""
+  """Decodes and rescales every slice; returns [slices, rows, columns] float32, each slice
+  with its rows and columns reversed.
+
+  With imagecodecs installed, lossless JPEG is decoded by it (about 3x faster than libjpeg);
+  its first slice is checked against pydicom's decoder, and any disagreement sends the whole
+  series back to pydicom's decoder.
+  """
   out = np.empty((len(ims), rows, columns), np.float32)
+  fast = _fast_decoder()
   for k, im in enumerate(ims):
-    try:
-      pixels = im.dataset.pixel_array
-    except Exception as e:  # Decoders raise many types for damaged or unsupported data.
-      ts = im.dataset.file_meta.get("TransferSyntaxUID", "?")
-      name = getattr(ts, "name", str(ts))
-      raise DataError(im.path, f"cannot decode the pixel data (transfer syntax {name}, "
-                      f"{ts}): {io._short(e)}") from None
+    pixels = None if fast is None else _fast_pixels(im, fast)
+    if pixels is not None and k == 0:
+      reference = _pydicom_pixels(im)
+      if pixels.shape != reference.shape or not np.array_equal(pixels, reference):
+        log.warning("%s: imagecodecs and pydicom decode %s differently; using pydicom",
+                    im.path.parent, im.path.name)
+        fast, pixels = None, reference
+    if pixels is None:
+      pixels = _pydicom_pixels(im)
     if pixels.shape != (rows, columns):
       raise DataError(im.path, f"pixel data of shape {pixels.shape}, the header says "
                       f"{rows}x{columns}")
-    out[k] = pixels
+    out[k] = pixels[::-1, ::-1]  # Reversed (see read_volume): axial scans need no reordering.
     if im.slope not in (None, 1.0):
       out[k] *= np.float32(im.slope)
     if im.intercept not in (None, 0.0):
@@ -425,6 +477,8 @@ def read_volume(path: str | os.PathLike, *, is_mask: bool = False) -> io.Volume:
     ims, header = _series(path, is_mask, pixels=True)
     columns, rows, _ = header.shape
     data = _decode(ims, rows, columns)
-  # [k, row, column] -> stored (i, j, k) = (column, reversed row, slice): a view, no copy.
-  stored = data.transpose(2, 1, 0)[:, ::-1, :]
+  # data[k, a, b] = pixel (row R-1-a, column C-1-b) of slice k -> stored (i, j, k) = (column,
+  # reversed row, slice) is a view. An axial scan's canonical RAS array is then ``data``
+  # itself, so finish_volume's reordering copy is skipped (0.7 s of a 512x512x133 scan).
+  stored = data.transpose(2, 1, 0)[::-1, :, :]
   return io.finish_volume(Path(path), stored, header, is_mask=is_mask)

@@ -17,6 +17,7 @@ import pydicom.uid
 import pytest
 
 from dsan_jax.data import cache as cache_lib
+from dsan_jax.data import dicom
 from dsan_jax.data import io
 from dsan_jax.data import manifest as manifest_lib
 from dsan_jax.data import preprocess
@@ -175,6 +176,34 @@ def test_several_series_are_listed_and_one_is_picked(tmp_path):
   _one_line_error(e, folder, "no series '9.9.9'")
 
 
+def _lossless_jpeg_series(folder, n=6):
+  """A JPEG Lossless (Process 14) series encoded by imagecodecs; returns (folder, hu)."""
+  imagecodecs = pytest.importorskip("imagecodecs")
+  folder.mkdir()
+  stored = np.random.default_rng(1).integers(0, 4095, size=(n, 16, 12)).astype(np.uint16)
+  for k in range(n):
+    _write_image(folder / f"{k}.dcm", stored[k], (0.0, 0.0, 2.0 * k),
+                 transfer_syntax=pydicom.uid.JPEGLossless,
+                 pixel_bytes=imagecodecs.ljpeg_encode(stored[k]))
+  return folder, stored.astype(np.float32) - 1024
+
+
+def test_lossless_jpeg_decodes_alike_with_imagecodecs_and_pylibjpeg(tmp_path, monkeypatch,
+                                                                    caplog):
+  folder, hu = _lossless_jpeg_series(tmp_path / "s")
+  fast = io.read_volume(folder)
+  monkeypatch.setattr(dicom, "USE_IMAGECODECS", False)  # pydicom + pylibjpeg only.
+  reference = io.read_volume(folder)
+  np.testing.assert_array_equal(fast.array, hu[:, ::-1, ::-1])
+  np.testing.assert_array_equal(reference.array, fast.array)
+  # A fast decoder that disagrees on the first slice is dropped for the whole series.
+  monkeypatch.setattr(dicom, "USE_IMAGECODECS", True)
+  monkeypatch.setattr(dicom, "_fast_decoder", lambda: lambda frame: np.zeros((16, 12), np.uint16))
+  with caplog.at_level(logging.WARNING, logger="dsan_jax"):
+    np.testing.assert_array_equal(io.read_volume(folder).array, fast.array)
+  assert any("decode 0.dcm differently; using pydicom" in r.getMessage() for r in caplog.records)
+
+
 def test_files_that_are_not_dicom_images_are_ignored(tmp_path):
   folder, hu, *_ = _series(tmp_path / "s")
   (folder / "README.txt").write_text("exported by PACS")
@@ -198,7 +227,22 @@ def test_real_series_matches_dcm2niix(real_ct_dir):
   np.testing.assert_allclose(vol.original_affine, ref.original_affine, atol=1e-3)
   assert vol.original_shape == ref.original_shape == header.shape == (512, 512, 133)
   assert vol.spacing_zyx == pytest.approx(ref.spacing_zyx, abs=1e-5)
-  print(f"P002 DICOM series read in {seconds:.2f} s")
+  print(f"P002 DICOM series read in {seconds:.2f} s (imagecodecs: {dicom._fast_decoder() is not None})")
+
+
+@pytest.mark.slow
+def test_real_series_decodes_alike_with_both_decoders(real_ct_dir, tmp_path, monkeypatch):
+  pytest.importorskip("imagecodecs")
+  folder = real_ct_dir / "dicom" / "P002"
+  if not folder.is_dir():
+    pytest.skip(f"no DICOM series at {folder}")
+  part = tmp_path / "P002_part"  # 12 consecutive slices, so that the test stays short.
+  part.mkdir()
+  for k in range(60, 72):
+    shutil.copy(folder / f"IM{k:04d}.dcm", part)
+  fast = io.read_volume(part)
+  monkeypatch.setattr(dicom, "USE_IMAGECODECS", False)
+  np.testing.assert_array_equal(io.read_volume(part).array, fast.array)
 
 
 # ------------------------------------------------------------------------- bad input.
