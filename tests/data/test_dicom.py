@@ -312,7 +312,9 @@ def test_non_ct_modality_is_refused(tmp_path):
   _one_line_error(e, folder / "IM0001.dcm", "modality 'MR', expected CT")
 
 
-def test_undecodable_compressed_pixel_data_is_refused(tmp_path):
+@pytest.mark.parametrize("imagecodecs", [True, False], ids=["imagecodecs", "pydicom"])
+def test_undecodable_compressed_pixel_data_is_refused(tmp_path, monkeypatch, imagecodecs):
+  monkeypatch.setattr(dicom, "USE_IMAGECODECS", imagecodecs)
   folder, *_ = _series(tmp_path / "s", n=4)
   bad = _write_image(folder / "IM0000.dcm", np.zeros((16, 12), np.uint16), (-40, -60, 108.0),
                      transfer_syntax=pydicom.uid.JPEGLosslessSV1,
