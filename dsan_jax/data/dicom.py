@@ -73,7 +73,7 @@ _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Lossless JPEG (Process 14, any predictor / selection value 1): decoded by imagecodecs when
 # it is installed (``pip install imagecodecs``; about 3x faster than pylibjpeg's libjpeg).
 FAST_SYNTAXES = (pydicom.uid.JPEGLossless, pydicom.uid.JPEGLosslessSV1)
-USE_IMAGECODECS = True
+USE_IMAGECODECS = True  # False: always pydicom's decoders (the reference; tests use both).
 
 log = logging.getLogger("dsan_jax")
 
@@ -145,7 +145,8 @@ def fingerprint(path: str | os.PathLike) -> list:
 @contextlib.contextmanager
 def _quiet():
   """pydicom validates values lazily and warns on anonymised, non-conformant ones (e.g. UIDs
-  that are UUIDs); those do not affect this reader, so validation is off while it reads."""
+  that are UUIDs); those do not affect this reader, so validation is off while it reads (a
+  global pydicom setting: do not read DICOM from several threads at once)."""
   settings = pydicom.config.settings
   mode = settings.reading_validation_mode
   settings.reading_validation_mode = pydicom.config.IGNORE

@@ -227,7 +227,8 @@ def test_real_series_matches_dcm2niix(real_ct_dir):
   np.testing.assert_allclose(vol.original_affine, ref.original_affine, atol=1e-3)
   assert vol.original_shape == ref.original_shape == header.shape == (512, 512, 133)
   assert vol.spacing_zyx == pytest.approx(ref.spacing_zyx, abs=1e-5)
-  print(f"P002 DICOM series read in {seconds:.2f} s (imagecodecs: {dicom._fast_decoder() is not None})")
+  print(f"P002 DICOM series read in {seconds:.2f} s "
+        f"(imagecodecs: {dicom._fast_decoder() is not None})")
 
 
 @pytest.mark.slow
@@ -346,6 +347,13 @@ def test_truncated_file_empty_folder_and_too_few_slices(tmp_path):
   with pytest.raises(DataError) as e:
     io.read_header(empty)
   _one_line_error(e, empty, "no DICOM images in the folder (0 files); it has subfolders (study)")
+  odd = _write_image(folder / "IM0002.dcm", np.zeros((16, 12), np.uint16), (0, 0, 0))
+  ds = pydicom.dcmread(odd)
+  ds.PixelSpacing = [0.8]  # One value where two are required.
+  ds.save_as(odd)
+  with pytest.raises(DataError) as e:
+    io.read_header(folder)
+  _one_line_error(e, odd, "malformed DICOM tag")
   few, *_ = _series(tmp_path / "few", n=2)
   with pytest.raises(DataError) as e:
     io.read_header(few)
