@@ -1,13 +1,14 @@
 """Preprocessing time of real chest CTs (``dsan_jax.data.preprocess.load_and_preprocess``).
 
 For each CT in ``../shared/data/ct/`` (relative to the repository root; skipped cleanly when
-absent), times the paper's preprocessing (read NIfTI, one trilinear resampling to the output grid,
+absent), and each DICOM series in its ``dicom/`` folder (``--nodicom`` skips them), times the
+paper's preprocessing (read NIfTI or DICOM, one trilinear resampling to the output grid,
 window, lung mask, pad to 138x256x256) with the classical lung-mask fallback and without any lung
 mask (``lung_mask_fallback=False``, i.e. the cost of reading + resampling + windowing alone).
 The two variants alternate inside every repetition; medians (and minima) are reported.
 
 Usage:
-  python benchmarks/bench_preprocess.py [--reps 3] [--ct_dir ../shared/data/ct]
+  python benchmarks/bench_preprocess.py [--reps 3] [--ct_dir ../shared/data/ct] [--nodicom]
 """
 
 import argparse
@@ -30,11 +31,18 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--ct_dir", "--ct-dir", default=os.path.join(_ROOT, "..", "shared", "data", "ct"))
   parser.add_argument("--reps", type=int, default=3)
+  parser.add_argument("--dicom", action=argparse.BooleanOptionalAction, default=True,
+                      help="also time the DICOM series in <ct_dir>/dicom/ (read with pydicom)")
   args = parser.parse_args(argv)
 
   print("## Preprocessing of a real CT (`bench_preprocess.py`)\n")
   paths = [os.path.join(args.ct_dir, c) for c in CASES]
   paths = [p for p in paths if os.path.exists(p)]
+  if args.dicom:  # Each folder of <ct_dir>/dicom/ is a DICOM series, timed like the NIfTI files.
+    dicom_dir = os.path.join(args.ct_dir, "dicom")
+    if os.path.isdir(dicom_dir):
+      paths += sorted(os.path.join(dicom_dir, d) for d in os.listdir(dicom_dir)
+                      if os.path.isdir(os.path.join(dicom_dir, d)))
   if not paths:
     print(f"- skipped: no CT found in `{os.path.normpath(args.ct_dir)}` ({', '.join(CASES)})")
     return 0
@@ -66,7 +74,7 @@ def main(argv=None) -> int:
     for name in variants:
       shape, lung, in_shape, resampled = info[name]
       t = times[name]
-      print(f"| {os.path.basename(path)} | {in_shape or '-'} | {name} | "
+      print(f"| {os.path.relpath(path, args.ct_dir)} | {in_shape or '-'} | {name} | "
             f"{statistics.median(t):.2f} ({min(t):.2f}) | {'x'.join(map(str, shape))} "
             f"(resampled {'x'.join(map(str, resampled))}) | "
             f"{lung if name != 'no lung mask' else '-'} |", flush=True)

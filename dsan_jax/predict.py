@@ -112,7 +112,7 @@ def predict_case(workdir: str | os.PathLike, image: str | os.PathLike,
 
   Args:
     workdir: the protocol's root folder.
-    image: CT in HU (NIfTI).
+    image: CT in HU: NIfTI, or a DICOM series folder (``folder#SeriesInstanceUID``).
     lung_mask: lung mask on the CT's grid, or None.
     infection_mask: infection mask on the CT's grid, or None (ratio unavailable).
     out: output folder, or None to write nothing.
@@ -134,9 +134,9 @@ def predict_case(workdir: str | os.PathLike, image: str | os.PathLike,
 
   workdir = pathlib.Path(workdir)
   inputs = {"image": image, "lung_mask": lung_mask, "infection_mask": infection_mask}
-  for p in inputs.values():
-    if p is not None:
-      io.read_header(p)  # Fails fast, naming the file, before any model is loaded.
+  for name, p in inputs.items():
+    if p is not None:  # Fails fast, naming the file, before any model is loaded.
+      io.read_header(p, is_mask=name != "image")
   out_path = pathlib.Path(out) if out is not None else None
   if out_path is not None:
     _check_out(out_path)
@@ -276,7 +276,9 @@ def _parser() -> argparse.ArgumentParser:
       prog="python -m dsan_jax.predict",
       description="COVID-19 vs CAP for one chest CT, with attention maps (see the module doc).")
   p.add_argument("--workdir", required=True, help="Work directory with the trained runs.")
-  p.add_argument("--image", required=True, help="Chest CT in HU (NIfTI).")
+  p.add_argument("--image", required=True,
+                 help="Chest CT in HU: a NIfTI file, or a folder holding one DICOM series "
+                 "(FOLDER#SeriesInstanceUID picks one of several).")
   p.add_argument("--lung-mask", "--lung_mask", dest="lung_mask", default=None,
                  help="Lung mask on the CT's grid (default: classical segmentation).")
   p.add_argument("--infection-mask", "--infection_mask", dest="infection_mask", default=None,

@@ -7,7 +7,8 @@ Layout of ``cache_dir``, one entry per case, named by its key::
                     when the case has none)
   <key>.json        sidecar written LAST: shapes, ratio, CRC32 of each .npy, source files
 
-The key is a SHA-256 of the case's input files (absolute path, size, mtime) and of the
+The key is a SHA-256 of the case's input files (absolute path, size, mtime; for a DICOM series
+folder, a hash of its files' names, sizes and mtimes) and of the
 preprocessing settings (``PreprocessSettings`` + ``CACHE_VERSION``): changing a file or a
 setting gives a new key, so the entry is rebuilt (old entries stay until ``prune``).
 Every file is written to a temporary name in the same folder and renamed (``os.replace``);
@@ -40,6 +41,7 @@ import zlib
 
 import numpy as np
 
+from dsan_jax.data import io
 from dsan_jax.data import manifest as manifest_lib
 from dsan_jax.data import preprocess
 from dsan_jax.errors import DataError, DsanError, ManifestError, ResourceError
@@ -55,8 +57,7 @@ def case_key(case: manifest_lib.Case, settings: preprocess.PreprocessSettings) -
     if p is None:
       files.append(None)
       continue
-    st = os.stat(p)
-    files.append([str(Path(p).resolve()), st.st_size, st.st_mtime_ns])
+    files.append(io.source_fingerprint(p))  # A DICOM folder: its files' names/sizes/mtimes.
   blob = json.dumps({"files": files, "settings": settings.as_dict(), "version": CACHE_VERSION},
                     sort_keys=True)
   return hashlib.sha256(blob.encode()).hexdigest()[:32]

@@ -1,4 +1,8 @@
-"""Reading and writing NIfTI volumes in the project's canonical layout.
+"""Reading NIfTI volumes and DICOM series in the project's canonical layout; writing NIfTI.
+
+A DICOM series (a folder, or ``folder#SeriesInstanceUID``) is read by ``dsan_jax.data.dicom``
+into the same layout, with the geometry dcm2niix gives it; ``read_header``/``read_volume``
+dispatch to it, so every caller accepts both.
 
 Canonical layout: the image is reoriented to the closest RAS+ orientation
 (``nib.as_closest_canonical``), voxel values are the stored values with the header's
@@ -95,12 +99,24 @@ def _load(path: Path) -> nib.Nifti1Image:
   try:
     img = nib.load(str(path))
   except nib.filebasedimages.ImageFileError as e:
+    if _is_dicom_file(path):
+      raise DataError(path, "is one DICOM file; pass the folder of its series (a DICOM series "
+                      "is read from its folder)") from None
     raise DataError(path, f"not a readable NIfTI file ({_short(e)})") from None
   except Exception as e:  # OSError, EOFError, HeaderDataError, struct.error...: all damage.
     raise DataError(path, f"cannot read header, truncated or corrupt ({_short(e)})") from None
   if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
     raise DataError(path, f"not a NIfTI image (nibabel reads it as {type(img).__name__})")
   return img
+
+
+def _is_dicom_file(path: Path) -> bool:
+  """The DICOM Part 10 preamble: 128 bytes, then ``DICM``."""
+  try:
+    with open(path, "rb") as f:
+      return f.read(132)[128:] == b"DICM"
+  except OSError:
+    return False
 
 
 def _short(e: BaseException) -> str:
@@ -169,23 +185,55 @@ def _check_raw_pixdim(path: Path, img) -> None:
         "negative and the file has no sform; fix the header")
 
 
-def read_header(path: str | os.PathLike) -> HeaderInfo:
-  """Reads and validates a NIfTI header only (no voxel data).
+def is_dicom_source(path: str | os.PathLike) -> bool:
+  """Whether ``path`` names a DICOM series (a folder, or ``folder#SeriesInstanceUID``)."""
+  from dsan_jax.data import dicom  # Deferred: pydicom is only imported for DICOM input.
+  return dicom.split_source(path) is not None
+
+
+def source_exists(path: str | os.PathLike) -> bool:
+  """Whether an input exists: a file, a folder, or the folder of ``folder#SeriesInstanceUID``."""
+  return Path(path).exists() or is_dicom_source(path)
+
+
+def source_fingerprint(path: str | os.PathLike) -> list:
+  """Cheap identity of an input for cache keys: changes when the input's files change.
 
   Args:
-    path: a .nii or .nii.gz file.
+    path: a NIfTI file or a DICOM series (see ``is_dicom_source``).
+
+  Returns:
+    ``[resolved path, size, mtime_ns]`` for a file; for a DICOM series
+    ``[resolved folder#uid, number of files, SHA-256 of their names, sizes and mtimes]``.
+
+  Raises:
+    OSError: the input cannot be stat-ed.
+  """
+  if is_dicom_source(path):
+    from dsan_jax.data import dicom
+    return dicom.fingerprint(path)
+  st = os.stat(path)
+  return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
+
+
+def header_from_geometry(path: Path, shape, affine: np.ndarray, slope: float | None,
+                         intercept: float | None) -> HeaderInfo:
+  """Validates a stored (shape, affine) pair and derives the canonical geometry.
+
+  Args:
+    path: the input, for messages.
+    shape: stored shape (i, j, k), at least 3D.
+    affine: stored 4x4 voxel->world (RAS+) affine.
+    slope, intercept: the value scaling (None when absent).
 
   Returns:
     HeaderInfo.
 
   Raises:
-    DataError: missing/empty/non-NIfTI file, not 3D, bad spacing or affine.
+    DataError: not 3D, bad spacing, non-finite or singular affine.
   """
-  path = Path(path)
-  img = _load(path)
-  shape = _spatial_shape(path, img.shape)
-  affine = np.asarray(img.affine, dtype=np.float64)
-  _check_raw_pixdim(path, img)
+  shape = _spatial_shape(path, shape)
+  affine = np.asarray(affine, dtype=np.float64)
   if not np.all(np.isfinite(affine)):
     raise DataError(path, "affine is not finite; fix the header (sform/qform)")
   _check_spacing(path, np.sqrt((affine[:3, :3] ** 2).sum(axis=0))[::-1])
@@ -194,7 +242,6 @@ def read_header(path: str | os.PathLike) -> HeaderInfo:
   canonical_shape, canonical_affine = _canonical_geometry(shape, affine)
   spacing_xyz = np.sqrt((canonical_affine[:3, :3] ** 2).sum(axis=0))
   spacing_zyx = _check_spacing(path, spacing_xyz[::-1])
-  slope, inter = img.dataobj.slope, img.dataobj.inter
   return HeaderInfo(
       shape=shape,
       affine=affine,
@@ -202,8 +249,34 @@ def read_header(path: str | os.PathLike) -> HeaderInfo:
       canonical_affine=canonical_affine,
       spacing_zyx=spacing_zyx,
       slope=None if slope is None or not np.isfinite(slope) else float(slope),
-      intercept=None if inter is None or not np.isfinite(inter) else float(inter),
+      intercept=None if intercept is None or not np.isfinite(intercept) else float(intercept),
   )
+
+
+def read_header(path: str | os.PathLike, *, is_mask: bool = False) -> HeaderInfo:
+  """Reads and validates a header only (no voxel data).
+
+  Args:
+    path: a .nii or .nii.gz file, or a DICOM series (a folder of one series, or
+      ``folder#SeriesInstanceUID``; see ``dsan_jax.data.dicom``).
+    is_mask: the input is a mask (DICOM: any modality is accepted, not only CT).
+
+  Returns:
+    HeaderInfo.
+
+  Raises:
+    DataError: missing/empty/non-NIfTI file, not 3D, bad spacing or affine; for DICOM every
+      series rule of ``dsan_jax.data.dicom``.
+  """
+  if is_dicom_source(path):
+    from dsan_jax.data import dicom
+    return dicom.read_header(path, is_mask=is_mask)
+  path = Path(path)
+  img = _load(path)
+  _spatial_shape(path, img.shape)  # Dimensionality first: it explains most bad files.
+  _check_raw_pixdim(path, img)
+  return header_from_geometry(path, img.shape, img.affine, img.dataobj.slope,
+                              img.dataobj.inter)
 
 
 def check_hounsfield(path, array: np.ndarray, slope, intercept) -> None:
@@ -233,10 +306,10 @@ def check_hounsfield(path, array: np.ndarray, slope, intercept) -> None:
 
 
 def read_volume(path: str | os.PathLike, *, is_mask: bool = False) -> Volume:
-  """Reads a NIfTI file into canonical layout, validating it.
+  """Reads a NIfTI file or a DICOM series into canonical layout, validating it.
 
   Args:
-    path: a .nii or .nii.gz file.
+    path: a .nii or .nii.gz file, or a DICOM series (see ``read_header``).
     is_mask: the file is a segmentation mask: values are binarised (integer labels: > 0;
       non-integer values, i.e. probabilities: >= 0.5) and the HU and constant checks are
       skipped (an empty mask is the caller's to judge).
@@ -245,8 +318,12 @@ def read_volume(path: str | os.PathLike, *, is_mask: bool = False) -> Volume:
     Volume with ``array`` [D, H, W] float32 (HU, or {0, 1} for masks).
 
   Raises:
-    DataError: for every rule in the module docstring.
+    DataError: for every rule in the module docstring (and, for DICOM, in
+      ``dsan_jax.data.dicom``).
   """
+  if is_dicom_source(path):
+    from dsan_jax.data import dicom
+    return dicom.read_volume(path, is_mask=is_mask)
   path = Path(path)
   header = read_header(path)
   img = _load(path)
@@ -261,6 +338,25 @@ def read_volume(path: str | os.PathLike, *, is_mask: bool = False) -> Volume:
     data *= np.float32(slope)
   if inter != 0:
     data += np.float32(inter)
+  return finish_volume(path, data, header, is_mask=is_mask)
+
+
+def finish_volume(path: Path, data: np.ndarray, header: HeaderInfo, *,
+                  is_mask: bool = False) -> Volume:
+  """Validates scaled voxel data and brings it to canonical layout (shared by every reader).
+
+  Args:
+    path: the input, for messages and ``Volume.path``.
+    data: [i, j, k] float32 values (HU for images) in the stored order of ``header.affine``.
+    header: the input's HeaderInfo.
+    is_mask: binarise instead of the HU and constant checks (see ``read_volume``).
+
+  Returns:
+    Volume.
+
+  Raises:
+    DataError: NaN/Inf voxels, constant image, not in HU.
+  """
   if not np.all(np.isfinite(data)):
     n_bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
     raise DataError(path, f"{n_bad} NaN or Inf voxels")

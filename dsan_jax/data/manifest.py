@@ -8,7 +8,8 @@ column             required  meaning
 case_id            yes       unique id of the scan
 patient_id         yes       patient (folds never split a patient)
 label              yes       ``covid`` or ``cap`` (case-insensitive); 1 = COVID, 0 = CAP
-image              yes       CT in HU, NIfTI; path relative to the CSV's folder (or absolute)
+image              yes       CT in HU: NIfTI, or a DICOM series folder (``folder#SeriesUID`` picks
+                             one of several; see ``dicom``); relative to the CSV's folder
 lung_mask          no        lung mask on the image's grid (empty -> classical fallback)
 infection_mask     no        infection mask on the image's grid
 infection_ratio    no        r in [0, 1] (empty -> computed from the masks when both exist)
@@ -117,11 +118,11 @@ def _resolve(root: Path, value: str) -> Path:
 
 def _check_file(path: Path, what: str, problems: list[str]):
   """Reads a header; appends a problem and returns None on failure."""
-  if not path.exists():
+  if not io.source_exists(path):
     problems.append(f"{what} file not found: {path}")
     return None
   try:
-    return io.read_header(path)
+    return io.read_header(path, is_mask=what != "image")
   except DataError as e:
     problems.append(f"{what} {e}")
     return None
@@ -168,7 +169,7 @@ def _parse_row(row_no: int, rec: dict[str, str], root: Path, check_files: bool):
     paths[col] = p
     if check_files:
       headers[col] = _check_file(p, col.replace("_", " "), problems)
-    elif not p.exists():
+    elif not io.source_exists(p):
       problems.append(f"{col.replace('_', ' ')} file not found: {p}")
   image_header = headers.get("image")
   for col in ("lung_mask", "infection_mask"):

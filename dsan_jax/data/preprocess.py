@@ -298,7 +298,7 @@ def load_and_preprocess(image_path: str | os.PathLike,
   """Reads one CT (and its masks) and applies the paper's preprocessing.
 
   Args:
-    image_path: CT in HU, NIfTI.
+    image_path: CT in HU: NIfTI, or a DICOM series (see ``dsan_jax.data.dicom``).
     lung_mask_path: lung mask on the same grid, or None (classical fallback when
       ``config.data.lung_mask_fallback``, else no masking).
     infection_mask_path: infection mask on the same grid, or None.
