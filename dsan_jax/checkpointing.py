@@ -31,6 +31,7 @@ import logging
 import os
 import pathlib
 import shutil
+import sys
 import uuid
 from typing import Any
 
@@ -53,8 +54,8 @@ def _manager(directory: pathlib.Path, max_to_keep: int,
 
 
 class _DropNoSpaceLogs(logging.Filter):
-  """Orbax logs a full disk with a traceback from its writer thread; the save re-raises it as
-  one line, so the log record is dropped."""
+  """Orbax (absl) and asyncio log a full disk with tracebacks from Orbax's writer threads; the
+  save re-raises it as one line, so those records are dropped."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
@@ -62,13 +63,32 @@ class _DropNoSpaceLogs(logging.Filter):
 
 
 @contextlib.contextmanager
-def _quiet_no_space_logs():
-  logger, flt = logging.getLogger("absl"), _DropNoSpaceLogs()
-  logger.addFilter(flt)
+def _quiet_no_space_reports():
+  """Drops the duplicate reports of a full disk during a save: log records, and the "Event loop
+  is closed" errors that TensorStore's pending writes raise once Orbax gave up (unraisable). After
+  a full disk they stay dropped: late ones arrive while the command stops with its one line."""
+  loggers, flt = [logging.getLogger(n) for n in ("absl", "asyncio")], _DropNoSpaceLogs()
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and "Event loop is closed" in str(unraisable.exc_value)):
+      previous(unraisable)
+
+  for logger in loggers:
+    logger.addFilter(flt)
+  sys.unraisablehook = hook
+  no_space = False
   try:
     yield
+  except Exception as e:
+    no_space = files.is_no_space(e)
+    raise
   finally:
-    logger.removeFilter(flt)
+    if not no_space:
+      sys.unraisablehook = previous
+      for logger in loggers:
+        logger.removeFilter(flt)
 
 
 class RunCheckpoints:
@@ -96,7 +116,7 @@ class RunCheckpoints:
     lock = (run_lock.locked(self._lock) if jax.process_index() == 0
             else contextlib.nullcontext())
     try:
-      with lock, _quiet_no_space_logs():
+      with lock, _quiet_no_space_reports():
         self._save_locked(mngr, step, state, data_state, meta)
     except Exception as e:
       if not files.is_no_space(e):

@@ -100,12 +100,17 @@ def _workers(config) -> int:
   return (os.cpu_count() or 1) if n < 0 else n
 
 
-def prepare_data(config, workdir: str | os.PathLike, progress: bool = True) -> Data:
-  """Loads (or generates) the manifest, builds the preprocessing cache and assigns the folds."""
+def prepare_data(config, workdir: str | os.PathLike, progress: bool = True,
+                 manifest: manifest_lib.Manifest | None = None) -> Data:
+  """Loads (or generates) the manifest, builds the preprocessing cache and assigns the folds.
+
+  ``manifest``: ``config.data.manifest`` already loaded (None: loaded here).
+  """
   synthetic = not config.data.manifest
   manifest_path = (synthetic_manifest(config, workdir, progress) if synthetic
                    else pathlib.Path(config.data.manifest))
-  manifest = manifest_lib.load_manifest(manifest_path, skip_bad=config.data.skip_bad)
+  if manifest is None:
+    manifest = manifest_lib.load_manifest(manifest_path, skip_bad=config.data.skip_bad)
   for case_id, reason in getattr(manifest, "skipped", []):
     log.warning("skipped %s: %s", case_id, reason)
   cache_dir = pathlib.Path(config.data.cache_dir or pathlib.Path(workdir) / "cache")
@@ -143,11 +148,12 @@ def run_status(rd: str | os.PathLike) -> str:
 
 def incomplete_note(variant: str, fold: int, rd: str | os.PathLike) -> str | None:
   """One line about a run that is not complete (None for a complete one), for the readers."""
-  status = run_status(rd)
-  if status == "complete":
+  rd = pathlib.Path(rd)
+  if (rd / "done.json").exists():
     return None
-  what = ("still being trained, " + status[len("in progress "):] if status != "interrupted"
-          else "interrupted (nobody trains it; rerun its train.py command to finish it)")
+  owner = run_lock.run_owner(rd)
+  what = (f"still being trained ({owner.describe()})" if owner else
+          "interrupted (nobody trains it; rerun its train.py command to finish it)")
   return f"{variant} fold {fold} is {what}: its best checkpoint so far is used"
 
 
@@ -277,17 +283,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   size_probe = training.abstract_train_state(model, optim.make_optimizer(config.optim, 1),
                                              config.seed, input_shape)
   check_workdir(pathlib.Path(workdir), need_bytes=4 * _state_bytes(size_probe) + 2**26)
+  manifest = None
+  if data is None and config.data.manifest:  # Checked (headers only) before anything is written.
+    manifest = manifest_lib.load_manifest(config.data.manifest, skip_bad=config.data.skip_bad)
 
   with run_lock.own_run(rd):  # Raises RunInProgressError when another process trains it.
     if (rd / "done.json").exists():  # Finished by the previous owner since the check above.
       return _already_complete(rd)
     try:
-      return _train(config, workdir, fold, rd, model, mesh, data, progress, max_steps)
+      data = data or prepare_data(config, workdir, progress, manifest)
+      return _train(config, fold, rd, model, mesh, data, progress, max_steps)
     except OSError as e:
       if not files.is_no_space(e):
         raise
+      where = pathlib.Path(e.filename).parent if e.filename else rd
       raise files.no_space_error(
-          rd, f"while writing {files.final_name(e.filename or rd)}",
+          where, f"while writing {files.final_name(e.filename)}" if e.filename else "",
           "; the last complete checkpoint is intact: free some space and rerun the same "
           "command to resume") from None
 
@@ -299,12 +310,11 @@ def _already_complete(rd: pathlib.Path) -> dict[str, Any]:
   return dict(summary, status="already_complete")
 
 
-def _train(config, workdir, fold: int, rd: pathlib.Path, model, mesh, data: Data | None,
-           progress: bool, max_steps: int | None) -> dict[str, Any]:
+def _train(config, fold: int, rd: pathlib.Path, model, mesh, data: Data, progress: bool,
+           max_steps: int | None) -> dict[str, Any]:
   """The body of ``train_and_evaluate``, run by the owner of ``rd``."""
   batch_size = config.train.batch_size
   input_shape = (batch_size, *config.data.target_shape)
-  data = data or prepare_data(config, workdir, progress)
   dataset = data.dataset
   train_idx, val_idx = folds_lib.split_indices(data.folds, fold)
   steps_per_epoch = len(train_idx) // batch_size

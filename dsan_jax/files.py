@@ -135,4 +135,4 @@ def is_no_space(e: BaseException) -> bool:
 
 def no_space_error(path: str | os.PathLike, doing: str, after: str = "") -> ResourceError:
   """The one-line error for a full disk: ``<path>: no space left on device (<doing>)<after>``."""
-  return ResourceError(f"{path}: no space left on device ({doing}){after}")
+  return ResourceError(f"{path}: no space left on device{f' ({doing})' if doing else ''}{after}")
