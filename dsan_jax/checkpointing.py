@@ -32,6 +32,7 @@ import os
 import pathlib
 import shutil
 import sys
+import time
 import uuid
 from typing import Any
 
@@ -55,40 +56,62 @@ def _manager(directory: pathlib.Path, max_to_keep: int,
 
 class _DropNoSpaceLogs(logging.Filter):
   """Orbax (absl) and asyncio log a full disk with tracebacks from Orbax's writer threads; the
-  save re-raises it as one line, so those records are dropped."""
+  save re-raises it as one line, so those records are dropped. Once the save has failed
+  (``stopping``), every error record with a traceback is dropped: the writes Orbax left pending
+  keep failing (closed event loop, interpreter shutdown) while the command stops."""
+
+  stopping = False
 
   def filter(self, record: logging.LogRecord) -> bool:
+    if self.stopping and (record.exc_info or record.levelno >= logging.ERROR):
+      return False
     text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
     return not files.is_no_space(Exception(text))
 
 
 @contextlib.contextmanager
 def _quiet_no_space_reports():
-  """Drops the duplicate reports of a full disk during a save: log records, and the "Event loop
-  is closed" errors that TensorStore's pending writes raise once Orbax gave up (unraisable). After
-  a full disk they stay dropped: late ones arrive while the command stops with its one line."""
+  """Drops the duplicate reports of a full disk during a save (see ``_DropNoSpaceLogs``), and
+  the RuntimeErrors that TensorStore's pending writes raise, unraisable, once Orbax gave up.
+  After a full disk they stay dropped: late ones arrive while the command stops."""
   loggers, flt = [logging.getLogger(n) for n in ("absl", "asyncio")], _DropNoSpaceLogs()
   previous = sys.unraisablehook
 
   def hook(unraisable):
-    if not (isinstance(unraisable.exc_value, RuntimeError)
-            and "Event loop is closed" in str(unraisable.exc_value)):
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and (flt.stopping or "Event loop is closed" in str(e))):
       previous(unraisable)
 
   for logger in loggers:
     logger.addFilter(flt)
   sys.unraisablehook = hook
-  no_space = False
   try:
     yield
   except Exception as e:
-    no_space = files.is_no_space(e)
+    flt.stopping = files.is_no_space(e)
     raise
   finally:
-    if not no_space:
+    if not flt.stopping:
       sys.unraisablehook = previous
       for logger in loggers:
         logger.removeFilter(flt)
+
+
+def _remove_failed_save(directory: pathlib.Path, step: int, timeout_s: float = 5.0) -> None:
+  """Removes the temporary folder of a failed save of ``step``. Writes that Orbax left pending
+  may still add files for a moment, so it is removed until it stays gone for 0.2 s."""
+  deadline, gone_since = time.monotonic() + timeout_s, None
+  while time.monotonic() < deadline:
+    found = list(directory.glob(f"{step}.orbax-checkpoint-tmp*"))
+    for p in found:
+      shutil.rmtree(p, ignore_errors=True)
+    if found:
+      gone_since = None
+    elif gone_since is None:
+      gone_since = time.monotonic()
+    elif time.monotonic() - gone_since >= 0.2:
+      return
+    time.sleep(0.02)
 
 
 class RunCheckpoints:
@@ -123,8 +146,7 @@ class RunCheckpoints:
         raise
       directory = pathlib.Path(mngr.directory)
       if jax.process_index() == 0:
-        for p in directory.glob(f"{step}.orbax-checkpoint-tmp*"):
-          shutil.rmtree(p, ignore_errors=True)
+        _remove_failed_save(directory, step)
       self.latest.reload()
       kept = self.latest.latest_step()
       raise files.no_space_error(

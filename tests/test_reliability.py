@@ -790,7 +790,7 @@ def test_disk_full_mid_run_one_line_then_resume_equals_uninterrupted(shared, ref
   print(f"\nfilled to {shutil.disk_usage(small_disk).free} bytes free; stderr tail: "
         f"{err.rstrip().splitlines()[-1]}")
   assert proc.returncode == 2, err[-3000:]
-  assert "Traceback" not in out + err
+  assert "Traceback" not in out + err, err[-6000:]
   lines = _stderr_error_lines(err)
   assert len(lines) == 1 and err.rstrip().splitlines()[-1] == lines[0]
   assert re.fullmatch(
