@@ -12,9 +12,11 @@ fold ``fold``, evaluates the validation part after every epoch, and keeps the be
   done.json               written last; its presence means the run is complete
   .owner.lock             held (fcntl.flock) by the process training the run: one owner at a time
 
-A second command on a run in progress stops at once with ``RunInProgressError`` (who owns it,
-since when); the lock dies with its process, so a killed owner's run is taken over by the next
-command (``dsan_jax.run_lock``). Running the same command again resumes from ``checkpoints/latest`` and ends with the same
+A second command on a run in progress stops, after the cheap checks and before any data work,
+with ``RunInProgressError`` (who owns it, since when); the lock dies with its process, so a
+killed owner's run is taken over by the next command (``dsan_jax.run_lock``).
+
+Running the same command again resumes from ``checkpoints/latest`` and ends with the same
 parameters and metrics as an uninterrupted run (the data order is a function of the step and the
 seed, and every RNG lives in the state). A complete run is detected and not redone.
 """

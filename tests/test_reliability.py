@@ -853,9 +853,10 @@ def test_two_processes_build_one_phantom_set_and_cache_at_once(shared, tmp_path)
     assert p.returncode == 0, err[-3000:]
   times = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
   waited = [err for _, err in outs if "waiting for pid" in err]
-  print(f"\nbuild windows (s after go): "
-        f"{[(round(t['t0'] - times[0]['t0'], 2), round(t['t1'] - times[0]['t0'], 2)) for t in times]}"
-        f"; {len(waited)} of 2 waited for the other's phantoms")
+  windows = [(round(t["t0"] - times[0]["t0"], 2), round(t["t1"] - times[0]["t0"], 2))
+             for t in times]
+  print(f"\nbuild windows (s after go): {windows}; {len(waited)} of 2 waited for the other's "
+        "phantoms")
   assert all(t["n"] == 16 for t in times)
   assert max(t["t0"] for t in times) < min(t["t1"] for t in times)  # They overlapped.
   assert len(waited) == 1  # One wrote the phantoms, the other waited and kept them.
