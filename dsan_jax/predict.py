@@ -9,9 +9,10 @@ What it does:
    Table II; ``--fold K`` keeps fold K only). A run still training (or interrupted) is used
    through its best checkpoint so far, read under the checkpoints' shared lock (never one being
    written); a ``note:`` line on stderr and ``incomplete_runs`` in prediction.json say so.
-   By default every fold present is used and each variant's probability is the MEAN of its fold models' probabilities (the fold models are five
-   equally good estimates of the same model; averaging them is the usual cross-validation
-   ensemble and is never worse than a random one of them in expectation).
+   By default every fold present is used and each variant's probability is the MEAN of its
+   fold models' probabilities (the fold models are five equally good estimates of the same
+   model; averaging them is the usual cross-validation ensemble and is never worse than a
+   random one of them in expectation).
 2. Preprocesses the CT exactly as in training (``load_and_preprocess`` with the runs'
    ``config.data``; without ``--lung-mask`` the classical lung segmentation is used when the
    config allows it).
