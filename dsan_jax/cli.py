@@ -58,14 +58,15 @@ def _fmt(x) -> str:
 
 
 def run(app, main) -> None:
-  """``app.run(main)``, with ``DsanError`` reported as ``error: <file>: <cause>`` and exit 2."""
+  """``app.run(main)``, with ``DsanError`` reported as ``error: <file>: <cause>`` and exit 2
+  (75 for ``RunInProgressError``: the error's ``exit_code``)."""
 
   def wrapped(argv):
     try:
       return main(argv)
     except DsanError as e:
       print(f"error: {e}", file=sys.stderr, flush=True)
-      sys.exit(2)
+      sys.exit(e.exit_code)
     except KeyboardInterrupt:
       print("interrupted; rerun the same command to resume", file=sys.stderr)
       sys.exit(130)

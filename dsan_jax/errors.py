@@ -2,7 +2,11 @@
 
 
 class DsanError(Exception):
-  """Base class of expected, user-facing errors (bad input, bad config, no space...)."""
+  """Base class of expected, user-facing errors (bad input, bad config, no space...).
+
+  ``exit_code``: the command-line tools' exit status for it (2 unless a subclass says otherwise).
+  """
+  exit_code = 2
 
 
 class DataError(DsanError):
@@ -34,3 +38,9 @@ class ConfigError(DsanError):
 
 class ResourceError(DsanError):
   """Not enough disk space, an unwritable work directory, ..."""
+
+
+class RunInProgressError(DsanError):
+  """Another live process owns the run folder (``dsan_jax.run_lock``). Exit status 75
+  (``EX_TEMPFAIL``: try again later), so that a job script can tell it from a real error."""
+  exit_code = 75

@@ -57,7 +57,8 @@ import numpy as np
 from tqdm import tqdm
 
 from dsan_jax import ensemble as ensemble_lib
-from dsan_jax import experiment, explanation, metrics, plots, report, sharding, training, variants
+from dsan_jax import experiment, explanation, metrics, plots, report, run_lock, sharding, training
+from dsan_jax import variants
 from dsan_jax.data import pipeline
 from dsan_jax.data import preprocess
 from dsan_jax.errors import ConfigError, DsanError
@@ -436,6 +437,10 @@ def _extra_markdown(ev: Mapping[str, Any]) -> str:
     lines.append(f"| {r['variant']} | {r['fold']} | {r['best_epoch']} | {_fmt(r['best_val_auc'])} "
                  f"| {_fmt(r['max_abs_prob_diff'], 6)} |")
   lines += [""]
+  unfinished = [f"- {r['variant']} fold {r['fold']}: {r['status']} when evaluated (its best "
+                "checkpoint so far; no `max |dp|`)." for r in ev["runs"]
+                if r.get("status", "complete") != "complete"]
+  lines += unfinished + [""] if unfinished else []
   att = ev.get("attention_maps") or {}
   if att.get("display"):
     lines += ["### Do the attention maps overlap the infections more than the baseline's "
@@ -514,6 +519,9 @@ def evaluate_workdir(workdir: str | os.PathLike, config_overrides: Any = None,
   runs = find_runs(workdir)
   if not runs:
     raise DsanError(f"{workdir}: no trained runs (expected <variant>/fold_<k>/checkpoints/best)")
+  notes = {r: experiment.incomplete_note(r.variant, r.fold, r.run_dir) for r in runs}
+  for note in filter(None, notes.values()):
+    print(f"[dsan_jax] note: {note}", flush=True)
   mesh = sharding.make_mesh()
   first = experiment.load_config(runs[0].run_dir / "config.json")
   settings = _settings(first, config_overrides)
@@ -572,13 +580,15 @@ def evaluate_workdir(workdir: str | os.PathLike, config_overrides: Any = None,
         eval_steps[key] = training.make_eval_step(trained.model, mesh, key[1])
       run_pred = _predict_rows(trained, data, run.fold, mesh, eval_steps[key], batch_size)
       rows += run_pred
-      diff = _consistency(run.run_dir, run_pred)
+      # A run in progress may have saved val_predictions.csv of a newer best epoch meanwhile.
+      diff = None if notes[run] else _consistency(run.run_dir, run_pred)
       done = run.run_dir / "done.json"
       summary = json.loads(done.read_text()) if done.exists() else {}
       val_auc = (summary.get("best_val") or {}).get("auc", trained.meta.get("best_metric"))
       run_rows.append(dict(
           variant=run.variant, fold=run.fold, best_epoch=trained.meta.get("best_epoch"),
           best_val_auc=val_auc, complete=done.exists(),
+          status=experiment.run_status(run.run_dir) if notes[run] else "complete",
           n_val=sum(r["split"] == report.VAL for r in run_pred),
           n_test=sum(r["split"] == report.TEST for r in run_pred),
           max_abs_prob_diff=diff, run_dir=str(run.run_dir)))
@@ -682,8 +692,9 @@ def evaluate_workdir(workdir: str | os.PathLike, config_overrides: Any = None,
     result["out_dir"] = str(out_dir)
     result["figures"] = [os.path.relpath(p, tmp) for p in result.get("figures", [])]
     (tmp / "metrics.json").write_text(json.dumps(report.jsonable(result), indent=1, allow_nan=False))
-    if jax.process_index() == 0:
-      _replace_dir(tmp, out_dir)
+    if jax.process_index() == 0:  # Two evaluations of one workdir may finish at once.
+      with run_lock.locked(out_dir.parent / f".{out_dir.name}.lock"):
+        _replace_dir(tmp, out_dir)
   finally:
     if tmp.exists():
       shutil.rmtree(tmp, ignore_errors=True)

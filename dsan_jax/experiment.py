@@ -10,6 +10,11 @@ fold ``fold``, evaluates the validation part after every epoch, and keeps the be
   checkpoints/latest/     Orbax: state, data iterator state, meta (resume from here)
   checkpoints/best/       Orbax: the best epoch's state
   done.json               written last; its presence means the run is complete
+  .owner.lock             held (fcntl.flock) by the process training the run: one owner at a time
+
+A second command on a run in progress stops, after the cheap checks and before any data work,
+with ``RunInProgressError`` (who owns it, since when); the lock dies with its process, so a
+killed owner's run is taken over by the next command (``dsan_jax.run_lock``).
 
 Running the same command again resumes from ``checkpoints/latest`` and ends with the same
 parameters and metrics as an uninterrupted run (the data order is a function of the step and the
@@ -35,7 +40,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from dsan_jax import checkpointing, metrics, optim, sharding, training
+from dsan_jax import checkpointing, files, metrics, optim, run_lock, sharding, training
 from dsan_jax.data import cache as cache_lib
 from dsan_jax.data import folds as folds_lib
 from dsan_jax.data import manifest as manifest_lib
@@ -97,12 +102,17 @@ def _workers(config) -> int:
   return (os.cpu_count() or 1) if n < 0 else n
 
 
-def prepare_data(config, workdir: str | os.PathLike, progress: bool = True) -> Data:
-  """Loads (or generates) the manifest, builds the preprocessing cache and assigns the folds."""
+def prepare_data(config, workdir: str | os.PathLike, progress: bool = True,
+                 manifest: manifest_lib.Manifest | None = None) -> Data:
+  """Loads (or generates) the manifest, builds the preprocessing cache and assigns the folds.
+
+  ``manifest``: ``config.data.manifest`` already loaded (None: loaded here).
+  """
   synthetic = not config.data.manifest
   manifest_path = (synthetic_manifest(config, workdir, progress) if synthetic
                    else pathlib.Path(config.data.manifest))
-  manifest = manifest_lib.load_manifest(manifest_path, skip_bad=config.data.skip_bad)
+  if manifest is None:
+    manifest = manifest_lib.load_manifest(manifest_path, skip_bad=config.data.skip_bad)
   for case_id, reason in getattr(manifest, "skipped", []):
     log.warning("skipped %s: %s", case_id, reason)
   cache_dir = pathlib.Path(config.data.cache_dir or pathlib.Path(workdir) / "cache")
@@ -129,11 +139,31 @@ def is_complete(workdir, variant: str, fold: int) -> bool:
   return (run_dir(workdir, variant, fold) / "done.json").exists()
 
 
+def run_status(rd: str | os.PathLike) -> str:
+  """"complete", "in progress (pid P on host H since T)", or "interrupted" (neither)."""
+  rd = pathlib.Path(rd)
+  if (rd / "done.json").exists():
+    return "complete"
+  owner = run_lock.run_owner(rd)
+  return f"in progress ({owner.describe()})" if owner else "interrupted"
+
+
+def incomplete_note(variant: str, fold: int, rd: str | os.PathLike) -> str | None:
+  """One line about a run that is not complete (None for a complete one), for the readers."""
+  rd = pathlib.Path(rd)
+  if (rd / "done.json").exists():
+    return None
+  owner = run_lock.run_owner(rd)
+  what = (f"still being trained ({owner.describe()})" if owner else
+          "interrupted (nobody trains it; rerun its train.py command to finish it)")
+  return f"{variant} fold {fold} is {what}: its best checkpoint so far is used"
+
+
 def check_workdir(path: pathlib.Path, need_bytes: int) -> None:
   """Fails early, with a clear message, when ``path`` is not writable or too full."""
   try:
     path.mkdir(parents=True, exist_ok=True)
-    probe = path / ".write_test"
+    probe = files.temp_path(path / "write_test")  # Unique: other commands may probe at once.
     probe.write_bytes(b"ok")
     probe.unlink()
   except OSError as e:
@@ -144,21 +174,13 @@ def check_workdir(path: pathlib.Path, need_bytes: int) -> None:
                         f"{need_bytes / 2**30:.2f} GiB (checkpoints and cache)")
 
 
-def _atomic_write_text(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
-
-
 def write_predictions(path: pathlib.Path, rows: list[dict[str, Any]]) -> None:
   """Per-case predictions as CSV, written atomically."""
-  tmp = path.with_name(path.name + ".tmp")
-  with open(tmp, "w", newline="") as f:
+  with files.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=["case_id", "label", "ratio", "prob"])
     w.writeheader()
     for r in rows:
       w.writerow(r)
-  os.replace(tmp, path)
 
 
 def read_predictions(path: pathlib.Path) -> list[dict[str, Any]]:
@@ -247,10 +269,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     raise ConfigError(f"--fold must be in [0, {config.data.num_folds - 1}], got {fold}")
   rd = run_dir(workdir, config.variant, fold)
   if (rd / "done.json").exists():
-    summary = json.loads((rd / "done.json").read_text())
-    log.info("%s is already complete (best epoch %s, %s=%.4f); nothing to do.", rd,
-             summary["best_epoch"], summary["select_metric"], summary["best_metric"] or float("nan"))
-    return dict(summary, status="already_complete")
+    return _already_complete(rd)
 
   model = model_from_config(config.model)
   mesh = sharding.make_mesh()
@@ -266,8 +285,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   size_probe = training.abstract_train_state(model, optim.make_optimizer(config.optim, 1),
                                              config.seed, input_shape)
   check_workdir(pathlib.Path(workdir), need_bytes=4 * _state_bytes(size_probe) + 2**26)
+  manifest = None
+  if data is None and config.data.manifest:  # Checked (headers only) before anything is written.
+    manifest = manifest_lib.load_manifest(config.data.manifest, skip_bad=config.data.skip_bad)
 
-  data = data or prepare_data(config, workdir, progress)
+  with run_lock.own_run(rd):  # Raises RunInProgressError when another process trains it.
+    if (rd / "done.json").exists():  # Finished by the previous owner since the check above.
+      return _already_complete(rd)
+    try:
+      data = data or prepare_data(config, workdir, progress, manifest)
+      return _train(config, fold, rd, model, mesh, data, progress, max_steps)
+    except OSError as e:
+      if not files.is_no_space(e):
+        raise
+      where = pathlib.Path(e.filename).parent if e.filename else rd
+      raise files.no_space_error(
+          where, f"while writing {files.final_name(e.filename)}" if e.filename else "",
+          "; the last complete checkpoint is intact: free some space and rerun the same "
+          "command to resume") from None
+
+
+def _already_complete(rd: pathlib.Path) -> dict[str, Any]:
+  summary = json.loads((rd / "done.json").read_text())
+  log.info("%s is already complete (best epoch %s, %s=%.4f); nothing to do.", rd,
+           summary["best_epoch"], summary["select_metric"], summary["best_metric"] or float("nan"))
+  return dict(summary, status="already_complete")
+
+
+def _train(config, fold: int, rd: pathlib.Path, model, mesh, data: Data, progress: bool,
+           max_steps: int | None) -> dict[str, Any]:
+  """The body of ``train_and_evaluate``, run by the owner of ``rd``."""
+  batch_size = config.train.batch_size
+  input_shape = (batch_size, *config.data.target_shape)
   dataset = data.dataset
   train_idx, val_idx = folds_lib.split_indices(data.folds, fold)
   steps_per_epoch = len(train_idx) // batch_size
@@ -280,7 +329,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   primary = jax.process_index() == 0  # Only the primary process writes files of its own.
   rd.mkdir(parents=True, exist_ok=True)
   if primary:
-    _atomic_write_text(rd / "config.json", config.to_json_best_effort(indent=2))
+    files.write_text(rd / "config.json", config.to_json_best_effort(indent=2))
   ckpts = checkpointing.RunCheckpoints(rd)
   from dsan_jax.run_log import RunLog
   run_log = RunLog(rd)
@@ -402,7 +451,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                  best_val={k: best_rows[0].get(f"val_{k}") for k in metrics.METRIC_NAMES}
                  if best_rows else {}, steps=step, data=data.note)
   if primary:
-    _atomic_write_text(rd / "done.json", json.dumps(summary, indent=2))
+    files.write_text(rd / "done.json", json.dumps(summary, indent=2))
   return dict(summary, status="complete")
 
 
@@ -441,7 +490,7 @@ def load_trained(rd: str | os.PathLike, mesh=None, which: str = "best") -> Train
   tx = optim.make_optimizer(config.optim, 1)
   input_shape = (1, *config.data.target_shape)
   abstract = training.abstract_train_state(model, tx, config.seed, input_shape)
-  ckpts = checkpointing.RunCheckpoints(rd)
+  ckpts = checkpointing.RunCheckpoints(rd, read_only=True)  # The run may be in progress.
   try:
     state, _, meta = ckpts.restore(which, abstract, mesh)
   except FileNotFoundError:

@@ -6,10 +6,13 @@
 What it does:
 
 1. Finds every ``<workdir>/<variant>/fold_<k>`` with a best checkpoint (the three variants of
-   Table II; ``--fold K`` keeps fold K only). By default every fold present is used and each
-   variant's probability is the MEAN of its fold models' probabilities (the fold models are five
-   equally good estimates of the same model; averaging them is the usual cross-validation
-   ensemble and is never worse than a random one of them in expectation).
+   Table II; ``--fold K`` keeps fold K only). A run still training (or interrupted) is used
+   through its best checkpoint so far, read under the checkpoints' shared lock (never one being
+   written); a ``note:`` line on stderr and ``incomplete_runs`` in prediction.json say so.
+   By default every fold present is used and each variant's probability is the MEAN of its
+   fold models' probabilities (the fold models are five equally good estimates of the same
+   model; averaging them is the usual cross-validation ensemble and is never worse than a
+   random one of them in expectation).
 2. Preprocesses the CT exactly as in training (``load_and_preprocess`` with the runs'
    ``config.data``; without ``--lung-mask`` the classical lung segmentation is used when the
    config allows it).
@@ -141,6 +144,10 @@ def predict_case(workdir: str | os.PathLike, image: str | os.PathLike,
   if out_path is not None:
     _check_out(out_path)
   runs = _runs(workdir, fold)
+  unfinished = [n for n in (experiment.incomplete_note(r.variant, r.fold, r.run_dir)
+                            for r in runs) if n]  # A run in progress: its best checkpoint so far.
+  for note in unfinished:
+    print(f"note: {note}", file=sys.stderr, flush=True)
   configs = {r: experiment.load_config(r.run_dir / "config.json") for r in runs}
   settings = {r: preprocess.PreprocessSettings.from_config(c) for r, c in configs.items()}
   first = runs[0]
@@ -223,6 +230,8 @@ def predict_case(workdir: str | os.PathLike, image: str | os.PathLike,
       workdir=str(workdir.resolve()),
       note="Research software; not a medical device.",
   )
+  if unfinished:
+    result["incomplete_runs"] = unfinished
   if out_path is None:
     return result
 

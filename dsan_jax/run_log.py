@@ -6,6 +6,7 @@ import os
 import pathlib
 from typing import Any, Mapping
 
+from dsan_jax import files
 from dsan_jax.report import jsonable
 
 
@@ -36,19 +37,14 @@ class RunLog:
 
   def _rewrite(self, rows) -> None:
     self.dir.mkdir(parents=True, exist_ok=True)
-    tmp = self.jsonl.with_suffix(".jsonl.tmp")
-    with open(tmp, "w") as f:
-      for r in rows:
-        f.write(json.dumps({k: jsonable(v) for k, v in r.items()}) + "\n")
-    os.replace(tmp, self.jsonl)
+    files.write_text(self.jsonl, "".join(
+        json.dumps({k: jsonable(v) for k, v in r.items()}) + "\n" for r in rows))
     keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "epoch", k))
-    tmp = self.csv.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
+    with files.atomic_path(self.csv) as tmp, open(tmp, "w", newline="") as f:
       w = csv.DictWriter(f, fieldnames=keys)
       w.writeheader()
       for r in rows:
         w.writerow({k: jsonable(v) for k, v in r.items()})
-    os.replace(tmp, self.csv)
 
   def write(self, row: Mapping[str, Any]) -> None:
     row = {k: jsonable(v) for k, v in row.items()}

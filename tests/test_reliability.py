@@ -1,4 +1,5 @@
-"""Reliability (issue 6): kill -9, numerical faults, reproducibility, resource and input errors.
+"""Reliability (issues 6 and 15): kill -9, numerical faults, reproducibility, resource and input
+errors, one owner per run folder, concurrent builders, a disk that fills up mid-run.
 
 The slow tests drive ``train.py`` as a real child process (``subprocess.Popen``) and kill it with
 SIGKILL. Every run of the module shares one synthetic set, one preprocessing cache and one JAX
@@ -10,11 +11,14 @@ from __future__ import annotations
 
 import collections
 import csv
+import fcntl
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,7 +31,7 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from dsan_jax import checkpointing, errors, experiment, sharding
+from dsan_jax import checkpointing, errors, experiment, run_lock, sharding
 from dsan_jax.data import cache as cache_lib
 from dsan_jax.data import pipeline
 
@@ -262,17 +266,7 @@ def test_kill_9_at_random_moments_then_rerun_equals_uninterrupted(shared, refere
   leftover = [n for names in _ckpt_entries(rd).values() for n in names if "tmp" in n]
   assert not leftover, leftover
 
-  ref = reference["rd"]
-  _assert_same_metrics(_metrics_rows(ref), _metrics_rows(rd))
-  s_ref, s_kill = _final_state(ref), _final_state(rd)
-  chex.assert_trees_all_close(s_ref, s_kill, rtol=1e-6, atol=1e-7)
-  print("final state bitwise equal to the uninterrupted run:", _bitwise_equal(s_ref, s_kill))
-  p_ref = experiment.read_predictions(ref / "val_predictions.csv")
-  p_kill = experiment.read_predictions(rd / "val_predictions.csv")
-  assert [p["case_id"] for p in p_ref] == [p["case_id"] for p in p_kill]
-  np.testing.assert_allclose([p["prob"] for p in p_ref], [p["prob"] for p in p_kill], rtol=1e-6)
-  d_ref, d_kill = (json.loads((r / "done.json").read_text()) for r in (ref, rd))
-  assert d_ref == d_kill
+  _assert_equals_reference(rd, reference["rd"])
 
 
 def _tiny_state():
@@ -599,3 +593,299 @@ def test_corrupt_cache_entries_are_detected_and_rebuilt_on_rerun(shared, tmp_pat
   assert json.loads(p1["meta"].read_text())["case_id"] == ds.case_ids[1]
   assert untouched.stat().st_mtime_ns == mtime  # Only the damaged entries were rebuilt.
   assert not [p for p in cache.iterdir() if ".tmp-" in p.name]
+
+
+# ------------------------------------------- 7. concurrent commands and a full disk (issue 15).
+
+
+def _owner_pid(rd: pathlib.Path) -> int | None:
+  try:
+    return json.loads((rd / run_lock.RUN_LOCK_NAME).read_text())["pid"]
+  except (FileNotFoundError, ValueError, KeyError):
+    return None
+
+
+def _wait_until(condition, proc: subprocess.Popen, what: str, timeout: float = RUN_TIMEOUT_S):
+  """Polls ``condition()`` every 2 ms while ``proc`` runs; fails if it exits first."""
+  t0 = time.perf_counter()
+  while not condition():
+    if proc.poll() is not None:
+      raise AssertionError(f"{what}: the process ended first (rc {proc.returncode}):\n"
+                           + proc.stdout.read()[-3000:])
+    if time.perf_counter() - t0 > timeout:
+      raise TimeoutError(what)
+    time.sleep(0.002)
+
+
+def _committed_step(rd: pathlib.Path, which: str, step: int):
+  return lambda: step in _committed(_ckpt_entries(rd)[which])
+
+
+def _stop_outside_checkpoint_writes(proc: subprocess.Popen, rd: pathlib.Path) -> None:
+  """SIGSTOPs ``proc`` at a moment it does not hold the checkpoint writer lock."""
+  fd = os.open(rd / "checkpoints" / checkpointing.LOCK_NAME, os.O_RDONLY)
+  try:
+    while True:
+      proc.send_signal(signal.SIGSTOP)
+      try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # Free: the save has returned.
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return
+      except BlockingIOError:
+        proc.send_signal(signal.SIGCONT)
+        time.sleep(0.01)
+  finally:
+    os.close(fd)
+
+
+def _assert_equals_reference(rd: pathlib.Path, ref: pathlib.Path) -> None:
+  """Final state, metrics, validation predictions and done.json as the uninterrupted run's."""
+  _assert_same_metrics(_metrics_rows(ref), _metrics_rows(rd))
+  s_ref, s_run = _final_state(ref), _final_state(rd)
+  chex.assert_trees_all_close(s_ref, s_run, rtol=1e-6, atol=1e-7)
+  print("final state bitwise equal to the uninterrupted run:", _bitwise_equal(s_ref, s_run))
+  p_ref = experiment.read_predictions(ref / "val_predictions.csv")
+  p_run = experiment.read_predictions(rd / "val_predictions.csv")
+  assert [p["case_id"] for p in p_ref] == [p["case_id"] for p in p_run]
+  np.testing.assert_allclose([p["prob"] for p in p_ref], [p["prob"] for p in p_run], rtol=1e-6)
+  d_ref, d_run = (json.loads((r / "done.json").read_text()) for r in (ref, rd))
+  assert d_ref == d_run
+
+
+def test_owner_lock_dies_with_its_process(tmp_path):
+  """A real holder process: the lock is refused while it lives, taken over after kill -9."""
+  path = tmp_path / ".owner.lock"
+  code = ("import sys, time; from dsan_jax import run_lock; "
+          f"l = run_lock.OwnerLock({str(path)!r}); assert l.acquire(); print('held', flush=True); "
+          "time.sleep(120)")
+  proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
+                          text=True)
+  try:
+    assert proc.stdout.readline().strip() == "held"
+    owner = run_lock.holder(path)
+    assert owner is not None and owner.pid == proc.pid and owner.host == socket.gethostname()
+    mine = run_lock.OwnerLock(path)
+    t0 = time.perf_counter()
+    assert not mine.acquire(retry_s=0.2)
+    assert time.perf_counter() - t0 >= 0.2
+  finally:
+    proc.kill()
+    proc.wait()
+    proc.stdout.close()
+  assert run_lock.holder(path) is None  # Its record is still there, its lock is gone.
+  assert mine.acquire(retry_s=0) and mine.previous.pid == proc.pid
+  assert run_lock.holder(path).pid == os.getpid()
+  mine.release()
+  assert path.read_text() == "" and run_lock.holder(path) is None
+
+
+@pytest.mark.slow
+def test_second_train_py_refused_then_kill_9_of_the_owner_is_taken_over(shared, reference):
+  """Two ``train.py`` on one run: one trains, the other stops with one line (exit 75). Readers
+  use complete checkpoints while it trains; the owner is SIGKILLed; the next command takes the
+  run over and ends identical to the uninterrupted run."""
+  workdir = shared["root"] / "owned"
+  rd = _rd(workdir)
+  cmd = _train_cmd(shared, workdir)
+  owner = subprocess.Popen(cmd, cwd=REPO, env=_env(shared), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+  try:
+    _wait_until(lambda: _owner_pid(rd) == owner.pid, owner, "owner lock taken")
+    t0 = time.perf_counter()
+    second = _run(shared, cmd)
+    seconds = time.perf_counter() - t0
+    print(f"\nsecond train.py stopped after {seconds:.1f} s (rc {second.returncode})")
+    assert second.returncode == 75, second.stderr[-3000:]
+    assert "Traceback" not in second.stderr + second.stdout
+    errors_ = _stderr_error_lines(second.stderr)
+    assert len(errors_) == 1 and second.stderr.rstrip().splitlines()[-1] == errors_[0]
+    assert re.fullmatch(
+        rf"error: {re.escape(str(rd))}: run in progress, owned by pid {owner.pid} on host "
+        rf"{re.escape(socket.gethostname())} since \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d UTC; wait "
+        r"for it to finish, or stop it and rerun this command to resume", errors_[0]), errors_
+    assert "train /" not in second.stdout  # Stopped before the data and the training.
+
+    # Readers while it trains: only complete checkpoints, never one being written or removed.
+    _wait_until(_committed_step(rd, "latest", 1), owner, "latest/1")
+    reads = []
+    while 2 not in _committed(_ckpt_entries(rd)["latest"]) and owner.poll() is None:
+      reads.append(int(experiment.load_trained(rd, which="latest").state.step))
+    _wait_until(_committed_step(rd, "latest", 2), owner, "latest/2")
+    _stop_outside_checkpoint_writes(owner, rd)
+    note = experiment.incomplete_note("att_rn34_us", 0, rd)
+    assert note.startswith(f"att_rn34_us fold 0 is still being trained (pid {owner.pid} "), note
+    best = experiment.load_trained(rd, which="best")
+    print(f"reads of latest while it trained: {len(reads)} (steps {sorted(set(reads))}); "
+          f"best read while stopped: epoch {best.meta['best_epoch']}; note: {note}")
+    assert reads and set(reads) <= {1, 2} and best.meta["best_epoch"] == 0
+    owner.send_signal(signal.SIGKILL)
+    owner.wait()
+  finally:
+    if owner.poll() is None:
+      owner.kill()
+      owner.wait()
+    owner.stdout.close()
+  assert owner.returncode == -signal.SIGKILL
+  assert _owner_pid(rd) == owner.pid and run_lock.run_owner(rd) is None  # Stale, free.
+  assert experiment.run_status(rd) == "interrupted"
+
+  final = _run(shared, cmd)
+  assert final.returncode == 0, final.stderr[-3000:]
+  assert f"taking over from a previous owner that is gone (pid {owner.pid} " in final.stderr
+  assert "Resuming" in final.stderr and "done:" in final.stdout
+  assert (rd / run_lock.RUN_LOCK_NAME).read_text() == ""  # Released on a clean exit.
+  _assert_equals_reference(rd, reference["rd"])
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 80 MiB tmpfs mounted for the test (root only; skipped where mounting is not allowed)."""
+  mnt = tmp_path / "disk"
+  mnt.mkdir()
+  res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=80m", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+  if res.returncode != 0:
+    pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip() or res.returncode}")
+  try:
+    yield mnt
+  finally:
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _fill(folder: pathlib.Path, leave_bytes: int) -> pathlib.Path:
+  filler = folder / "filler"
+  with open(filler, "wb") as f:
+    chunk = b"\0" * (1 << 20)
+    while (free := shutil.disk_usage(folder).free) > leave_bytes:
+      try:
+        f.write(chunk[: min(len(chunk), free - leave_bytes)])
+        f.flush()
+      except OSError:
+        break
+  return filler
+
+
+@pytest.mark.slow
+def test_disk_full_mid_run_one_line_then_resume_equals_uninterrupted(shared, reference,
+                                                                      small_disk):
+  """The disk fills (another writer) while the run trains: one line naming the path and the
+  cause, no traceback, the last complete checkpoint valid; after freeing space the same command
+  resumes and ends identical to the uninterrupted run."""
+  workdir = small_disk / "runs"
+  rd = _rd(workdir)
+  cmd = _train_cmd(shared, workdir)
+  proc = subprocess.Popen(cmd, cwd=REPO, env=_env(shared), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  try:
+    _wait_until(_committed_step(rd, "latest", 1), proc, "latest/1")
+    _stop_outside_checkpoint_writes(proc, rd)
+    # Room for the small files of the epoch end, not for the next checkpoint (~0.8 MB).
+    filler = _fill(small_disk, leave_bytes=200_000)
+    proc.send_signal(signal.SIGCONT)
+    out, err = proc.communicate(timeout=RUN_TIMEOUT_S)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  print(f"\nfilled to {shutil.disk_usage(small_disk).free} bytes free; stderr tail: "
+        f"{err.rstrip().splitlines()[-1]}")
+  assert proc.returncode == 2, err[-3000:]
+  assert "Traceback" not in out + err, err[-6000:]
+  lines = _stderr_error_lines(err)
+  assert len(lines) == 1 and err.rstrip().splitlines()[-1] == lines[0]
+  assert re.fullmatch(
+      rf"error: {re.escape(str(rd))}/\S+: no space left on device \(while \S.*\); the last "
+      r"complete checkpoint.* is intact: free some space and rerun the same command to resume",
+      lines[0]), lines
+  # The last complete checkpoint is valid, nothing half-written is left to take the space.
+  entries = _ckpt_entries(rd)
+  assert _committed(entries["latest"]) == [1] and not [
+      n for names in entries.values() for n in names if "tmp" in n], entries
+  assert int(experiment.load_trained(rd, which="latest").state.step) == 1
+  assert not list(rd.glob(".*.tmp-*")) and not (rd / "done.json").exists()
+
+  filler.unlink()
+  res = _run(shared, cmd)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert "Resuming" in res.stderr
+  _assert_equals_reference(rd, reference["rd"])
+
+
+_BUILD_CHILD = """
+import json, pathlib, sys, time, logging
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+from configs import smoke
+from dsan_jax import experiment
+root, go = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+config = smoke.get_config()
+config.data.synthetic.num_cases = 16
+config.data.preprocess_workers = 0
+config.data.synthetic.out_dir = str(root / "syn")
+config.data.cache_dir = str(root / "cache")
+(root / f"ready-{sys.argv[3]}").touch()
+while not go.exists():
+  time.sleep(0.002)
+t0 = time.time()
+data = experiment.prepare_data(config, root, progress=False)
+print(json.dumps(dict(t0=t0, t1=time.time(), n=len(data.dataset))))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_build_one_phantom_set_and_cache_at_once(shared, tmp_path):
+  """Two real processes prepare the same synthetic set and cache at the same moment: every
+  phantom and cache entry is valid and identical to a single build (``shared``)."""
+  go = tmp_path / "go"
+  procs = [subprocess.Popen([sys.executable, "-c", _BUILD_CHILD, str(tmp_path), str(go), str(i)],
+                            cwd=REPO, env=_env(shared), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  try:
+    for i, p in enumerate(procs):
+      _wait_until(lambda i=i: (tmp_path / f"ready-{i}").exists(), p, f"child {i} ready", 120)
+    go.touch()
+    outs = [p.communicate(timeout=RUN_TIMEOUT_S) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  times = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+  waited = [err for _, err in outs if "waiting for pid" in err]
+  windows = [(round(t["t0"] - times[0]["t0"], 2), round(t["t1"] - times[0]["t0"], 2))
+             for t in times]
+  print(f"\nbuild windows (s after go): {windows}; {len(waited)} of 2 waited for the other's "
+        "phantoms")
+  assert all(t["n"] == 16 for t in times)
+  assert max(t["t0"] for t in times) < min(t["t1"] for t in times)  # They overlapped.
+  assert len(waited) == 1  # One wrote the phantoms, the other waited and kept them.
+
+  # Phantoms: byte-identical to a single generation (the set is a function of the seed).
+  single, both = shared["syn"], tmp_path / "syn"
+  names = sorted(p.relative_to(single).as_posix() for p in single.rglob("*.nii.gz"))
+  assert len(names) == 48 and names == sorted(
+      p.relative_to(both).as_posix() for p in both.rglob("*.nii.gz"))
+  assert (both / "manifest.csv").read_bytes() == (single / "manifest.csv").read_bytes()
+  for n in names:
+    assert (both / n).read_bytes() == (single / n).read_bytes(), n
+  # Cache: every entry complete (checksums) and identical to the single build's.
+  config = _config(shared)
+  ds_single = experiment.prepare_data(config, shared["root"], progress=False).dataset
+  config.data.synthetic.out_dir, config.data.cache_dir = str(both), str(tmp_path / "cache")
+  ds_both = experiment.prepare_data(config, tmp_path, progress=False).dataset
+  assert ds_both.case_ids == ds_single.case_ids
+  for k_both, k_single in zip(ds_both.keys, ds_single.keys):
+    meta = cache_lib.check_entry(tmp_path / "cache", k_both, verify="checksum")
+    assert meta is not None
+    a = cache_lib.entry_paths(tmp_path / "cache", k_both)
+    b = cache_lib.entry_paths(shared["cache"], k_single)
+    for part in ("image", "mask"):
+      assert a[part].exists() == b[part].exists()
+      if b[part].exists():
+        assert a[part].read_bytes() == b[part].read_bytes()
+    other = json.loads(b["meta"].read_text())
+    assert {k: v for k, v in meta.items() if k != "sources"} == {
+        k: v for k, v in other.items() if k != "sources"}
+  for folder in (both, both / "images", tmp_path / "cache"):
+    assert not [p.name for p in folder.iterdir() if ".tmp" in p.name]

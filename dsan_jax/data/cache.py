@@ -11,9 +11,16 @@ The key is a SHA-256 of the case's input files (absolute path, size, mtime; for 
 folder, a hash of its files' names, sizes and mtimes) and of the
 preprocessing settings (``PreprocessSettings`` + ``CACHE_VERSION``): changing a file or a
 setting gives a new key, so the entry is rebuilt (old entries stay until ``prune``).
-Every file is written to a temporary name in the same folder and renamed (``os.replace``);
-the sidecar comes last, so an entry is complete iff its sidecar exists and matches. A killed
-build leaves only temporary files, which the next build removes when their writer is dead.
+Every file is written to a temporary name of its own in the same folder (``dsan_jax.files``)
+and renamed (``os.replace``); the sidecar comes last, so an entry is complete iff its sidecar
+exists and matches. A killed build leaves only temporary files, which the next build removes
+when their writer is dead.
+
+Several processes may build one cache at once (two jobs, or the processes of a multi-host run):
+a case already complete is not preprocessed again, and an entry is committed (its renames) under
+an exclusive ``flock`` on ``.commit.lock`` after checking, under the lock, that no other process
+committed it first; if one did, its entry is kept and this process's copy discarded. So every
+entry's files come from one writer, whatever the interleaving.
 
 uint8 quantisation of [0, 1] has steps of 1/255 (max error 1/510 ~ 0.002, about 3 HU in the
 1500 HU window), far below CT noise; the image then takes 9 MB per 138x256x256 case instead
@@ -36,17 +43,18 @@ import multiprocessing
 import os
 from pathlib import Path
 import shutil
-import uuid
 import zlib
 
 import numpy as np
 
+from dsan_jax import files, run_lock
 from dsan_jax.data import io
 from dsan_jax.data import manifest as manifest_lib
 from dsan_jax.data import preprocess
 from dsan_jax.errors import DataError, DsanError, ManifestError, ResourceError
 
 CACHE_VERSION = 1  # Bump when the preprocessing code changes its output.
+COMMIT_LOCK = ".commit.lock"
 _ENTRY_OVERHEAD_BYTES = 8192
 
 
@@ -71,30 +79,15 @@ def _crc(path: Path) -> int:
   return crc
 
 
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-  tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-  try:
-    with open(tmp, "wb") as f:
-      np.save(f, array)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if tmp.exists():
-      tmp.unlink()
+def _save_npy(path: Path, array: np.ndarray) -> None:
+  with open(path, "wb") as f:
+    np.save(f, array)
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def _atomic_write_json(path: Path, obj) -> None:
-  tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-  try:
-    with open(tmp, "w") as f:
-      json.dump(obj, f, indent=1)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if tmp.exists():
-      tmp.unlink()
+  files.write_text(path, json.dumps(obj, indent=1), fsync=True)
 
 
 def entry_paths(cache_dir: Path, key: str) -> dict[str, Path]:
@@ -125,35 +118,73 @@ def check_entry(cache_dir: Path, key: str, verify: str = "size") -> dict | None:
 
 
 def preprocess_case(case: manifest_lib.Case, settings: preprocess.PreprocessSettings,
-                    cache_dir: Path, key: str) -> dict:
+                    cache_dir: Path, key: str, verify: str = "size") -> dict:
   """Preprocesses one case and writes its cache entry (runs in a worker process).
+
+  An entry that another process completed meanwhile (checked with ``verify``) is kept.
 
   Returns:
     The entry's sidecar dict.
   """
+  existing = check_entry(cache_dir, key, verify)
+  if existing is not None:  # Another process built it since this build's plan.
+    return existing
   out = preprocess.load_and_preprocess(case.image, case.lung_mask, case.infection_mask,
                                        config=_settings_as_config(settings))
   paths = entry_paths(cache_dir, key)
   image_u8 = np.round(out.image * 255.0).astype(np.uint8)
-  _atomic_save_npy(paths["image"], image_u8)
+  tmps = {"image": files.temp_path(paths["image"])}
   has_mask = out.infection_mask is not None
   if has_mask:
-    _atomic_save_npy(paths["mask"], np.packbits(out.infection_mask.ravel() > 0))
+    tmps["mask"] = files.temp_path(paths["mask"])
+  try:
+    _save_npy(tmps["image"], image_u8)
+    if has_mask:
+      _save_npy(tmps["mask"], np.packbits(out.infection_mask.ravel() > 0))
+    crcs = {k: _crc(tmp) for k, tmp in tmps.items()}
+  except BaseException:
+    _remove(tmps)
+    raise
   meta = {
       "case_id": case.case_id,
       "shape": list(image_u8.shape),
       "has_mask": has_mask,
       "ratio": None if math.isnan(out.ratio) else float(out.ratio),
       "lung_mask_source": out.lung_mask_source,
-      "crc_image": _crc(paths["image"]),
-      "crc_mask": _crc(paths["mask"]) if has_mask else None,
+      "crc_image": crcs["image"],
+      "crc_mask": crcs.get("mask"),
       "fit_factor": out.geometry.fit_factor,
       "output_spacing": list(out.geometry.output_spacing),
       "sources": [None if p is None else str(p) for p in
                   (case.image, case.lung_mask, case.infection_mask)],
       "version": CACHE_VERSION,
   }
-  _atomic_write_json(paths["meta"], meta)
+  return _commit(cache_dir, key, tmps, meta, verify)
+
+
+def _remove(tmps: dict[str, Path]) -> None:
+  for tmp in tmps.values():
+    tmp.unlink(missing_ok=True)
+
+
+def _commit(cache_dir: Path, key: str, tmps: dict[str, Path], meta: dict, verify: str) -> dict:
+  """Renames an entry's arrays (``tmps``) into place, sidecar last, unless another process was
+  first (checked under the commit lock); the temporary files are gone afterwards either way.
+
+  Returns:
+    The sidecar of the entry now in place (``meta``, or the other process's).
+  """
+  try:
+    with run_lock.locked(cache_dir / COMMIT_LOCK):
+      existing = check_entry(cache_dir, key, verify)
+      if existing is not None:  # Another process committed it first: keep theirs.
+        return existing
+      paths = entry_paths(cache_dir, key)
+      for k, tmp in tmps.items():
+        os.replace(tmp, paths[k])
+      _atomic_write_json(paths["meta"], meta)
+  finally:
+    _remove(tmps)
   return meta
 
 
@@ -170,28 +201,13 @@ def _settings_as_config(settings):
 
 
 def _worker(args):
-  case, settings, cache_dir, key = args
+  case, settings, cache_dir, key, verify = args
   try:
-    return key, preprocess_case(case, settings, cache_dir, key), None
+    return key, preprocess_case(case, settings, cache_dir, key, verify), None
   except DsanError as e:
     return key, None, str(e)
   except MemoryError:
     return key, None, f"{case.image}: out of memory while preprocessing"
-
-
-def _remove_stale_tmp(cache_dir: Path) -> None:
-  """Removes temporary files whose writing process is gone (killed builds)."""
-  for p in cache_dir.glob(".*.tmp-*"):
-    try:
-      pid = int(p.name.split(".tmp-")[1].split("-")[0])
-    except (IndexError, ValueError):
-      continue
-    try:
-      os.kill(pid, 0)
-    except ProcessLookupError:
-      p.unlink(missing_ok=True)
-    except PermissionError:
-      pass
 
 
 def estimate_entry_bytes(target_shape) -> int:
@@ -203,7 +219,7 @@ def estimate_entry_bytes(target_shape) -> int:
 def _check_resources(cache_dir: Path, n_todo: int, target_shape) -> None:
   try:
     cache_dir.mkdir(parents=True, exist_ok=True)
-    probe = cache_dir / f".write-probe-{os.getpid()}"
+    probe = files.temp_path(cache_dir / "write-probe")
     probe.write_bytes(b"ok")
     probe.unlink()
   except OSError as e:
@@ -325,11 +341,11 @@ def build_cache(manifest: manifest_lib.Manifest, data_config, cache_dir: str | o
     else:
       metas[key] = meta
   _check_resources(cache_dir, len(todo), settings.target_shape)
-  _remove_stale_tmp(cache_dir)
+  files.remove_stale_temps(cache_dir)  # Left by killed builds.
 
   if todo:
     from tqdm.auto import tqdm
-    jobs = [(case, settings, cache_dir, key) for case, key in todo]
+    jobs = [(case, settings, cache_dir, key, verify) for case, key in todo]
     bar = tqdm(total=len(jobs), desc="preprocessing", unit="case", disable=(
         None if progress is None else not progress))
     if num_workers is None:

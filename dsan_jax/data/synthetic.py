@@ -22,8 +22,11 @@ CLI::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
+import json
+import logging
 import math
 import multiprocessing
 import os
@@ -33,6 +36,10 @@ from typing import Sequence
 
 import nibabel as nib
 import numpy as np
+
+from dsan_jax import files, run_lock
+
+log = logging.getLogger("dsan_jax")
 
 # ------------------------------------------------------------------ plan (docs/synthetic.md).
 COVID_FRACTION = 0.5  # P(label = COVID) per patient (the paper's TV set is ~50/50).
@@ -516,9 +523,8 @@ def _save(path: Path, arr_zyx: np.ndarray, grid: _Grid, intercept: bool) -> None
   img.set_sform(affine, code=1)
   if intercept:
     img.header.set_slope_inter(1.0, -1024.0)
-  tmp = path.with_name(path.name + ".tmp.nii.gz")
-  img.to_filename(str(tmp))
-  os.replace(tmp, path)
+  with files.atomic_path(path, suffix=".nii.gz") as tmp:  # Unique: generators may run at once.
+    img.to_filename(str(tmp))
 
 
 def _write_case(args: tuple[CaseSpec, str]) -> dict:
@@ -557,13 +563,60 @@ def generate(out_dir: str | os.PathLike, num_cases: int, seed: int, size_scale: 
     num_workers: processes; None -> ``os.cpu_count()``; 0 or 1 = in process.
     progress: show a tqdm bar.
 
+  Several processes may call this on one ``out_dir`` at once: the first writes the set while
+  holding ``out_dir/.generate.lock``; the others wait, then keep its set when their parameters
+  are the same (``.generate.json``) and write it again otherwise. Every file is written under a
+  temporary name of its own and renamed.
+
   Returns:
     Path of the manifest CSV.
   """
   out = Path(out_dir)
   for sub in ("images", "lung_masks", "infection_masks"):
     (out / sub).mkdir(parents=True, exist_ok=True)
-  specs = plan_cases(num_cases, seed, size_scale, covid_fraction, repeat_fraction, test_fraction)
+  params = dict(num_cases=num_cases, seed=seed, size_scale=size_scale,
+                covid_fraction=covid_fraction, repeat_fraction=repeat_fraction,
+                test_fraction=test_fraction)
+  with _generation(out, params) as finished:
+    if finished:
+      return out / "manifest.csv"
+    specs = plan_cases(num_cases, seed, size_scale, covid_fraction, repeat_fraction,
+                       test_fraction)
+    rows = _write_cases(specs, out, num_workers, progress)
+    files.write_text(out / PARAMS_FILE, json.dumps(params, sort_keys=True))
+    return _write_manifest(out, rows)
+
+
+PARAMS_FILE = ".generate.json"  # The parameters of the set, written just before the manifest.
+
+
+@contextlib.contextmanager
+def _generation(out: Path, params: dict):
+  """Holds ``out/.generate.lock`` (``dsan_jax.run_lock``) while the set is written.
+
+  Yields True when another process held it and has meanwhile finished the same set (same
+  parameters): that set is kept instead of being written again.
+  """
+  lock, waited = run_lock.OwnerLock(out / ".generate.lock"), []
+
+  def on_wait(owner):
+    waited.append(owner)
+    log.info("waiting for %s, which is generating the phantoms in %s",
+             owner.describe() if owner else "another process", out)
+
+  lock.acquire(wait=True, on_wait=on_wait)
+  try:
+    try:
+      same = waited and (out / "manifest.csv").exists() and json.loads(
+          (out / PARAMS_FILE).read_text()) == json.loads(json.dumps(params, sort_keys=True))
+    except (OSError, ValueError):
+      same = False
+    yield bool(same)
+  finally:
+    lock.release()
+
+
+def _write_cases(specs, out: Path, num_workers: int | None, progress: bool) -> list[dict]:
   jobs = [(s, str(out)) for s in specs]
   workers = (os.cpu_count() or 1) if num_workers is None else num_workers
   workers = max(1, min(workers, len(jobs)))
@@ -582,13 +635,15 @@ def generate(out_dir: str | os.PathLike, num_cases: int, seed: int, size_scale: 
         rows.append(row)
         bar.update()
   bar.close()
+  return rows
+
+
+def _write_manifest(out: Path, rows: list[dict]) -> Path:
   manifest = out / "manifest.csv"
-  tmp = out / "manifest.csv.tmp"
-  with open(tmp, "w", newline="") as f:
+  with files.atomic_path(manifest) as tmp, open(tmp, "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)
     writer.writeheader()
     writer.writerows(rows)
-  os.replace(tmp, manifest)
   return manifest
 
 
