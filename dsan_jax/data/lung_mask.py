@@ -135,7 +135,7 @@ def _segment(hu: np.ndarray, spacing: np.ndarray, threshold: float, scale: float
 
 
 def _slice_bays(lung2d: np.ndarray, ext2d: np.ndarray, allowed2d: np.ndarray,
-                depth2d: np.ndarray, min_depth_px: float) -> np.ndarray:
+                depth2d: np.ndarray, min_depth_px: float, mid_x: float) -> np.ndarray:
   """Bays of one lung in one slice that open towards the chest wall (step 7). bool [h, w].
 
   Args:
@@ -144,6 +144,7 @@ def _slice_bays(lung2d: np.ndarray, ext2d: np.ndarray, allowed2d: np.ndarray,
     allowed2d: pixels a bay may take.
     depth2d: distance to the body's surface, mm.
     min_depth_px: a bay must hold a disk of this radius (pixels).
+    mid_x: the body's midline (column); a bay across it is the mediastinum or the spine.
   """
   from skimage.morphology import convex_hull_image
   ys, xs = np.nonzero(ext2d)
@@ -169,6 +170,8 @@ def _slice_bays(lung2d: np.ndarray, ext2d: np.ndarray, allowed2d: np.ndarray,
     if not chord.any() or thick[sl][part].max() < min_depth_px:
       continue
     chord_depth = depth[sl][chord]
+    if x0 + sl[1].start <= mid_x <= x0 + sl[1].stop - 1:
+      continue
     if (chord_depth.max() <= max_chord_depth
         and chord_depth.mean() < depth[sl][part].mean()):
       out[y0:y1, x0:x1][sl] |= part
@@ -225,9 +228,18 @@ def fill_pleural_bays(lungs: np.ndarray, hu: np.ndarray, body: np.ndarray, spaci
     if present.size == 0:
       continue
     depth = ndimage.distance_transform_edt(np.pad(body[z], 1), sampling=spacing[1:])[1:-1, 1:-1]
+    cols = np.nonzero(body[z].any(axis=0))[0]
+    mid_x = (cols.min() + cols.max()) / 2.0 if cols.size else lungs.shape[2] / 2.0
     free = allowed[z] & (lab_z == 0)
     for lab in present:
-      lab_z[_slice_bays(lab_z == lab, ext[z] == lab, free, depth, min_depth_px)] = lab
+      # Each piece of the lung in this slice on its own: a hull over two pieces (a lung that
+      # wraps the heart, or both lungs joined) would span the mediastinum.
+      pieces, n_pieces = ndimage.label(ext[z] == lab)
+      for piece in range(1, n_pieces + 1):
+        ext_piece = pieces == piece
+        lung_piece = ext_piece & (lab_z == lab)
+        if lung_piece.any():
+          lab_z[_slice_bays(lung_piece, ext_piece, free, depth, min_depth_px, mid_x)] = lab
   return (labels > 0) & ~_touching_other_label(labels, lungs)
 
 

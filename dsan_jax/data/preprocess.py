@@ -400,7 +400,8 @@ def preprocess_volume(image: io.Volume, settings: PreprocessSettings,
   mode = settings.infection_ratio
   if source != "none" and (mode == "estimate" or (mode == "mask_or_estimate"
                                                   and not np.isfinite(ratio_mask))):
-    est = ratio_lib.estimate(hu, lung, geometry.output_spacing, path=image.path,
+    est = ratio_lib.estimate(hu, lung, geometry.output_spacing,
+                             path=lung_mask_path if lung_mask_path is not None else image.path,
                              fov_x_mm=image.array.shape[2] * image.spacing_zyx[2])
   if est is not None:
     ratio, ratio_source = est.ratio, ratio_lib.SOURCE_ESTIMATE
