@@ -255,19 +255,21 @@ def read_volume(path: str | os.PathLike, *, is_mask: bool = False) -> Volume:
     data = np.asarray(img.dataobj.get_unscaled())
   except Exception as e:  # nibabel/gzip raise many types for damaged data; all mean the same.
     raise DataError(path, f"cannot read voxel data, truncated or corrupt ({_short(e)})") from None
-  data = data.reshape(data.shape[:3]).astype(np.float32)
+  data = data.reshape(data.shape[:3])
+  # Reorient the array exactly as as_closest_canonical does, on the stored (often int16) values:
+  # the reordering copy moves half the bytes of float32 and the conversion below is contiguous.
+  ornt = nib.io_orientation(header.affine)
+  data = np.ascontiguousarray(nib.orientations.apply_orientation(data, ornt).transpose(2, 1, 0))
+  array = data.astype(np.float32, copy=False)
   slope, inter = img.dataobj.slope, img.dataobj.inter  # 1 and 0 when the header has none.
   if slope != 1:
-    data *= np.float32(slope)
+    array *= np.float32(slope)
   if inter != 0:
-    data += np.float32(inter)
-  if not np.all(np.isfinite(data)):
-    n_bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+    array += np.float32(inter)
+  if ((slope != 1 or not np.issubdtype(data.dtype, np.integer))
+      and not np.all(np.isfinite(array))):
+    n_bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
     raise DataError(path, f"{n_bad} NaN or Inf voxels")
-  # Reorient the array exactly as as_closest_canonical does, without a second copy of the image.
-  ornt = nib.io_orientation(header.affine)
-  data = nib.orientations.apply_orientation(data, ornt)
-  array = np.ascontiguousarray(data.transpose(2, 1, 0))
   if is_mask:
     # Label maps (0/1, 0/1/2, 0/255) -> > 0; soft masks (probabilities) -> >= 0.5.
     soft = bool(np.any(array != np.round(array)))

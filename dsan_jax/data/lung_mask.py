@@ -86,8 +86,20 @@ def _resample(array: np.ndarray, out_shape, order: int = 1) -> np.ndarray:
 
 
 def fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
-  """Fills holes in every axial slice (in-plane connectivity only). bool [D, H, W]."""
-  return ndimage.binary_fill_holes(mask, structure=_INPLANE)
+  """Fills holes in every axial slice (in-plane connectivity only). bool [D, H, W].
+
+  Same result as ``ndimage.binary_fill_holes(mask, structure=_INPLANE)``: a hole is a
+  background component (4-connected in its slice) that does not reach the slice's edge. One
+  labelling pass instead of the iterated dilation, which takes as many passes as the widest
+  region is across.
+  """
+  mask = np.asarray(mask, bool)
+  labels, _ = ndimage.label(~mask, structure=_INPLANE)
+  outside = np.zeros(int(labels.max()) + 1, bool)
+  for edge in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
+    outside[edge] = True
+  outside[0] = True  # Label 0: the mask itself.
+  return mask | ~outside[labels]
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
@@ -227,7 +239,7 @@ def fill_pleural_bays(lungs: np.ndarray, hu: np.ndarray, body: np.ndarray, spaci
     present = present[present > 0]
     if present.size == 0:
       continue
-    depth = ndimage.distance_transform_edt(np.pad(body[z], 1), sampling=spacing[1:])[1:-1, 1:-1]
+    depth = _slice_depth(body[z], spacing[1:])
     cols = np.nonzero(body[z].any(axis=0))[0]
     mid_x = (cols.min() + cols.max()) / 2.0 if cols.size else lungs.shape[2] / 2.0
     free = allowed[z] & (lab_z == 0)
@@ -241,6 +253,17 @@ def fill_pleural_bays(lungs: np.ndarray, hu: np.ndarray, body: np.ndarray, spaci
         if lung_piece.any():
           lab_z[_slice_bays(lung_piece, ext_piece, free, depth, min_depth_px, mid_x)] = lab
   return (labels > 0) & ~_touching_other_label(labels, lungs)
+
+
+def _slice_depth(body2d: np.ndarray, spacing_yx) -> np.ndarray:
+  """Distance (mm) of every pixel to the body's surface in one slice, float [H, W].
+
+  Computed on a 2x coarser grid (it only ranks a bay's chord against the bay, step 7).
+  """
+  f = 2 if min(body2d.shape) >= 64 else 1
+  coarse = np.pad(_coarse(body2d[None], f)[0], 1)
+  depth = ndimage.distance_transform_edt(coarse, sampling=np.asarray(spacing_yx) * f)
+  return _fine(depth[None, 1:-1, 1:-1], (1,) + body2d.shape, f)[0]
 
 
 def _touching_other_label(labels: np.ndarray, keep: np.ndarray) -> np.ndarray:
@@ -278,13 +301,13 @@ def _lungs_from_candidates(candidates, body, spacing, voxel_ml, mid_x, width_x, 
 
   # Airways: cut the candidates into the Voronoi cells of their deep cores; drop small cells
   # centred on the midline (trachea, carina).
-  depth = ndimage.distance_transform_edt(lungs, sampling=spacing)
+  f = _coarse_factor(spacing, scale)
+  coarse, coarse_spacing = _coarse(lungs, f), spacing * np.array([1, f, f])
+  depth = ndimage.distance_transform_edt(coarse, sampling=coarse_spacing)
   core_labels, n_cores = ndimage.label(depth > CORE_RADIUS_MM * scale)
   if n_cores > 1:
-    _, idx = ndimage.distance_transform_edt(core_labels == 0, sampling=spacing,
-                                            return_indices=True)
-    nearest = np.where(lungs, core_labels[tuple(idx)], 0)
-    del idx
+    nearest = np.where(lungs, _fine(_nearest_seed(core_labels, coarse_spacing), lungs.shape, f),
+                       0)
     zz, yy, xx = np.nonzero(nearest)
     cell = nearest[zz, yy, xx]
     vol = np.bincount(cell, minlength=n_cores + 1).astype(np.float64)
@@ -306,6 +329,40 @@ def _lungs_from_candidates(candidates, body, spacing, voxel_ml, mid_x, width_x, 
   return keep[labels]
 
 
+def _coarse_factor(spacing, scale: float) -> int:
+  """In-plane factor of the grid on which depths and nearest cores are computed.
+
+  Cores are defined by depths of ``CORE_RADIUS_MM`` and more, so a grid of up to half that
+  spacing resolves them; on the 1.43 mm preprocessing grid of an adult chest that is 2x
+  coarser in-plane (4x fewer voxels for the distance transforms, the slowest steps).
+  """
+  return 2 if 2 * float(min(spacing[1], spacing[2])) <= 0.5 * CORE_RADIUS_MM * scale else 1
+
+
+def _coarse(mask: np.ndarray, f: int) -> np.ndarray:
+  """bool [D, ceil(H/f), ceil(W/f)]: majority of each f x f in-plane block."""
+  if f == 1:
+    return mask
+  d, h, w = mask.shape
+  padded = np.zeros((d, -(-h // f) * f, -(-w // f) * f), np.uint8)
+  padded[:, :h, :w] = mask
+  blocks = padded.reshape(d, padded.shape[1] // f, f, padded.shape[2] // f, f)
+  return blocks.sum(axis=(2, 4), dtype=np.int32) * 2 >= f * f
+
+
+def _fine(labels: np.ndarray, shape, f: int) -> np.ndarray:
+  """Nearest-neighbour inverse of ``_coarse``: [D, h, w] labels back to ``shape``."""
+  if f == 1:
+    return labels
+  return np.repeat(np.repeat(labels, f, axis=1), f, axis=2)[:, :shape[1], :shape[2]]
+
+
+def _nearest_seed(seeds: np.ndarray, spacing) -> np.ndarray:
+  """Label of the nearest non-zero voxel of ``seeds`` for every voxel (a Voronoi partition)."""
+  _, idx = ndimage.distance_transform_edt(seeds == 0, sampling=spacing, return_indices=True)
+  return seeds[tuple(idx)]
+
+
 def _split_left_right(lungs: np.ndarray, spacing: np.ndarray, scale: float) -> np.ndarray:
   """Cuts lungs joined at the anterior/posterior junction into a left and a right component.
 
@@ -322,8 +379,10 @@ def _split_left_right(lungs: np.ndarray, spacing: np.ndarray, scale: float) -> n
   order = np.argsort(sizes)[::-1]
   if n > 1 and sizes[order[1]] >= SECOND_LUNG_FRACTION * sizes[order[0]]:
     return lungs  # Already two lungs.
-  depth = ndimage.distance_transform_edt(lungs, sampling=spacing)
-  x_mid = np.nonzero(lungs)[2].mean()
+  f = _coarse_factor(spacing, scale)
+  coarse, coarse_spacing = _coarse(lungs, f), spacing * np.array([1, f, f])
+  depth = ndimage.distance_transform_edt(coarse, sampling=coarse_spacing)
+  x_mid = np.nonzero(coarse)[2].mean()
   for radius in (8.0, 10.0, 12.0, 15.0, 20.0, 25.0):
     cores, n_cores = ndimage.label(depth > radius * scale)
     if n_cores < 2:
@@ -338,8 +397,7 @@ def _split_left_right(lungs: np.ndarray, spacing: np.ndarray, scale: float) -> n
     if (xa - x_mid) * (xb - x_mid) >= 0:
       continue
     seeds = np.where(cores == a, 1, 0) + np.where(cores == b, 2, 0)
-    _, idx = ndimage.distance_transform_edt(seeds == 0, sampling=spacing, return_indices=True)
-    side = np.where(lungs, seeds[tuple(idx)], 0)
+    side = np.where(lungs, _fine(_nearest_seed(seeds, coarse_spacing), lungs.shape, f), 0)
     touching_a = ndimage.binary_dilation(side == 1,
                                          structure=ndimage.generate_binary_structure(3, 1))
     return lungs & ~(touching_a & (side == 2))
