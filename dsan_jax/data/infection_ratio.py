@@ -46,7 +46,7 @@ DENSE_HU = (-250.0, 100.0)  # [low, high): consolidation (and vessels, airway wa
 GGO_RADIUS_MM = 1.5
 DENSE_RADIUS_MM = 4.0
 MIN_LUNG_ML = 300.0  # Below this an adult chest CT's lung mask is implausible (scaled, below).
-MIN_LUNG_VOXELS = 500  # Fewer voxels give no meaningful fraction at any size.
+MIN_LUNG_VOXELS = 50  # Fewer voxels give no meaningful fraction at any size.
 REFERENCE_FOV_MM = 300.0  # As in lung_mask: a smaller field of view scales lengths down.
 
 #: Values of ``ratio_source`` (cache metadata, manifests, predictions, reports).

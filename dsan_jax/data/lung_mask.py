@@ -30,11 +30,16 @@
    aerated lung above and below it; the liver and spleen under a dome have none below).
    Then, per axial slice and per lung, the convex hull of the lung is compared with
    the lung; each bay (hull minus lung, inside the body, below ``BAY_MAX_HU``, not the other
-   lung) is added when it opens towards the chest wall, i.e. its chord (the bay's pixels on
-   the hull's edge) lies farther from the slice's centre than the bay itself, and when it is
-   thicker than ``BAY_MIN_DEPTH_MM`` (rib impressions and partial-volume rims are thinner).
-   Bays that open towards the centre of the slice are the mediastinum, the heart's notch,
-   the hila and the liver or spleen under a diaphragm dome: they stay out.
+   lung) is added when it opens towards the chest wall: its chord (the bay's pixels on the
+   hull's edge) lies within ``WALL_DEPTH_FRACTION`` of the slice's largest depth below the
+   body's surface and, on average, shallower than the bay itself; the bay does not cross the
+   body's midline; and it is thicker than ``BAY_MIN_DEPTH_MM`` (rib impressions and
+   partial-volume rims are thinner).
+   An accepted bay then grows past its chord (at most ``BAY_MAX_GROWTH_MM``) into tissue
+   deeper below the body's surface than the pleura at the chord's ends (by one pixel): the
+   part of the consolidation at the lung's outermost extent, which no chord covers.
+   Bays whose chord runs deep into the body are the mediastinum, the heart's notch, the hila
+   and the liver or spleen under a diaphragm dome: they stay out.
 
 Every length and volume above is for an adult chest; for a field of view narrower than
 ``REFERENCE_FOV_MM`` (phantoms, small children) they shrink with it.
@@ -69,6 +74,7 @@ BAY_MAX_HU = 200.0  # Bays take no bone.
 # depth, measured on P002 and cap002), the mediastinal pleura and the medial end of a dome's
 # chord 75-110 mm (0.65-0.9).
 WALL_DEPTH_FRACTION = 0.55
+BAY_MAX_GROWTH_MM = 9.0  # A bay grows at most this far past its chord (step 7).
 
 _INPLANE = np.zeros((3, 3, 3), bool)
 _INPLANE[1] = ndimage.generate_binary_structure(2, 1)
@@ -147,7 +153,8 @@ def _segment(hu: np.ndarray, spacing: np.ndarray, threshold: float, scale: float
 
 
 def _slice_bays(lung2d: np.ndarray, ext2d: np.ndarray, allowed2d: np.ndarray,
-                depth2d: np.ndarray, min_depth_px: float, mid_x: float) -> np.ndarray:
+                depth2d: np.ndarray, min_depth_px: float, mid_x: float,
+                pixel_mm: float) -> np.ndarray:
   """Bays of one lung in one slice that open towards the chest wall (step 7). bool [h, w].
 
   Args:
@@ -157,6 +164,7 @@ def _slice_bays(lung2d: np.ndarray, ext2d: np.ndarray, allowed2d: np.ndarray,
     depth2d: distance to the body's surface, mm.
     min_depth_px: a bay must hold a disk of this radius (pixels).
     mid_x: the body's midline (column); a bay across it is the mediastinum or the spine.
+    pixel_mm: in-plane pixel size.
   """
   from skimage.morphology import convex_hull_image
   ys, xs = np.nonzero(ext2d)
@@ -186,8 +194,24 @@ def _slice_bays(lung2d: np.ndarray, ext2d: np.ndarray, allowed2d: np.ndarray,
       continue
     if (chord_depth.max() <= max_chord_depth
         and chord_depth.mean() < depth[sl][part].mean()):
-      out[y0:y1, x0:x1][sl] |= part
+      accepted = np.zeros_like(lung2d)
+      accepted[y0:y1, x0:x1][sl] = part
+      out |= _beyond_chord(accepted, lung2d, allowed2d, depth2d, float(chord_depth.min()),
+                           pixel_mm)
   return out
+
+
+def _beyond_chord(bay: np.ndarray, lung2d: np.ndarray, allowed2d: np.ndarray,
+                  depth2d: np.ndarray, pleura_depth: float, pixel_mm: float) -> np.ndarray:
+  """A bay grown outwards past its chord, down to the depth of the pleura at the chord's ends.
+
+  The consolidation at a lung's outermost extent bulges past the chord of the aerated lung; it
+  lies at least as deep below the body's surface as the pleura beside it, the chest wall
+  above it. The growth is geodesic inside ``allowed2d`` and at most ``BAY_MAX_GROWTH_MM``.
+  """
+  room = allowed2d & ~lung2d & (depth2d > pleura_depth + pixel_mm)
+  steps = max(1, int(round(BAY_MAX_GROWTH_MM / pixel_mm)))
+  return ndimage.binary_dilation(bay, iterations=steps, mask=room | bay)
 
 
 def fill_z_gaps(mask: np.ndarray, max_gap: int) -> np.ndarray:
@@ -232,7 +256,8 @@ def fill_pleural_bays(lungs: np.ndarray, hu: np.ndarray, body: np.ndarray, spaci
   for lab in range(1, n + 1):
     one = labels == lab
     ext[fill_z_gaps(one, max_gap) & allowed & (ext == 0)] = lab
-  min_depth_px = BAY_MIN_DEPTH_MM * scale / float(min(spacing[1], spacing[2]))
+  pixel_mm = float(min(spacing[1], spacing[2]))
+  min_depth_px = BAY_MIN_DEPTH_MM * scale / pixel_mm
   for z in range(lungs.shape[0]):
     lab_z = labels[z]
     present = np.unique(ext[z])
@@ -251,7 +276,8 @@ def fill_pleural_bays(lungs: np.ndarray, hu: np.ndarray, body: np.ndarray, spaci
         ext_piece = pieces == piece
         lung_piece = ext_piece & (lab_z == lab)
         if lung_piece.any():
-          lab_z[_slice_bays(lung_piece, ext_piece, free, depth, min_depth_px, mid_x)] = lab
+          lab_z[_slice_bays(lung_piece, ext_piece, free, depth, min_depth_px, mid_x,
+                            pixel_mm)] = lab
   return (labels > 0) & ~_touching_other_label(labels, lungs)
 
 
