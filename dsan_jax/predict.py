@@ -278,7 +278,7 @@ def predict_case(workdir: str | os.PathLike, image: str | os.PathLike,
     files.append("overview.png")
     _write_summary_png(tmp / "summary.png", pre, att if att is not None else next(
         iter(mean_map.values())), result, "T(A)" if att is not None else "Grad-CAM",
-        pathlib.Path(image).name)
+        image, tuple(config.data.hu_window))
     files.append("summary.png")
     result["files"] = ["prediction.json"] + files
     (tmp / "prediction.json").write_text(json.dumps(result, indent=1, allow_nan=False))
@@ -326,7 +326,7 @@ def _band(ratio: float, weights: dict[str, Any]) -> str | None:
 
 
 def _write_summary_png(path: pathlib.Path, pre, att: np.ndarray, result: dict[str, Any],
-                       map_name: str, image_name: str) -> None:
+                       map_name: str, image_path, hu_window) -> None:
   """summary.png: the clinician's overview (``plots.plot_clinical_overview``)."""
   from dsan_jax import plots
   r = result
@@ -337,6 +337,8 @@ def _write_summary_png(path: pathlib.Path, pre, att: np.ndarray, result: dict[st
            "",
            f"lung volume: {r['lung_volume_ml']:.0f} mL" if r["lung_volume_ml"] is not None
            else "lung volume: - (no lung mask)",
+           "  (on the network's grid, "
+           + " x ".join(f"{v:.2f}" for v in pre.geometry.output_spacing[::-1]) + " mm)",
            f"  lung mask: {r['lung_mask_source']}",
            f"infection ratio: {ratio}",
            f"  source: {r['ratio_source']}",
@@ -348,9 +350,17 @@ def _write_summary_png(path: pathlib.Path, pre, att: np.ndarray, result: dict[st
   lines.append("weights used:")
   lines += [f"  {m['variant']} fold {m['fold']} step {m['step']}" for m in r["model_weights"]]
   lines += ["", "cyan: lung contour; colour: " + map_name, r["note"]]
-  plots.plot_clinical_overview(pre.image, pre.lung_mask, att, path,
-                               spacing=pre.geometry.output_spacing, lines=lines,
-                               title=f"{image_name}: {r['label']} (P = {r['probability']:.3f})",
+  # Shown on the CT's own grid (full resolution), the maps and the lung mask mapped onto it.
+  from dsan_jax.data import io, preprocess
+  vol = io.read_volume(image_path)
+  ct = preprocess.window(vol.array, hu_window)
+  del vol
+  att_c = preprocess.to_canonical_grid(att, pre.geometry)
+  lung_c = preprocess.to_canonical_grid(pre.lung_mask.astype(np.float32), pre.geometry) >= 0.5
+  plots.plot_clinical_overview(ct, lung_c, att_c, path,
+                               spacing=pre.geometry.input_spacing, lines=lines,
+                               title=f"{pathlib.Path(image_path).name}: {r['label']} "
+                               f"(P = {r['probability']:.3f})",
                                map_name=map_name)
 
 
