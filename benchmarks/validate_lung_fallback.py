@@ -15,7 +15,6 @@ Usage:
       [--png-dir DIR] [--skip-phantoms] [--skip-real]
 """
 
-import argparse
 import os
 import sys
 import time
@@ -30,7 +29,8 @@ from dsan_jax.data import io  # pylint: disable=wrong-import-position
 from dsan_jax.data import lung_mask  # pylint: disable=wrong-import-position
 from dsan_jax.data import preprocess  # pylint: disable=wrong-import-position
 from dsan_jax.data import ratio_validation as rv  # pylint: disable=wrong-import-position
-from validate_ratio_estimate import phantom_volume  # pylint: disable=wrong-import-position
+from validate_ratio_estimate import (  # pylint: disable=wrong-import-position
+    phantom_and_ct_parser, phantom_volume)
 
 
 def dice(a, b) -> float:
@@ -148,15 +148,8 @@ def _added_png(hu, before, added, path, name) -> str:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--cases", type=int, default=16)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--size-scale", "--size_scale", dest="size_scale", type=float, default=1.0)
-  parser.add_argument("--ct_dir", "--ct-dir", default=os.path.join(_ROOT, "..", "shared", "data",
-                                                                   "ct"))
+  parser = phantom_and_ct_parser(__doc__, 16)
   parser.add_argument("--png-dir", "--png_dir", dest="png_dir", default=None)
-  parser.add_argument("--skip-phantoms", action="store_true")
-  parser.add_argument("--skip-real", action="store_true")
   args = parser.parse_args(argv)
   print("## Lung-mask fallback and juxtapleural consolidation (`benchmarks/validate_lung_"
         "fallback.py`)\n")

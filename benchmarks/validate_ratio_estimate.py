@@ -179,15 +179,21 @@ def _print_phantoms(res: dict, args) -> None:
         f"{r['table3_confusion']}\n")
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--cases", type=int, default=40)
+def phantom_and_ct_parser(doc: str, cases: int) -> argparse.ArgumentParser:
+  """The options both validation scripts share (phantom count, seed, size, CT folder, skips)."""
+  parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+  parser.add_argument("--cases", type=int, default=cases)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--size-scale", "--size_scale", dest="size_scale", type=float, default=1.0)
   parser.add_argument("--ct_dir", "--ct-dir", default=os.path.join(_ROOT, "..", "shared", "data",
                                                                    "ct"))
   parser.add_argument("--skip-phantoms", action="store_true")
   parser.add_argument("--skip-real", action="store_true")
+  return parser
+
+
+def main(argv=None) -> int:
+  parser = phantom_and_ct_parser(__doc__, 40)
   parser.add_argument("--label-order", choices=("descending", "ascending"),
                       default="descending", help="SliceLocation order of the slice labels")
   parser.add_argument("--json", help="also write every figure (and per-case rows) here")
