@@ -169,6 +169,8 @@ def _slice_bays(lung2d: np.ndarray, ext2d: np.ndarray, allowed2d: np.ndarray,
   from skimage.morphology import convex_hull_image
   ys, xs = np.nonzero(ext2d)
   y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+  if min(y1 - y0, x1 - x0) < 3:
+    return np.zeros_like(lung2d)  # A sliver holds no bay.
   hull = convex_hull_image(ext2d[y0:y1, x0:x1])
   bays = hull & ~lung2d[y0:y1, x0:x1] & allowed2d[y0:y1, x0:x1]
   out = np.zeros_like(lung2d)
@@ -178,7 +180,6 @@ def _slice_bays(lung2d: np.ndarray, ext2d: np.ndarray, allowed2d: np.ndarray,
   # Chord: bay pixels on the hull's edge (a 4-neighbour outside the hull, or the crop's border).
   outside = ~np.pad(hull, 1)
   edge = (outside[:-2, 1:-1] | outside[2:, 1:-1] | outside[1:-1, :-2] | outside[1:-1, 2:])
-  thick = ndimage.distance_transform_edt(np.pad(bays, 1))[1:-1, 1:-1]
   max_chord_depth = WALL_DEPTH_FRACTION * float(depth2d.max())
   depth = depth2d[y0:y1, x0:x1]
   for lab, sl in enumerate(ndimage.find_objects(labels), start=1):
@@ -187,13 +188,12 @@ def _slice_bays(lung2d: np.ndarray, ext2d: np.ndarray, allowed2d: np.ndarray,
     # A bay against the chest wall has its chord along the wall: shallow, and nearer the body's
     # surface than the bay itself. The mediastinum, the heart's notch, the hila and a diaphragm
     # dome have a chord that runs deep into the body.
-    if not chord.any() or thick[sl][part].max() < min_depth_px:
+    if not chord.any() or x0 + sl[1].start <= mid_x <= x0 + sl[1].stop - 1:
       continue
     chord_depth = depth[sl][chord]
-    if x0 + sl[1].start <= mid_x <= x0 + sl[1].stop - 1:
-      continue
     if (chord_depth.max() <= max_chord_depth
-        and chord_depth.mean() < depth[sl][part].mean()):
+        and chord_depth.mean() < depth[sl][part].mean()
+        and ndimage.distance_transform_edt(np.pad(part, 1)).max() >= min_depth_px):
       accepted = np.zeros_like(lung2d)
       accepted[y0:y1, x0:x1][sl] = part
       out |= _beyond_chord(accepted, lung2d, allowed2d, depth2d, float(chord_depth.min()),
