@@ -260,7 +260,7 @@ def read_volume(path: str | os.PathLike, *, is_mask: bool = False) -> Volume:
   # the reordering copy moves half the bytes of float32 and the conversion below is contiguous.
   ornt = nib.io_orientation(header.affine)
   data = np.ascontiguousarray(nib.orientations.apply_orientation(data, ornt).transpose(2, 1, 0))
-  array = data.astype(np.float32, copy=False)
+  array = data.astype(np.float32)  # A copy: the stored data may be a read-only memory map.
   slope, inter = img.dataobj.slope, img.dataobj.inter  # 1 and 0 when the header has none.
   if slope != 1:
     array *= np.float32(slope)
