@@ -28,8 +28,8 @@
    costal contour. First, along every craniocaudal line, the gaps of one lung no longer than
    ``Z_GAP_MAX_MM`` are filled (a consolidation at a slice's outermost extent still has
    aerated lung above and below it; the liver and spleen under a dome have none below).
-   Then, per axial slice and per lung, the convex hull of the lung is compared with
-   the lung; each bay (hull minus lung, inside the body, below ``BAY_MAX_HU``, not the other
+   Then, per axial slice and per piece of each lung in it, the convex hull of the piece is
+   compared with the piece; each bay (hull minus lung, inside the body, below ``BAY_MAX_HU``, not the other
    lung) is added when it opens towards the chest wall: its chord (the bay's pixels on the
    hull's edge) lies within ``WALL_DEPTH_FRACTION`` of the slice's largest depth below the
    body's surface and, on average, shallower than the bay itself; the bay does not cross the
@@ -42,11 +42,14 @@
    and the liver or spleen under a diaphragm dome: they stay out.
 
 Every length and volume above is for an adult chest; for a field of view narrower than
-``REFERENCE_FOV_MM`` (phantoms, small children) they shrink with it.
+``REFERENCE_FOV_MM`` (phantoms, small children) they shrink with it (except
+``BAY_MAX_GROWTH_MM``). The depths and nearest cores of steps 4 and 6 are computed on a 2x
+coarser in-plane grid where that grid still resolves the cores (``_coarse_factor``: the
+1.43 mm preprocessing grid of an adult chest), 4x fewer voxels for the slowest steps.
 
 Known limitations: a consolidation that lines the whole costal contour of a slice (no bay,
 the remaining aerated lung is itself convex) and consolidation on the mediastinal side of a
-lung (its bay opens towards the centre) stay out; docs/data.md gives the measured figures.
+lung (its chord runs deep) stay out; docs/data.md gives the measured figures.
 """
 
 from __future__ import annotations
