@@ -7,15 +7,22 @@ window, lung mask, pad to 138x256x256) with the classical lung-mask fallback and
 mask (``lung_mask_fallback=False``, i.e. the cost of reading + resampling + windowing alone).
 The two variants alternate inside every repetition; medians (and minima) are reported.
 
+Then "file -> cached network input" (issue 14's target: <= 2 s on 2 cores): ``cache.
+preprocess_case`` of each CT into a temporary cache (read, resample, lung-mask fallback,
+infection-ratio estimate, window, pad, uint8 + CRC + fsync'd write), and where its time goes,
+stage by stage (wall and CPU seconds: on a shared machine the CPU time is the steadier one).
+
 Usage:
   python benchmarks/bench_preprocess.py [--reps 3] [--ct_dir ../shared/data/ct] [--nodicom]
 """
 
 import argparse
 import os
+import pathlib
 import platform
 import statistics
 import sys
+import tempfile
 import time
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,7 +88,59 @@ def main(argv=None) -> int:
   load1 = os.getloadavg()
   print(f"\n- {args.reps} repetitions, variants alternated; load average at end: "
         f"{load1[0]:.1f} / {load1[1]:.1f} / {load1[2]:.1f}")
+  print_to_cache(paths, args.reps)
   return 0
+
+
+def _timed(fn, *a, **kw):
+  w0, c0 = time.perf_counter(), time.process_time()
+  out = fn(*a, **kw)
+  return out, time.perf_counter() - w0, time.process_time() - c0
+
+
+def stage_times(path: str) -> dict:
+  """Wall and CPU seconds of each stage of ``preprocess_volume`` + the cache write, one run."""
+  from dsan_jax.data import cache, infection_ratio, io, lung_mask, preprocess
+  settings = preprocess.PreprocessSettings()
+  t = {}
+  vol, *t["read"] = _timed(io.read_volume, path)
+  geometry = preprocess.plan_geometry(vol, settings)
+  hu, *t["resample"] = _timed(preprocess.resample_to_output, vol.array, geometry)
+  lung, *t["lung fallback"] = _timed(lung_mask.segment_lungs, hu, geometry.output_spacing)
+  _, *t["ratio estimate"] = _timed(infection_ratio.estimate, hu, lung, geometry.output_spacing)
+
+  def finish():
+    img = preprocess.pad_to_target(preprocess.window(hu, settings.hu_window) * lung, geometry)
+    with tempfile.TemporaryDirectory() as d:
+      cache._atomic_save_npy(pathlib.Path(d) / "x.npy", (img * 255.0).round().astype("uint8"))
+  _, *t["window, pad, write"] = _timed(finish)
+  return t
+
+
+def print_to_cache(paths, reps: int) -> None:
+  """The "file -> cached network input" section of the module docstring."""
+  from dsan_jax.data import cache, manifest, preprocess
+  settings = preprocess.PreprocessSettings()
+  print("\n### File -> cached network input (`cache.preprocess_case`: fallback + ratio estimate)\n")
+  print("| CT | median wall s (min) | median CPU s | where the time goes (median wall / CPU s) |")
+  print("| --- | --- | --- | --- |")
+  for path in paths:
+    wall, cpu, stages = [], [], []
+    for _ in range(reps):
+      case = manifest.Case(os.path.basename(path), "p", 1, pathlib.Path(path))
+      with tempfile.TemporaryDirectory() as d:
+        _, w, c = _timed(cache.preprocess_case, case, settings, pathlib.Path(d), "k" * 32)
+      wall.append(w)
+      cpu.append(c)
+      stages.append(stage_times(path))
+    parts = ", ".join(
+        f"{name} {statistics.median(s[name][0] for s in stages):.2f} / "
+        f"{statistics.median(s[name][1] for s in stages):.2f}" for name in stages[0])
+    print(f"| {os.path.basename(path)} | {statistics.median(wall):.2f} ({min(wall):.2f}) | "
+          f"{statistics.median(cpu):.2f} | {parts} |", flush=True)
+  load = os.getloadavg()
+  print(f"\n- {reps} repetitions; load average at end: {load[0]:.1f} / {load[1]:.1f} / "
+        f"{load[2]:.1f} (2 cores: above 2 every figure is inflated by other jobs)")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,9 @@ def get_config() -> ml_collections.ConfigDict:
   data.hu_window = (-1350.0, 150.0)  # Window 1500, level -600 -> clip then scale to [0, 1].
   data.apply_lung_mask = True  # Input = windowed CT multiplied by the lung mask.
   data.lung_mask_fallback = True  # Classical lung segmentation when the manifest gives none.
+  # Infection ratio without an infection mask: "mask_or_estimate" (estimate where no mask),
+  # "estimate" (every case: no label leak when only one class has masks), "mask" (NaN without).
+  data.infection_ratio = "mask_or_estimate"
   data.num_folds = 5  # Patient-level cross-validation.
   data.fold_seed = 0
   data.sampling = "uniform"  # "uniform" (US) or "size_balanced" (SS), Section III-C.

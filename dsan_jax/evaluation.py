@@ -59,6 +59,7 @@ from tqdm import tqdm
 from dsan_jax import ensemble as ensemble_lib
 from dsan_jax import experiment, explanation, metrics, plots, report, run_lock, sharding, training
 from dsan_jax import variants
+from dsan_jax.data import cache as cache_lib
 from dsan_jax.data import pipeline
 from dsan_jax.data import preprocess
 from dsan_jax.errors import ConfigError, DsanError
@@ -570,7 +571,9 @@ def evaluate_workdir(workdir: str | os.PathLike, config_overrides: Any = None,
       trained = experiment.load_trained(run.run_dir, mesh, "best")
       cfg = trained.config
       data = data_for(cfg)
-      data_note = data_note or data.note
+      # The ratios' sources (masks / ESTIMATED / manifest) head the report: Table III's groups
+      # and the ensemble's weights rest on them.
+      data_note = data_note or f"{data.note}; {cache_lib.ratio_summary(data.dataset)}"
       if not figure_cases and (full_folds or figure_ids):
         figure_cases = choose_figure_cases(
             data, full_folds, figure_ids,

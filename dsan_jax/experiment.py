@@ -118,6 +118,10 @@ def prepare_data(config, workdir: str | os.PathLike, progress: bool = True,
   cache_dir = pathlib.Path(config.data.cache_dir or pathlib.Path(workdir) / "cache")
   dataset = cache_lib.build_cache(manifest, config.data, cache_dir, num_workers=_workers(config),
                                   skip_bad=config.data.skip_bad, progress=progress)
+  if dataset.ratio_estimated.any():  # Estimated ratios are flagged wherever they are used.
+    print(f"[dsan_jax] {cache_lib.ratio_summary(dataset)}", flush=True)
+  else:
+    log.info("%s", cache_lib.ratio_summary(dataset))
   reported = set(getattr(manifest, "skipped", []))  # build_cache repeats the manifest's skips.
   for case_id, reason in dataset.skipped:
     if (case_id, reason) not in reported:

@@ -220,3 +220,64 @@ def plot_training_curves(metrics_rows: Sequence[Mapping[str, Any]], path,
   if title:
     fig.suptitle(title)
   _save(fig, path)
+
+
+def plot_clinical_overview(ct: np.ndarray, lung_mask: np.ndarray | None, attention: np.ndarray,
+                           path, spacing: Sequence[float] = (1.0, 1.0, 1.0),
+                           lines: Sequence[str] = (), title: str = "",
+                           map_name: str = "T(A)") -> tuple[int, int, int]:
+  """One glanceable picture: axial and coronal slices through the attention maximum.
+
+  Each view shows the CT in its window (grey), the lung contour (cyan) and the attention map
+  as a heat overlay (scaled by its maximum, hidden below 0.2 of it), with a cross at the
+  maximum; a text column lists ``lines`` (probability, lung volume, ratio...).
+
+  Args:
+    ct: [D, H, W] CT windowed to [0, 1] (0 = -1350 HU, 1 = 150 HU) or in HU.
+    lung_mask: [D, H, W] binary, or None.
+    attention: [d, h, w] non-negative map (resampled to the CT's shape for display).
+    path: output PNG path.
+    spacing: (dz, dy, dx) mm, for the aspect ratio.
+    lines: text shown beside the images.
+    title: figure title.
+    map_name: the overlay's name in the colour bar.
+
+  Returns:
+    (z, y, x) of the attention maximum on the CT's grid.
+  """
+  ct = np.asarray(ct, np.float32)
+  att = resize_to(np.asarray(attention, np.float32), ct.shape)
+  peak = float(att.max())
+  att = att / peak if peak > 0 else att
+  cz, cy, cx = (int(i) for i in np.unravel_index(int(np.argmax(att)), att.shape))
+  dz, dy, dx = (float(s) for s in spacing)
+  fig = _new_figure(13, 5.2)
+  grid = fig.add_gridspec(1, 3, width_ratios=(1, 1, 0.75))
+  lo, hi = float(ct.min()), float(ct.max())
+  views = (("axial", _axial, cz, dy / dx, (ct.shape[2] - 1 - cx, cy)),
+           ("coronal", _coronal, cy, dz / dx, (ct.shape[2] - 1 - cx, cz)))
+  for i, (name, take, index, aspect, mark) in enumerate(views):
+    ax = fig.add_subplot(grid[0, i])
+    ax.imshow(take(ct, index), cmap="gray", vmin=lo, vmax=hi, origin="lower", aspect=aspect,
+              interpolation="bilinear")
+    heat = np.ma.masked_less(take(att, index), 0.2)
+    im = ax.imshow(heat, cmap="jet", vmin=0.0, vmax=1.0, alpha=0.45, origin="lower",
+                   aspect=aspect, interpolation="bilinear")
+    if lung_mask is not None and np.any(take(np.asarray(lung_mask), index)):
+      ax.contour(take(np.asarray(lung_mask, np.float32), index), levels=[0.5], colors="cyan",
+                 linewidths=0.8)
+    ax.plot(*mark, marker="+", color="white", ms=12, mew=1.5)
+    ax.set_title(f"{name} through the {map_name} maximum ({'z' if i == 0 else 'y'}={index})",
+                 fontsize=9)
+    ax.set_xlabel("patient's right <-  -> left", fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+  fig.colorbar(im, ax=fig.axes[:2], shrink=0.7, label=f"{map_name} / max")
+  text = fig.add_subplot(grid[0, 2])
+  text.axis("off")
+  text.text(0.0, 1.0, "\n".join(lines), va="top", ha="left", fontsize=8.5, family="monospace",
+            transform=text.transAxes, wrap=True)
+  if title:
+    fig.suptitle(title, fontsize=10)
+  _save(fig, path)
+  return cz, cy, cx

@@ -17,17 +17,24 @@ What it does:
    ``config.data``; without ``--lung-mask`` the classical lung segmentation is used when the
    config allows it).
 3. The dual-sampling ensemble (Eq. 5), ``P = w P_US + (1 - w) P_SS``, with w from the infection
-   ratio r. The ratio comes from ``--infection-mask`` (r = |I| / |L u I| on the CT's own grid).
-   Without it the ratio is UNAVAILABLE, and w falls back to ``w_middle`` (0.96 with the paper's
-   values): the literal reading of Eq. 5 (an unknown r does not meet "r < 0.001 or r > 0.030"),
-   which leans on the uniform-sampling model, the one trained on the data's own distribution.
+   ratio r. The ratio is ``--infection-ratio`` when given, else from ``--infection-mask``
+   (r = |I| / |L u I| on the CT's own grid), else ESTIMATED from the CT
+   (``data.infection_ratio``, the high-attenuation lung fraction of
+   ``dsan_jax.data.infection_ratio``; flagged ``ratio_estimated``). Only when none is available
+   (``data.infection_ratio = "mask"`` and no mask) w falls back to ``w_middle`` (0.96 with the
+   paper's values): the literal reading of Eq. 5 (an unknown r does not meet "r < 0.001 or
+   r > 0.030"), which leans on the uniform-sampling model.
    ``prediction.json`` says which was used. The weights are the runs' ``config.ensemble``
    (the paper's), or with ``--searched-weights`` those that ``evaluate.py --search_ensemble``
    wrote to ``<workdir>/evaluation/ensemble.json``.
 4. Writes to ``--out`` (a folder, written under a temporary name and renamed when complete; a
    previous prediction folder there is replaced):
 
-   prediction.json            probabilities, labels, ratio, weights, models, files
+   prediction.json            probabilities, labels, lung volume (mL), ratio with its source,
+                              its Table III group and ensemble band, weights, the model
+                              weights used (run folders, checkpoint steps), files
+   summary.png                for a person: axial and coronal slices through the attention
+                              maximum, CT window, lung contour, T(A) overlay, the numbers
    attention.nii.gz           the attention map T(A) on the input CT's voxel grid (same shape
                               and affine as the input): the ensemble's mix
                               w T_US + (1 - w) T_SS of the attention models (fold-averaged);
@@ -110,7 +117,8 @@ def predict_case(workdir: str | os.PathLike, image: str | os.PathLike,
                  lung_mask: str | os.PathLike | None = None,
                  infection_mask: str | os.PathLike | None = None,
                  out: str | os.PathLike | None = None, fold: int | None = None,
-                 searched_weights: bool = False) -> dict[str, Any]:
+                 searched_weights: bool = False,
+                 infection_ratio: float | None = None) -> dict[str, Any]:
   """Predicts one CT with every trained model of ``workdir`` (see the module docstring).
 
   Args:
@@ -121,6 +129,7 @@ def predict_case(workdir: str | os.PathLike, image: str | os.PathLike,
     out: output folder, or None to write nothing.
     fold: use only this fold's models; None -> all folds present, probabilities averaged.
     searched_weights: use ``<workdir>/evaluation/ensemble.json``'s weights.
+    infection_ratio: a known ratio in [0, 1] (wins over the mask and the estimate).
 
   Returns:
     The content of prediction.json.
@@ -136,6 +145,8 @@ def predict_case(workdir: str | os.PathLike, image: str | os.PathLike,
   import ml_collections
 
   workdir = pathlib.Path(workdir)
+  if infection_ratio is not None and not 0.0 <= float(infection_ratio) <= 1.0:
+    raise ConfigError(f"--infection-ratio must be in [0, 1], got {infection_ratio}")
   inputs = {"image": image, "lung_mask": lung_mask, "infection_mask": infection_mask}
   for name, p in inputs.items():
     if p is not None:  # Fails fast, naming the file, before any model is loaded.
@@ -162,14 +173,19 @@ def predict_case(workdir: str | os.PathLike, image: str | os.PathLike,
   cfg.data.apply_lung_mask = False
   pre = preprocess.load_and_preprocess(image, lung_mask, infection_mask, config=cfg)
   net_image = pre.image * pre.lung_mask if config.data.apply_lung_mask else pre.image
-  ratio = float(pre.ratio)
+  ratio_info = _ratio_info(pre, infection_ratio, config)
+  ratio = ratio_info["ratio"] if ratio_info["ratio"] is not None else float("nan")
 
   mesh = sharding.make_mesh()
   probs: dict[str, dict[int, float]] = {}
   maps: dict[str, list[np.ndarray]] = {}
   is_attention: dict[str, bool] = {}
+  weights_used = []
   for r in runs:
     trained = experiment.load_trained(r.run_dir, mesh, "best")
+    weights_used.append(dict(variant=r.variant, fold=r.fold, run_dir=str(r.run_dir.resolve()),
+                             checkpoint="best", step=int(trained.state.step),
+                             epoch=(trained.meta or {}).get("epoch")))
     m = explanation.attention_maps(trained, net_image)
     probs.setdefault(r.variant, {})[r.fold] = m["prob"]
     maps.setdefault(r.variant, []).append(m["display"])
@@ -189,7 +205,8 @@ def predict_case(workdir: str | os.PathLike, image: str | os.PathLike,
     ens = dict(name=variants.ENSEMBLE, prob=float(p), label=LABEL_NAMES[int(p >= threshold)],
                w_us=w, weights=weights,
                weight_rule=("ratio outside [low, high] -> w_extreme, inside -> w_middle"
-                            if math.isfinite(ratio) else
+                            + (" (the ratio is ESTIMATED)" if ratio_info["ratio_estimated"]
+                               else "") if math.isfinite(ratio) else
                             "ratio unavailable -> w_middle (Eq. 5 literally: an unknown ratio is "
                             "one of 'the rest cases')"))
   order = [variants.ENSEMBLE, us, ss, "rn34_us"]
@@ -218,10 +235,11 @@ def predict_case(workdir: str | os.PathLike, image: str | os.PathLike,
               for v in variants.VARIANTS if v in prob},
       folds=sorted({r.fold for r in runs}),
       fold_aggregation="mean of the fold models' probabilities",
-      ratio=ratio if math.isfinite(ratio) else None,
-      ratio_source=("infection mask" if math.isfinite(ratio) else
-                    "unavailable (no infection mask): the ensemble uses w_middle"),
+      **ratio_info,
+      ensemble_ratio_band=_band(ratio, weights),
+      lung_volume_ml=pre.lung_ml if math.isfinite(pre.lung_ml) else None,
       lung_mask_source=pre.lung_mask_source,
+      model_weights=weights_used,
       attention_map=att_desc,
       inputs={k: (str(pathlib.Path(v).resolve()) if v is not None else None)
               for k, v in inputs.items()},
@@ -267,6 +285,10 @@ def predict_case(workdir: str | os.PathLike, image: str | os.PathLike,
         title=(f"{pathlib.Path(image).name}: {result['label']} (P = {final:.3f}, "
                f"{final_model})"))
     files.append("overview.png")
+    _write_summary_png(tmp / "summary.png", pre, att if att is not None else next(
+        iter(mean_map.values())), result, "T(A)" if att is not None else "Grad-CAM",
+        image, tuple(config.data.hu_window))
+    files.append("summary.png")
     result["files"] = ["prediction.json"] + files
     (tmp / "prediction.json").write_text(json.dumps(result, indent=1, allow_nan=False))
     old = out_path.parent / f".{out_path.name}.old-{os.getpid()}"
@@ -278,6 +300,77 @@ def predict_case(workdir: str | os.PathLike, image: str | os.PathLike,
     if tmp.exists():
       shutil.rmtree(tmp, ignore_errors=True)
   return result
+
+
+def _ratio_info(pre, given: float | None, config) -> dict[str, Any]:
+  """The ratio used, where it came from and its Table III group (prediction.json fields)."""
+  from dsan_jax import metrics
+  from dsan_jax.data import infection_ratio as ratio_lib
+  if given is not None:
+    ratio, source = float(given), "given"
+  else:
+    ratio, source = float(pre.ratio), pre.ratio_source
+  known = math.isfinite(ratio)
+  edges = tuple(float(e) for e in config.eval.ratio_groups)
+  names = (f"< {edges[0]}", f"{edges[0]} - {edges[1]}", f"> {edges[1]}")
+  group = int(metrics.group_of_ratio(np.array([ratio]), edges)[0]) if known else -1
+  return dict(
+      ratio=ratio if known else None,
+      ratio_source=source if known else ratio_lib.SOURCE_NONE,
+      ratio_estimated=source == ratio_lib.SOURCE_ESTIMATE and known,
+      ratio_note=("given with --infection-ratio" if source == "given" else
+                  ratio_lib.describe_source(source) if known else
+                  "unavailable (no infection mask, no estimate): the ensemble uses w_middle"),
+      ratio_group=names[group] if known else None,
+      ratio_from_mask=pre.ratio_mask if math.isfinite(pre.ratio_mask) else None,
+      ratio_estimate=pre.ratio_estimate if math.isfinite(pre.ratio_estimate) else None)
+
+
+def _band(ratio: float, weights: dict[str, Any]) -> str | None:
+  """The ensemble's band of the ratio: "r < low", "low <= r <= high" or "r > high"."""
+  if not math.isfinite(ratio):
+    return None
+  lo, hi = weights["low"], weights["high"]
+  return f"r < {lo}" if ratio < lo else f"r > {hi}" if ratio > hi else f"{lo} <= r <= {hi}"
+
+
+def _write_summary_png(path: pathlib.Path, pre, att: np.ndarray, result: dict[str, Any],
+                       map_name: str, image_path, hu_window) -> None:
+  """summary.png: the clinician's overview (``plots.plot_clinical_overview``)."""
+  from dsan_jax import plots
+  r = result
+  ratio = ("unknown" if r["ratio"] is None else
+           f"{r['ratio']:.4f}{' (ESTIMATED)' if r['ratio_estimated'] else ''}")
+  lines = [f"P(COVID) = {r['probability']:.3f} -> {r['label']}",
+           f"  model: {r['probability_model']}, threshold {r['threshold']}",
+           "",
+           f"lung volume: {r['lung_volume_ml']:.0f} mL" if r["lung_volume_ml"] is not None
+           else "lung volume: - (no lung mask)",
+           "  (on the network's grid, "
+           + " x ".join(f"{v:.2f}" for v in pre.geometry.output_spacing[::-1]) + " mm)",
+           f"  lung mask: {r['lung_mask_source']}",
+           f"infection ratio: {ratio}",
+           f"  source: {r['ratio_source']}",
+           f"  Table III group: {r['ratio_group']}",
+           f"  ensemble band: {r['ensemble_ratio_band']}",
+           ""]
+  if r["ensemble"]:
+    lines.append(f"ensemble w_US = {r['ensemble']['w_us']:.2f}")
+  lines.append("weights used:")
+  lines += [f"  {m['variant']} fold {m['fold']} step {m['step']}" for m in r["model_weights"]]
+  lines += ["", "cyan: lung contour; colour: " + map_name, r["note"]]
+  # Shown on the CT's own grid (full resolution), the maps and the lung mask mapped onto it.
+  from dsan_jax.data import io, preprocess
+  vol = io.read_volume(image_path)
+  ct = preprocess.window(vol.array, hu_window)
+  del vol
+  att_c = preprocess.to_canonical_grid(att, pre.geometry)
+  lung_c = preprocess.to_canonical_grid(pre.lung_mask.astype(np.float32), pre.geometry) >= 0.5
+  plots.plot_clinical_overview(ct, lung_c, att_c, path,
+                               spacing=pre.geometry.input_spacing, lines=lines,
+                               title=f"{pathlib.Path(image_path).name}: {r['label']} "
+                               f"(P = {r['probability']:.3f})",
+                               map_name=map_name)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -292,6 +385,9 @@ def _parser() -> argparse.ArgumentParser:
                  help="Lung mask on the CT's grid (default: classical segmentation).")
   p.add_argument("--infection-mask", "--infection_mask", dest="infection_mask", default=None,
                  help="Infection mask on the CT's grid (gives the infection ratio).")
+  p.add_argument("--infection-ratio", "--infection_ratio", dest="infection_ratio", type=float,
+                 default=None, help="A known infection ratio in [0, 1] (default: from the "
+                 "infection mask, else estimated from the CT).")
   p.add_argument("--out", required=True, help="Output folder.")
   p.add_argument("--fold", type=int, default=None,
                  help="Use only this fold's models (default: all folds, probabilities averaged).")
@@ -311,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   conv.apply_recommended_cpu_xla_flags()
   try:
     result = predict_case(args.workdir, args.image, args.lung_mask, args.infection_mask,
-                          args.out, args.fold, args.searched_weights)
+                          args.out, args.fold, args.searched_weights, args.infection_ratio)
   except DsanError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return 2
@@ -325,10 +421,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"  {v:12s} P = {m['prob']:.4f}  (folds {', '.join(m['prob_per_fold'])})")
   if ens:
     print(f"  ensemble weight w = {ens['w_us']:.2f} ({ens['weight_rule']})")
+  if result["lung_volume_ml"] is not None:
+    print(f"  lung volume: {result['lung_volume_ml']:.0f} mL ({result['lung_mask_source']} "
+          "lung mask)")
   if result["ratio"] is not None:
-    print(f"  infection ratio: {result['ratio']:.4f} ({result['ratio_source']})")
+    print(f"  infection ratio: {result['ratio']:.4f}, {result['ratio_note']}; Table III group "
+          f"{result['ratio_group']}, ensemble band {result['ensemble_ratio_band']}")
   else:
-    print(f"  infection ratio: {result['ratio_source']}")
+    print(f"  infection ratio: {result['ratio_note']}")
+  for m in result["model_weights"]:
+    print(f"  weights: {m['variant']} fold {m['fold']}, {m['checkpoint']} checkpoint step "
+          f"{m['step']} ({m['run_dir']})")
   print(f"  written to {args.out}: {', '.join(result['files'])}")
   return 0
 

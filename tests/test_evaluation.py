@@ -124,6 +124,9 @@ def test_outputs_and_keys(evaluated):
     assert key in on_disk, key
   assert on_disk["models"] == list(MODELS)
   assert "NOT clinical" in on_disk["data_note"]
+  # Synthetic phantoms all have infection masks: no ratio is estimated.
+  assert "infection ratios: " in on_disk["data_note"]
+  assert " 0 ESTIMATED from the CT (0 COVID, 0 CAP)" in on_disk["data_note"]
   for f in on_disk["files"]:
     assert (out / f).is_file(), f
   assert {"report.md", "table2.csv", "table3.csv", "predictions.csv", "attention_cases.csv",

@@ -88,3 +88,23 @@ def test_plot_training_curves(tmp_path):
   _assert_png(path)
   with pytest.raises(ValueError):
     plots.plot_training_curves([], tmp_path / "empty.png")
+
+
+def test_clinical_overview_goes_through_the_attention_maximum(tmp_path):
+  ct = np.random.default_rng(0).random((12, 20, 24)).astype(np.float32)
+  lung = np.zeros(ct.shape, np.uint8)
+  lung[2:10, 4:16, 3:11] = 1
+  att = np.zeros((12, 20, 24), np.float32)
+  att[7, 5, 18] = 1.0  # The maximum, off the lung.
+  att[3, 10, 6] = 0.5
+  path = tmp_path / "summary.png"
+  where = plots.plot_clinical_overview(ct, lung, att, path, spacing=(2.5, 1.0, 1.0),
+                                       lines=["P(COVID) = 0.9", "ratio 0.01 (ESTIMATED)"],
+                                       title="t")
+  assert where == (7, 5, 18)
+  assert path.stat().st_size > 5_000
+  # A coarser map is resampled to the CT's grid first; its maximum maps to the same region.
+  coarse = np.zeros((6, 10, 12), np.float32)
+  coarse[3, 2, 9] = 1.0
+  z, y, x = plots.plot_clinical_overview(ct, None, coarse, tmp_path / "b.png")
+  assert (z // 2, y // 2, x // 2) == (3, 2, 9)

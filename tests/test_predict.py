@@ -127,6 +127,8 @@ def las_and_ras_predictions(trained_workdir, tmp_path_factory):
     out[name] = (res, base / f"out_{name}", ct)
   ct, lung, _ = _write_case(base / "noinf")
   out["noinf"] = (predict.predict_case(trained_workdir, ct, lung, None, out=None), None, ct)
+  out["given"] = (predict.predict_case(trained_workdir, ct, lung, None, out=None,
+                                       infection_ratio=0.5), None, ct)
   return out
 
 
@@ -164,7 +166,9 @@ def test_prediction_json_keys_and_values(las_and_ras_predictions):
   assert on_disk == json.loads(json.dumps(res))
   for key in ("probability", "label", "label_index", "probability_model", "threshold",
               "ensemble", "models", "folds", "ratio", "ratio_source", "lung_mask_source",
-              "attention_map", "inputs", "input_shape", "input_affine", "files"):
+              "attention_map", "inputs", "input_shape", "input_affine", "files",
+              "ratio_estimated", "ratio_group", "ensemble_ratio_band", "lung_volume_ml",
+              "model_weights"):
     assert key in res, key
   assert set(res["models"]) == set(VARIANTS) and res["folds"] == [0]
   for v, m in res["models"].items():
@@ -174,7 +178,19 @@ def test_prediction_json_keys_and_values(las_and_ras_predictions):
   # The ratio from the masks, computed here independently: |I| / |L u I| voxels.
   _, lung, lesion = _phantom()
   assert res["ratio"] == pytest.approx(lesion.sum() / (lung | lesion).sum(), rel=1e-9)
-  assert res["ratio_source"] == "infection mask"
+  assert res["ratio_source"] == "mask" and res["ratio_estimated"] is False
+  assert res["ratio_group"] == ("< 0.005" if res["ratio"] < 0.005 else
+                                "> 0.03" if res["ratio"] > 0.030 else "0.005 - 0.03")
+  # Lung volume: the lung mask resampled to the network's grid; the true volume within the
+  # partial-volume error of that coarse (2.87 x 2.87 x 5 mm) grid on a ~30 mm phantom.
+  true_ml = lung.sum() * float(np.prod(nib.load(str(out.parent / "las" / "lung.nii.gz"))
+                                       .header.get_zooms()[:3])) / 1000.0
+  assert abs(res["lung_volume_ml"] - true_ml) < 0.35 * true_ml
+  assert {(m["variant"], m["fold"]) for m in res["model_weights"]} == {(v, 0) for v in VARIANTS}
+  for m in res["model_weights"]:
+    assert m["checkpoint"] == "best" and isinstance(m["step"], int) and m["step"] > 0
+    assert pathlib.Path(m["run_dir"]).is_dir()
+  assert "summary.png" in res["files"] and (out / "summary.png").stat().st_size > 10_000
   ens = res["ensemble"]
   w = 0.35 if (res["ratio"] < 0.001 or res["ratio"] > 0.030) else 0.96
   assert ens["w_us"] == w
@@ -186,10 +202,21 @@ def test_prediction_json_keys_and_values(las_and_ras_predictions):
 
 
 @pytest.mark.slow
-def test_without_infection_mask_the_ratio_is_unavailable(las_and_ras_predictions):
-  res = las_and_ras_predictions["noinf"][0]
-  assert res["ratio"] is None and "unavailable" in res["ratio_source"]
-  assert res["ensemble"]["w_us"] == 0.96  # The documented fallback: w_middle.
+def test_without_infection_mask_the_ratio_is_estimated(las_and_ras_predictions,
+                                                        trained_workdir):
+  res, _, ct = las_and_ras_predictions["noinf"]
+  assert res["ratio_source"] == "estimate" and res["ratio_estimated"] is True
+  assert "ESTIMATED" in res["ratio_note"] and res["ratio_from_mask"] is None
+  from dsan_jax import experiment
+  from dsan_jax.data import preprocess
+  config = experiment.load_config(trained_workdir / "att_rn34_us" / "fold_0" / "config.json")
+  pre = preprocess.load_and_preprocess(ct, ct.parent / "lung.nii.gz", None, config=config)
+  assert res["ratio"] == pre.ratio_estimate
+  w = 0.35 if (res["ratio"] < 0.001 or res["ratio"] > 0.030) else 0.96
+  assert res["ensemble"]["w_us"] == w and "ESTIMATED" in res["ensemble"]["weight_rule"]
+  given = las_and_ras_predictions["given"][0]
+  assert given["ratio"] == 0.5 and given["ratio_source"] == "given"
+  assert given["ratio_estimated"] is False and given["ensemble"]["w_us"] == 0.35
   with_mask = las_and_ras_predictions["las"][0]
   for v in VARIANTS:  # The infection mask only changes the ratio, not the network's input.
     assert res["models"][v]["prob"] == pytest.approx(with_mask["models"][v]["prob"], abs=1e-6)

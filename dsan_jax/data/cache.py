@@ -5,7 +5,9 @@ Layout of ``cache_dir``, one entry per case, named by its key::
   <key>.image.npy   uint8 [D, H, W]: round(255 * image), image = windowed CT x lung mask
   <key>.mask.npy    uint8 [ceil(D*H*W / 8)]: np.packbits of the infection mask (absent
                     when the case has none)
-  <key>.json        sidecar written LAST: shapes, ratio, CRC32 of each .npy, source files
+  <key>.json        sidecar written LAST: shapes, ratio and its source ("mask", "estimate",
+                    "none"; the mask's and the estimate's values apart), lung volume, CRC32 of
+                    each .npy, source files
 
 The key is a SHA-256 of the case's input files (absolute path, size, mtime; for a DICOM series
 folder, a hash of its files' names, sizes and mtimes) and of the
@@ -48,12 +50,13 @@ import zlib
 import numpy as np
 
 from dsan_jax import files, run_lock
+from dsan_jax.data import infection_ratio as ratio_lib
 from dsan_jax.data import io
 from dsan_jax.data import manifest as manifest_lib
 from dsan_jax.data import preprocess
 from dsan_jax.errors import DataError, DsanError, ManifestError, ResourceError
 
-CACHE_VERSION = 1  # Bump when the preprocessing code changes its output.
+CACHE_VERSION = 2  # Bump when the preprocessing code changes its output.
 COMMIT_LOCK = ".commit.lock"
 _ENTRY_OVERHEAD_BYTES = 8192
 
@@ -101,7 +104,8 @@ def check_entry(cache_dir: Path, key: str, verify: str = "size") -> dict | None:
   try:
     meta = json.loads(paths["meta"].read_text())
     img = np.load(paths["image"], mmap_mode="r")
-    if list(img.shape) != meta["shape"] or img.dtype != np.uint8:
+    if (list(img.shape) != meta["shape"] or img.dtype != np.uint8
+        or meta.get("version") != CACHE_VERSION):
       return None
     if meta["has_mask"]:
       m = np.load(paths["mask"], mmap_mode="r")
@@ -149,7 +153,12 @@ def preprocess_case(case: manifest_lib.Case, settings: preprocess.PreprocessSett
       "case_id": case.case_id,
       "shape": list(image_u8.shape),
       "has_mask": has_mask,
-      "ratio": None if math.isnan(out.ratio) else float(out.ratio),
+      "ratio": _json_float(out.ratio),
+      "ratio_source": out.ratio_source,
+      "ratio_estimated": out.ratio_source == ratio_lib.SOURCE_ESTIMATE,
+      "ratio_mask": _json_float(out.ratio_mask),
+      "ratio_estimate": _json_float(out.ratio_estimate),
+      "lung_ml": _json_float(out.lung_ml),
       "lung_mask_source": out.lung_mask_source,
       "crc_image": crcs["image"],
       "crc_mask": crcs.get("mask"),
@@ -186,6 +195,10 @@ def _commit(cache_dir: Path, key: str, tmps: dict[str, Path], meta: dict, verify
   finally:
     _remove(tmps)
   return meta
+
+
+def _json_float(x: float):
+  return None if math.isnan(x) else float(x)
 
 
 class _SettingsConfig:
@@ -238,7 +251,8 @@ class CachedDataset:
   """Random-access view of a built cache (the grain data source).
 
   Attributes:
-    cases: manifest cases, ``infection_ratio`` filled from the masks when the manifest had none.
+    cases: manifest cases, ``infection_ratio`` filled from the cache (mask or estimate, see
+      ``ratio_source``) when the manifest had none.
     keys: cache key of each case.
     cache_dir: the cache folder.
     skipped: (case_id, reason) for cases dropped by ``skip_bad``.
@@ -253,6 +267,9 @@ class CachedDataset:
   def __post_init__(self):
     self.labels = np.asarray([c.label for c in self.cases], np.int32)
     self.ratios = np.asarray([c.infection_ratio for c in self.cases], np.float32)
+    self.ratio_sources = [c.ratio_source for c in self.cases]
+    self.ratio_estimated = np.asarray(
+        [s == ratio_lib.SOURCE_ESTIMATE for s in self.ratio_sources], bool)
     self.patient_ids = [c.patient_id for c in self.cases]
     self.case_ids = [c.case_id for c in self.cases]
 
@@ -382,8 +399,11 @@ def build_cache(manifest: manifest_lib.Manifest, data_config, cache_dir: str | o
     if key is None or key not in metas:
       continue
     meta = metas[key]
-    if not case.has_ratio and meta.get("ratio") is not None:
-      case = dataclasses.replace(case, infection_ratio=float(meta["ratio"]))
+    if case.has_ratio:  # The manifest's ratio wins.
+      case = dataclasses.replace(case, ratio_source=ratio_lib.SOURCE_MANIFEST)
+    elif meta.get("ratio") is not None:
+      case = dataclasses.replace(case, infection_ratio=float(meta["ratio"]),
+                                 ratio_source=meta["ratio_source"])
     kept_cases.append(case)
     kept_keys.append(key)
     shapes.append(tuple(meta["shape"]))
@@ -418,3 +438,21 @@ def _collect(key, meta, err, by_key, metas, failures):
     metas[key] = meta
   else:
     failures[by_key[key].case_id] = err
+
+
+def ratio_summary(dataset: CachedDataset) -> str:
+  """One line: where the infection ratios of ``dataset`` come from, per class.
+
+  Example: ``infection ratios: 40 from infection masks (40 COVID, 0 CAP), 38 ESTIMATED from the
+  CT (2 COVID, 36 CAP), 0 from the manifest, 0 unknown``. A source that differs between the
+  classes leaks the label into the ratio (docs/data.md, "Infection-ratio estimate").
+  """
+  parts = []
+  for source, what in ((ratio_lib.SOURCE_MASK, "from infection masks"),
+                       (ratio_lib.SOURCE_ESTIMATE, "ESTIMATED from the CT"),
+                       (ratio_lib.SOURCE_MANIFEST, "from the manifest"),
+                       (ratio_lib.SOURCE_NONE, "unknown")):
+    sel = [c for c in dataset.cases if (c.ratio_source or ratio_lib.SOURCE_NONE) == source]
+    covid = sum(c.label == 1 for c in sel)
+    parts.append(f"{len(sel)} {what} ({covid} COVID, {len(sel) - covid} CAP)")
+  return "infection ratios: " + ", ".join(parts)

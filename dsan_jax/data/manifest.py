@@ -54,6 +54,8 @@ class Case:
     infection_ratio: r in [0, 1], NaN when unknown.
     split: normalised split name ("" when absent).
     row: line of the CSV it came from (header = 1); -1 when not from a CSV.
+    ratio_source: where ``infection_ratio`` came from: "manifest", or after ``build_cache``
+      "mask" / "estimate" (``infection_ratio.SOURCE_*``); "" when unknown.
   """
   case_id: str
   patient_id: str
@@ -64,6 +66,7 @@ class Case:
   infection_ratio: float = math.nan
   split: str = ""
   row: int = -1
+  ratio_source: str = ""
 
   @property
   def has_lung_mask(self) -> bool:
@@ -190,7 +193,8 @@ def _parse_row(row_no: int, rec: dict[str, str], root: Path, check_files: bool):
     return None, problems
   return Case(case_id=case_id, patient_id=patient_id, label=label, image=paths["image"],
               lung_mask=paths["lung_mask"], infection_mask=paths["infection_mask"],
-              infection_ratio=ratio, split=split, row=row_no), []
+              infection_ratio=ratio, split=split, row=row_no,
+              ratio_source="manifest" if ratio_raw and not problems else ""), []
 
 
 def load_manifest(path: str | os.PathLike, check_files: bool = True,

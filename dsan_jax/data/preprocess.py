@@ -24,6 +24,13 @@ The infection ratio is computed on the ORIGINAL voxel grid (no resampling error)
 ``r = |I| / |L u I|`` voxels, i.e. infection volume over lung volume in mm^3 (every voxel has
 the same volume, so voxel counts are volume ratios). The union keeps r <= 1 and counts dense
 consolidation that a threshold-based lung mask may exclude as lung.
+
+Without an infection mask the ratio is ESTIMATED from the CT (``infection_ratio.estimate``, the
+high-attenuation lung fraction on the output grid) and flagged ``ratio_source = "estimate"``.
+``config.data.infection_ratio`` chooses: "mask_or_estimate" (default: the mask where there is
+one, else the estimate), "estimate" (every case, also those with a mask: one kind of ratio for
+all cases, so that whether a ratio is estimated cannot leak the label), "mask" (no estimate:
+NaN without a mask).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from dsan_jax.data import infection_ratio as ratio_lib
 from dsan_jax.data import io
 from dsan_jax.errors import ConfigError, DataError
 
@@ -52,6 +60,7 @@ class PreprocessSettings:
   hu_window: tuple[float, float] = (-1350.0, 150.0)
   apply_lung_mask: bool = True
   lung_mask_fallback: bool = True
+  infection_ratio: str = "mask_or_estimate"  # See the module docstring.
 
   @classmethod
   def from_config(cls, config: Any = None) -> "PreprocessSettings":
@@ -66,6 +75,8 @@ class PreprocessSettings:
         hu_window=tuple(float(v) for v in data.hu_window),
         apply_lung_mask=bool(data.apply_lung_mask),
         lung_mask_fallback=bool(data.lung_mask_fallback),
+        # Configs written before the estimate existed have no such field.
+        infection_ratio=str(getattr(data, "infection_ratio", cls.infection_ratio)),
     )
     s.validate()
     return s
@@ -80,6 +91,9 @@ class PreprocessSettings:
       raise ConfigError(f"data.target_shape must be 3 positive sizes, got {self.target_shape}")
     if len(self.hu_window) != 2 or not self.hu_window[0] < self.hu_window[1]:
       raise ConfigError(f"data.hu_window must be (low, high) with low < high, got {self.hu_window}")
+    if self.infection_ratio not in ratio_lib.MODES:
+      raise ConfigError(f"data.infection_ratio must be one of {list(ratio_lib.MODES)}, got "
+                        f"{self.infection_ratio!r}")
 
   @property
   def effective_spacing_zyx(self) -> np.ndarray:
@@ -150,9 +164,16 @@ class Preprocessed:
     image: [D, H, W] float32 in [0, 1]: windowed CT times the lung mask, zero-padded.
     lung_mask: [D, H, W] uint8 {0, 1} on the same grid.
     infection_mask: [D, H, W] uint8 {0, 1}, or None without an infection mask.
-    ratio: infection/lung volume ratio on the original grid; NaN without an infection mask.
+    ratio: the infection ratio used (``ratio_source`` says which): from the infection mask
+      (on the original grid), or estimated; NaN when neither is available.
     geometry: mapping back to the input grid.
-    lung_mask_source: "file" or "fallback".
+    lung_mask_source: "file", "fallback" or "none".
+    ratio_source: "mask", "estimate" or "none" (``infection_ratio.SOURCE_*``).
+    ratio_mask: the ratio from the infection mask (NaN without one).
+    ratio_estimate: the estimate (NaN when not computed).
+    ratio_per_slice: float64 [d] the estimate per slice of the resampled (unpadded) grid, or
+      None when not computed.
+    lung_ml: volume of the lung mask on the output grid, mL (NaN without a lung mask).
   """
   image: np.ndarray
   lung_mask: np.ndarray
@@ -160,6 +181,11 @@ class Preprocessed:
   ratio: float
   geometry: Geometry
   lung_mask_source: str
+  ratio_source: str = ratio_lib.SOURCE_NONE
+  ratio_mask: float = float("nan")
+  ratio_estimate: float = float("nan")
+  ratio_per_slice: np.ndarray | None = None
+  lung_ml: float = float("nan")
 
 
 def plan_geometry(volume: io.Volume, settings: PreprocessSettings) -> Geometry:
@@ -305,57 +331,92 @@ def load_and_preprocess(image_path: str | os.PathLike,
     config: full config, its ``data`` section, or None for the paper's defaults.
 
   Returns:
-    Preprocessed (image [D, H, W] float32 in [0, 1], masks uint8, ratio, geometry).
+    Preprocessed (image [D, H, W] float32 in [0, 1], masks uint8, ratio and its source,
+    geometry).
 
   Raises:
-    DataError: unreadable or invalid inputs, mismatched masks, empty lung mask.
+    DataError: unreadable or invalid inputs, mismatched masks, empty lung mask, a ratio
+      estimate asked for with an implausibly small lung mask.
   """
   settings = PreprocessSettings.from_config(config)
   image = io.read_volume(image_path)
-  geometry = plan_geometry(image, settings)
-  hu = resample_to_output(image.array, geometry)
-
-  lung_full = None
+  lung_full = inf_full = None
   if lung_mask_path is not None:
     lung_full = _read_mask_like(Path(lung_mask_path), image, "lung mask")
     if not lung_full.any():
       raise DataError(lung_mask_path, "lung mask is empty")
+  if infection_mask_path is not None:
+    inf_full = _read_mask_like(Path(infection_mask_path), image, "infection mask")
+  return preprocess_volume(image, settings, lung_full, inf_full, lung_mask_path)
+
+
+def _output_lung(hu: np.ndarray, geometry: Geometry, lung_full: np.ndarray | None,
+                 settings: PreprocessSettings, image_path, lung_mask_path):
+  """The lung mask on the output grid: (uint8 [d, h, w], source "file"/"fallback"/"none")."""
+  if lung_full is not None:
     lung = resample_mask(lung_full, geometry)
     if not lung.any():
       raise DataError(lung_mask_path, "lung mask vanishes after resampling (fewer voxels than "
                       "one output voxel)")
-    source = "file"
-  elif settings.lung_mask_fallback:
+    return lung, "file"
+  if settings.lung_mask_fallback:
     from dsan_jax.data import lung_mask as lung_mask_lib  # Only needed for the fallback.
     # Segmenting on the resampled grid is ~7x cheaper than at full resolution and gives
     # the mask on the grid the network sees.
     lung = lung_mask_lib.segment_lungs(hu, geometry.output_spacing)
     if not lung.any():
       raise DataError(image_path, "the lung-mask fallback found no lungs; provide a lung mask")
-    source = "fallback"
-  else:
-    lung = np.ones(geometry.resampled_shape, np.uint8)
-    source = "none"
+    return lung, "fallback"
+  return np.ones(geometry.resampled_shape, np.uint8), "none"
 
+
+def preprocess_volume(image: io.Volume, settings: PreprocessSettings,
+                      lung_full: np.ndarray | None = None, inf_full: np.ndarray | None = None,
+                      lung_mask_path=None) -> Preprocessed:
+  """``load_and_preprocess`` on volumes in memory (canonical [D, H, W] masks on its grid).
+
+  Args:
+    image: the CT (``io.read_volume``).
+    settings: preprocessing settings.
+    lung_full, inf_full: {0, 1} [D, H, W] masks on the image's canonical grid, or None.
+    lung_mask_path: the lung mask's file, named in errors.
+
+  Returns:
+    Preprocessed.
+  """
+  geometry = plan_geometry(image, settings)
+  hu = resample_to_output(image.array, geometry)
+  lung, source = _output_lung(hu, geometry, lung_full, settings, image.path, lung_mask_path)
   infection = None
-  ratio = float("nan")
-  if infection_mask_path is not None:
-    inf_full = _read_mask_like(Path(infection_mask_path), image, "infection mask")
+  ratio_mask = float("nan")
+  if inf_full is not None:
     infection = pad_to_target(resample_mask(inf_full, geometry), geometry)
     if lung_full is None and source == "fallback":
       lung_full = to_canonical_grid(pad_to_target(lung.astype(np.float32), geometry),
                                     geometry) >= 0.5
     if lung_full is not None:
-      ratio = infection_ratio(lung_full, inf_full)
-
+      ratio_mask = infection_ratio(lung_full, inf_full)
+  est = None
+  mode = settings.infection_ratio
+  if source != "none" and (mode == "estimate" or (mode == "mask_or_estimate"
+                                                  and not np.isfinite(ratio_mask))):
+    est = ratio_lib.estimate(hu, lung, geometry.output_spacing,
+                             path=lung_mask_path if lung_mask_path is not None else image.path,
+                             fov_x_mm=image.array.shape[2] * image.spacing_zyx[2])
+  if est is not None:
+    ratio, ratio_source = est.ratio, ratio_lib.SOURCE_ESTIMATE
+  elif np.isfinite(ratio_mask):
+    ratio, ratio_source = ratio_mask, ratio_lib.SOURCE_MASK
+  else:
+    ratio, ratio_source = float("nan"), ratio_lib.SOURCE_NONE
   img = window(hu, settings.hu_window)
   if settings.apply_lung_mask:
     img *= lung
+  voxel_ml = float(np.prod(geometry.output_spacing)) / 1000.0
   return Preprocessed(
-      image=pad_to_target(img, geometry),
-      lung_mask=pad_to_target(lung, geometry),
-      infection_mask=infection,
-      ratio=ratio,
-      geometry=geometry,
-      lung_mask_source=source,
-  )
+      image=pad_to_target(img, geometry), lung_mask=pad_to_target(lung, geometry),
+      infection_mask=infection, ratio=ratio, geometry=geometry, lung_mask_source=source,
+      ratio_source=ratio_source, ratio_mask=ratio_mask,
+      ratio_estimate=est.ratio if est is not None else float("nan"),
+      ratio_per_slice=est.per_slice if est is not None else None,
+      lung_ml=float(np.count_nonzero(lung)) * voxel_ml if source != "none" else float("nan"))

@@ -60,9 +60,19 @@ def test_build_read_and_reuse(dataset, ct_case, tmp_path, monkeypatch):
   assert ds.patient_ids == ["p0", "p1", "p1"]
   ref = preprocess.load_and_preprocess(ct_case["image"], ct_case["lung_mask"],
                                        ct_case["infection_mask"], config=_cfg())
-  # Ratio filled from the masks for c0, unknown for c1, the manifest's for c2.
+  # Ratio filled from the masks for c0, estimated for c1 (no masks), the manifest's for c2.
   assert ds.ratios[0] == pytest.approx(ref.ratio) and ds.cases[0].infection_ratio == ds.ratios[0]
-  assert np.isnan(ds.ratios[1]) and ds.ratios[2] == 0.5
+  est = preprocess.load_and_preprocess(ct_case["image"], config=_cfg())
+  assert est.ratio_source == "estimate" and ds.ratios[1] == np.float32(est.ratio_estimate)
+  assert ds.ratios[2] == 0.5
+  assert ds.ratio_sources == ["mask", "estimate", "manifest"]
+  np.testing.assert_array_equal(ds.ratio_estimated, [False, True, False])
+  meta = json.loads((cdir / f"{ds.keys[1]}.json").read_text())
+  assert meta["ratio_estimated"] and meta["ratio_source"] == "estimate"
+  assert meta["ratio_mask"] is None and meta["ratio_estimate"] == pytest.approx(est.ratio)
+  assert cache_lib.ratio_summary(ds) == (
+      "infection ratios: 1 from infection masks (1 COVID, 0 CAP), 1 ESTIMATED from the CT "
+      "(0 COVID, 1 CAP), 1 from the manifest (0 COVID, 1 CAP), 0 unknown (0 COVID, 0 CAP)")
 
   item = ds[0]
   assert set(item) == {"image", "infection_mask", "has_mask", "label", "ratio", "index",
@@ -76,7 +86,7 @@ def test_build_read_and_reuse(dataset, ct_case, tmp_path, monkeypatch):
   assert item["has_mask"] is True and item["label"] == 1 and item["index"] == 0
   item1 = ds[1]
   assert item1["has_mask"] is False and not item1["infection_mask"].any()
-  assert item1["case_id"] == "c1" and np.isnan(item1["ratio"])
+  assert item1["case_id"] == "c1" and item1["ratio"] == pytest.approx(est.ratio)
   assert ds[-1]["index"] == 2
   with pytest.raises(IndexError):
     ds[3]
