@@ -74,7 +74,7 @@ def _grads(loss_kind):
       return jnp.mean(losses.attention_loss(aux["attention"], mask))
     return jnp.mean(losses.classification_loss(logits, labels))
 
-  return jax.grad(loss_fn)(variables["params"])
+  return jax.jit(jax.grad(loss_fn))(variables["params"])  # Eager would be op by op (slow).
 
 
 def _norm(tree):

@@ -118,11 +118,12 @@ def test_gradient_accumulation_averages_micro_batch_gradients():
     # Reference without scan: micro-batch i = rows i, i + 2.
     fresh = _setup(accum=2, model=model, tx=optax.sgd(1.0))[2]
     loss_fn = lambda p, s, mb: training._forward_loss(model, 0.5, p, s, mb)
+    grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))  # Eager: op by op, slow.
     keys = ("image", "infection_mask", "label", "has_mask", "weight")
     stats, gsum = fresh.batch_stats, None
     for i in range(2):
       mb = {k: jnp.asarray(batch[k][i::2]) for k in keys}
-      (_, (stats, _)), g = jax.value_and_grad(loss_fn, has_aux=True)(fresh.params, stats, mb)
+      (_, (stats, _)), g = grad_fn(fresh.params, stats, mb)
       gsum = g if gsum is None else jax.tree_util.tree_map(jnp.add, gsum, g)
     grads = jax.tree_util.tree_map(lambda g: g / 2, gsum)
     updates, _ = fresh.tx.update(grads, fresh.opt_state, fresh.params)
