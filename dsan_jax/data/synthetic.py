@@ -64,12 +64,12 @@ NOISE_HU = (8.0, 20.0)  # Std of the additive white noise, uniform per scan.
 COVID_GGO_HU = (-720.0, -480.0)
 COVID_CONSOLIDATION_HU = (-150.0, 0.0)
 CRAZY_PAVING_HU = (80.0, 160.0)  # Added on thickened interlobular septa (period ~12 mm).
-CAP_GGO_HU = (-600.0, -350.0)
+CAP_GGO_HU = (-650.0, -400.0)
 CAP_CONSOLIDATION_HU = (-60.0, 40.0)
 CAP_BRONCHOPNEUMONIA_FRACTION = 0.25  # CAP cases with patchy peribronchial foci, not lobar.
 CAP_BILATERAL = 0.2  # P(a lobar CAP also involves a lobe of the other lung).
-VESSEL_ROOTS = 10  # Arterial trees per lung (lobar/segmental arteries from the hilum).
-VESSEL_GENERATIONS = 7  # Bifurcations: root diameter 11 mm -> ~2 mm at the periphery.
+VESSEL_ROOTS = 8  # Arterial trees per lung (lobar/segmental arteries from the hilum).
+VESSEL_GENERATIONS = 6  # Bifurcations: root diameter 8 mm -> ~1.8 mm at the periphery.
 LOBES = ("", "RUL", "RML", "RLL", "LUL", "LLL")  # Lobe ids 1..5 (0 = not lung).
 
 
@@ -203,7 +203,7 @@ def _vessel_tree(rng: np.random.Generator, hila: np.ndarray, step: float,
 
   ``num_roots`` trees per lung fan out laterally, up, down, forwards and back. Every branch
   splits in two (angles 20-40 degrees, length x 0.72-0.88, diameter x 0.78, about Murray's law
-  2^(-1/3)), one generation at a time, vectorised over all branches of a generation.
+  2^(-1/3)); roots start 8 mm wide, spread along the hilum (SD 4, 8, 20 mm in x, y, z), one generation at a time, vectorised over all branches of a generation.
 
   Args:
     hila: float [2, 3] hilum of the right and the left lung.
@@ -217,9 +217,10 @@ def _vessel_tree(rng: np.random.Generator, hila: np.ndarray, step: float,
   d[:, 0] = side * (np.abs(d[:, 0]) + 0.4)
   d[:, 2] *= 1.5
   d /= np.linalg.norm(d, axis=1, keepdims=True)
-  p0 = np.repeat(hila.astype(np.float32), num_roots, 0)
+  p0 = np.repeat(hila.astype(np.float32), num_roots, 0)  # Roots spread along the hilum.
+  p0 += rng.normal(0.0, 1.0, p0.shape).astype(np.float32) * np.array([4.0, 8.0, 20.0], np.float32)
   length = np.full(2 * num_roots, 38.0, np.float32)
-  diam = np.full(2 * num_roots, 11.0, np.float32)
+  diam = np.full(2 * num_roots, 8.0, np.float32)
   pts, diams, perps = [], [], []
   up = np.array([0.0, 0.0, 1.0], np.float32)
   for gen in range(generations + 1):
@@ -357,6 +358,29 @@ def _chest_wall(vol: np.ndarray, f: _Frame, grid: _Grid, arng: np.random.Generat
   return dict(wall=wall, depth=depth.astype(np.float32), cavity=cavity, ac=ac, bc=bc, yv=yv)
 
 
+def _mediastinum(f: _Frame, lung_h: float, bc: float, yv: float, m: float, left_dome: float,
+                 arng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Heart (ellipsoid value, < 1 inside), aorta and airway masks, broadcast to [D, H, W]."""
+  x, y, z = f.x, f.y, f.z
+  dome_top = (None, left_dome)
+  zh = dome_top[1] + arng.uniform(20.0, 35.0)  # Heart on the left dome, left-anterior.
+  heart = (((x + arng.uniform(10.0, 25.0)) / arng.uniform(48.0, 60.0))**2 +
+           ((y - arng.uniform(0.1, 0.3) * bc) / arng.uniform(38.0, 50.0))**2 +
+           ((z - zh) / arng.uniform(42.0, 55.0))**2)
+  arch_z, carina_z = 0.74 * lung_h, 0.62 * lung_h
+  aorta = (((x + 22.0)**2 + (y - yv - 8.0)**2 < 169.0) & (z < arch_z) |
+           ((x - 10.0)**2 + (y - 0.3 * bc)**2 < 225.0) & (z > zh + 20.0) & (z < arch_z) |
+           (((x + 6.0) / 32.0)**2 + ((y - 0.1 * bc) / (0.35 * bc))**2 < 1.0) &
+           (np.abs(z - arch_z) < 12.0))
+  yt = yv + 45.0
+  zb = np.clip((carina_z - z) / 25.0, 0.0, 1.0)  # Main bronchi run from the carina to the hila.
+  airway = (x**2 + (y - yt)**2 < 81.0) & (z > carina_z)
+  for side in (1.0, -1.0):
+    airway |= ((x - side * (m + 10.0) * zb)**2 + (y - yt + 5.0 * zb)**2 < 36.0) & (
+        z > carina_z - 25.0) & (z <= carina_z)
+  return heart, aorta, airway
+
+
 def _lungs(vol: np.ndarray, f: _Frame, grid: _Grid, cw: dict, arng: np.random.Generator
            ) -> dict:
   """Mediastinum, heart, great vessels, airways, diaphragm, liver and the two lungs.
@@ -386,21 +410,7 @@ def _lungs(vol: np.ndarray, f: _Frame, grid: _Grid, cw: dict, arng: np.random.Ge
   if arng.random() < 0.5:  # Stomach gas bubble under the left dome.
     bub = ((x + 0.45 * ac) / 35.0)**2 + ((y - 0.2 * bc) / 30.0)**2 + ((z - dome[1] + 25.0) / 18.0)**2
     vol[(bub < 1.0) & (z < dome[1]) & cavity] = HU["air"]
-  zh = dome_top[1] + arng.uniform(20.0, 35.0)  # Heart on the left dome, left-anterior.
-  heart = (((x + arng.uniform(10.0, 25.0)) / arng.uniform(48.0, 60.0))**2 +
-           ((y - arng.uniform(0.1, 0.3) * bc) / arng.uniform(38.0, 50.0))**2 +
-           ((z - zh) / arng.uniform(42.0, 55.0))**2)
-  arch_z, carina_z = 0.74 * lung_h, 0.62 * lung_h
-  aorta = (((x + 22.0)**2 + (y - yv - 8.0)**2 < 169.0) & (z < arch_z) |
-           ((x - 10.0)**2 + (y - 0.3 * bc)**2 < 225.0) & (z > zh + 20.0) & (z < arch_z) |
-           (((x + 6.0) / 32.0)**2 + ((y - 0.1 * bc) / (0.35 * bc))**2 < 1.0) &
-           (np.abs(z - arch_z) < 12.0))
-  yt = yv + 45.0
-  zb = np.clip((carina_z - z) / 25.0, 0.0, 1.0)  # Main bronchi run from the carina to the hila.
-  airway = (x**2 + (y - yt)**2 < 81.0) & (z > carina_z)
-  for side in (1.0, -1.0):
-    airway |= ((x - side * (m + 10.0) * zb)**2 + (y - yt + 5.0 * zb)**2 < 36.0) & (
-        z > carina_z - 25.0) & (z <= carina_z)
+  heart, aorta, airway = _mediastinum(f, lung_h, bc, yv, m, dome_top[1], arng)
   inside = cavity[None] & (z > np.min(dome, 0) - 60.0)
   med = inside & (np.abs(x) < m + 4.0 * coarse) & (z > 0)
   vol[med] = HU["fat"] + 40.0
@@ -547,7 +557,7 @@ def _lesion(rng: np.random.Generator, lv: _LungVoxels, label: int, r: float, n: 
     sides = np.where(rng.random(k) < 0.75, primary, -primary)
     field = _foci_field(rng, lv, weight, sides, r * lv.side.size * lv.voxel_mm3 / k)
     field = field * np.exp(0.3 * lv.tex)
-    mask, pattern, cons, halo = _top_n(field, n), "bronchopneumonia", rng.uniform(0.3, 0.6), 0.35
+    mask, pattern, cons, halo = _top_n(field, n), "bronchopneumonia", 0.1 + 0.4 * size, 0.35
   else:  # Lobar / segmental consolidation, mostly one lung.
     n2 = int(round(n * rng.uniform(0.15, 0.4))) if rng.random() < CAP_BILATERAL else 0
     s1 = _segment_score(rng, lv, primary)
@@ -556,8 +566,8 @@ def _lesion(rng: np.random.Generator, lv: _LungVoxels, label: int, r: float, n: 
     m2 = _top_n(s2, n2)
     mask = m1 | m2
     field = np.where(m1, s1, np.where(m2, s2, -1e9)).astype(np.float32)
-    cons = float(np.clip(0.35 + 0.5 * np.clip(math.log10(max(r, 1e-6) / 1e-4) / 3, 0, 1) +
-                         rng.uniform(-0.15, 0.15), 0.1, 0.95))
+    cons = float(np.clip(0.15 + 0.7 * np.clip(math.log10(max(r, 1e-6) / 1e-4) / 3, 0, 1) +
+                         rng.uniform(-0.15, 0.15), 0.0, 0.95))
     pattern, halo = "lobar", 0.2
   return dict(mask=mask, field=field, pattern=pattern, cons_frac=cons,
               ggo_hu=rng.uniform(*CAP_GGO_HU), cons_hu=rng.uniform(*CAP_CONSOLIDATION_HU),
@@ -597,6 +607,26 @@ def _lesion_hu(rng: np.random.Generator, lv: _LungVoxels, les: dict) -> np.ndarr
   return hu.astype(np.float32)
 
 
+def _lung_voxels(lung_idx: np.ndarray, grid: _Grid, f: _Frame, cw: dict, an: dict,
+                 tex: np.ndarray) -> _LungVoxels:
+  """Geometry of the lung voxels ``lung_idx`` (flat indices) for placing lesions."""
+  sx, sy, sz = grid.spacing
+  zi, yi, xi = np.unravel_index(lung_idx, grid.shape)
+  px, py, pz = f.x[0, 0, xi], f.y[0, yi, 0], f.z[zi, 0, 0]
+  side = np.where(px > 0, 1, -1).astype(np.int8)
+  dome = an["dome"][np.where(side > 0, 0, 1), yi, xi]
+  pleura = np.maximum(np.minimum(cw["depth"][yi, xi] - cw["wall"], pz - dome), 0.0)
+  p = np.stack([px, py, pz], 1).astype(np.float32)
+  hila = an["hila"]
+  gravity = np.clip(0.5 - (py - an["ylc"]) / (2 * cw["bc"]), 0, 1)**2
+  return _LungVoxels(p=p, side=side, lobe=_lobes(px, py, pz, an["coarse"].reshape(-1)[lung_idx],
+                                                 grid.lung_height_mm, an["ylc"], cw["bc"]),
+                     pleura=pleura.astype(np.float32),
+                     hilum=np.linalg.norm(p - hila[np.where(side > 0, 0, 1)], axis=1),
+                     gravity=gravity.astype(np.float32), tex=tex, hila=hila,
+                     voxel_mm3=sx * sy * sz)
+
+
 def _render_case(spec: CaseSpec) -> dict:
   grid = _draw_grid(spec)
   d, h, w = grid.shape
@@ -609,22 +639,9 @@ def _render_case(spec: CaseSpec) -> dict:
   an = _lungs(vol, f, grid, cw, arng)
   lung = an["lung"]
   lung_idx = np.flatnonzero(lung)
-  zi, yi, xi = np.unravel_index(lung_idx, (d, h, w))
-  px, py, pz = f.x[0, 0, xi], f.y[0, yi, 0], f.z[zi, 0, 0]
-  side = np.where(px > 0, 1, -1).astype(np.int8)
-  dome = an["dome"][np.where(side > 0, 0, 1), yi, xi]
-  pleura = np.maximum(np.minimum(cw["depth"][yi, xi] - cw["wall"], pz - dome), 0.0)
-  p = np.stack([px, py, pz], 1).astype(np.float32)
-  hila = an["hila"]
   tex = smooth_noise(crng, (d, h, w), tuple(max(4, int(n * s / 20.0)) for n, s in
                                              zip((d, h, w), (sz, sy, sx))), 2)
-  gravity = np.clip(0.5 - (py - an["ylc"]) / (2 * cw["bc"]), 0, 1)**2
-  lv = _LungVoxels(p=p, side=side, lobe=_lobes(px, py, pz, an["coarse"].reshape(-1)[lung_idx],
-                                               grid.lung_height_mm, an["ylc"], cw["bc"]),
-                   pleura=pleura.astype(np.float32),
-                   hilum=np.linalg.norm(p - hila[np.where(side > 0, 0, 1)], axis=1),
-                   gravity=gravity.astype(np.float32), tex=tex[1].reshape(-1)[lung_idx],
-                   hila=hila, voxel_mm3=sx * sy * sz)
+  lv = _lung_voxels(lung_idx, grid, f, cw, an, tex[1].reshape(-1)[lung_idx])
   # Parenchyma: -865 HU, smooth texture, denser in the dependent (posterior) lung.
   tissue = HU["parenchyma"] + 15.0 * tex[0].reshape(-1)[lung_idx] + 45.0 * lv.gravity
   n_lung = lung_idx.size
@@ -639,7 +656,7 @@ def _render_case(spec: CaseSpec) -> dict:
     if les["pattern"] == "lobar":  # Fissures stop lobar consolidation: no margin across them.
       halo &= np.isin(lv.lobe, np.unique(lv.lobe[m]))
     tissue[halo] += les["halo"] * (les["ggo_hu"] - tissue[halo])
-  fv, fb = _vessels(grid, f, hila, arng)
+  fv, fb = _vessels(grid, f, lv.hila, arng)
   fv, fb = fv.reshape(-1)[lung_idx], fb.reshape(-1)[lung_idx]
   if les is not None and les["pattern"] == "covid":
     fv = np.where(les["mask"], 1.6 * fv, fv)  # Vascular enlargement inside COVID-19 opacities.
