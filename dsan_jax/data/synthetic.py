@@ -52,22 +52,32 @@ CAP_LOG10_RATIO = (-3.30, 1.20)
 R_MIN, R_MAX = 1e-5, 0.6
 FOLLOWUP_LOG_SIGMA = 0.5  # Follow-up ratio = baseline * exp(N(0, sigma)) (progression/regression).
 # ------------------------------------------------------------------------- grid and header.
-DEPTH_RANGE = (48, 80)  # Slices at size_scale = 1.
-WIDTH_RANGE = (96, 128)  # x voxels at size_scale = 1; y is W - U{0..24}, at least 96 * scale.
-INPLANE_SPACING_MM = (0.6, 0.9)
-SLICE_SPACING_MM = (1.0, 2.5)
+# Patient size in mm, per patient (docs/synthetic.md, "Grid and header"): adult chests.
+BODY_HALF_WIDTH_MM = (145.0, 185.0)  # Half the transverse chest diameter (290-370 mm wide).
+BODY_AP_RATIO = (0.66, 0.82)  # Half the AP diameter, as a fraction of the half-width.
+LUNG_HEIGHT_MM = (195.0, 265.0)  # Posterior costophrenic recess to the apex.
+FOV_MARGIN_MM = (15.0, 60.0)  # Reconstruction field of view = chest width + this (square).
+# Voxel size at size_scale = 1 (divided by size_scale): coarse, a few times a clinical CT's.
+INPLANE_SPACING_MM = (3.2, 4.2)
+SLICE_SPACING_MM = (4.0, 6.0)
 ORIENTATIONS = ("RAS", "LAS", "LPS")  # Stored axis codes, drawn uniformly per patient.
 INTERCEPT_FRACTION = 0.5  # Fraction stored as HU + 1024 with scl_inter = -1024.
 # ---------------------------------------------------------------------------- intensities.
 HU = dict(air=-1000.0, fat=-100.0, soft=40.0, blood=45.0, liver=55.0, bone_marrow=350.0,
-          bone_cortex=950.0, parenchyma=-850.0, vessel=30.0)
+          bone_cortex=950.0, rib=650.0, csf=15.0, parenchyma=-865.0, vessel=40.0,
+          bronchus=-1000.0)
 NOISE_HU = (8.0, 20.0)  # Std of the additive white noise, uniform per scan.
-COVID_GGO_HU = (-650.0, -350.0)
-COVID_CONSOLIDATION_HU = (-100.0, 30.0)
-CAP_CONSOLIDATION_HU = (-100.0, 40.0)
-CAP_GGO_HU = (-550.0, -300.0)
-VESSEL_OPAQUE = 0.5  # Splatted vessel density at which a voxel is fully vessel (HU["vessel"]).
-VESSEL_ROOTS = 12  # Trees per lung at size_scale = 1 (scaled by size_scale**2).
+# Lesion densities (HU of the opacified parenchyma, before vessels and bronchi are mixed in).
+COVID_GGO_HU = (-720.0, -480.0)
+COVID_CONSOLIDATION_HU = (-150.0, 0.0)
+CRAZY_PAVING_HU = (80.0, 160.0)  # Added on thickened interlobular septa (period ~12 mm).
+CAP_GGO_HU = (-650.0, -400.0)
+CAP_CONSOLIDATION_HU = (-60.0, 40.0)
+CAP_BRONCHOPNEUMONIA_FRACTION = 0.25  # CAP cases with patchy peribronchial foci, not lobar.
+CAP_BILATERAL = 0.2  # P(a lobar CAP also involves a lobe of the other lung).
+VESSEL_ROOTS = 8  # Arterial trees per lung (lobar/segmental arteries from the hilum).
+VESSEL_GENERATIONS = 6  # Bifurcations: root diameter 8 mm -> ~1.8 mm at the periphery.
+LOBES = ("", "RUL", "RML", "RLL", "LUL", "LLL")  # Lobe ids 1..5 (0 = not lung).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,8 +88,8 @@ class CaseSpec:
   label: int  # 1 = COVID, 0 = CAP.
   target_ratio: float
   anatomy_seed: int  # Shared by the scans of one patient.
-  grid_seed: int  # Shared by the scans of one patient: grid size, spacing, orientation.
-  case_seed: int  # Per scan: noise and lesions.
+  grid_seed: int  # Shared by the scans of one patient: body size, grid, spacing, orientation.
+  case_seed: int  # Per scan: noise, pose and lesions.
   split: str
   size_scale: float
 
@@ -168,67 +178,81 @@ class _Grid:
   spacing: tuple[float, float, float]  # (x, y, z) mm
   orientation: str
   intercept: bool
+  body_mm: tuple[float, float] = (160.0, 110.0)  # Half-width A and half-depth B of the chest.
+  lung_height_mm: float = 230.0
+  z0_mm: float = -40.0  # z of the first slice; z = 0 is the lowest point of the lungs.
 
 
 def _draw_grid(spec: CaseSpec) -> _Grid:
+  """Patient size (mm) and the scan grid that covers it, from the patient's grid seed."""
   rng = np.random.default_rng([spec.grid_seed, 1])
   s = spec.size_scale
-  w = int(round(rng.integers(WIDTH_RANGE[0], WIDTH_RANGE[1] + 1) * s))
-  h = max(int(round(WIDTH_RANGE[0] * s)), w - int(round(rng.integers(0, 25) * s)))
-  d = int(round(rng.integers(DEPTH_RANGE[0], DEPTH_RANGE[1] + 1) * s))
-  w, h, d = max(w, 12), max(h, 12), max(d, 8)
-  sxy = float(np.round(rng.uniform(*INPLANE_SPACING_MM), 4))
-  sz = float(np.round(rng.uniform(*SLICE_SPACING_MM), 3))
+  a = float(rng.uniform(*BODY_HALF_WIDTH_MM))
+  b = a * float(rng.uniform(*BODY_AP_RATIO))
+  lung_h = float(rng.uniform(*LUNG_HEIGHT_MM))
+  below, above = rng.uniform(25.0, 60.0), rng.uniform(15.0, 40.0)  # Scan range past the lungs.
+  fov = 2 * a + rng.uniform(*FOV_MARGIN_MM)
+  fov_y = max(2 * b + 30.0, fov - rng.uniform(0.0, 80.0))  # Rows may be cropped to the body.
+  sxy = float(np.round(rng.uniform(*INPLANE_SPACING_MM) / s, 4))
+  sz = float(np.round(rng.uniform(*SLICE_SPACING_MM) / s, 3))
+  w = max(12, int(round(fov / sxy)))
+  h = max(12, int(round(fov_y / sxy)))
+  d = max(8, int(round((lung_h + below + above) / sz)) + 1)
   orientation = ORIENTATIONS[int(rng.integers(len(ORIENTATIONS)))]
-  return _Grid((d, h, w), (sxy, sxy, sz), orientation, bool(rng.random() < INTERCEPT_FRACTION))
+  return _Grid((d, h, w), (sxy, sxy, sz), orientation, bool(rng.random() < INTERCEPT_FRACTION),
+               (a, b), lung_h, float(-below))
 
 
-def _ellipse(u, v, cu, cv, au, av):
-  return ((u - cu) / au)**2 + ((v - cv) / av)**2
+def _vessel_tree(rng: np.random.Generator, hila: np.ndarray, step: float,
+                 num_roots: int = VESSEL_ROOTS, generations: int = VESSEL_GENERATIONS
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Branching arterial trees from both hila, in mm (x, y, z), with their bronchi.
 
+  ``num_roots`` trees per lung fan out laterally, up, down, forwards and back. Every branch
+  splits in two (angles 20-40 degrees, length x 0.72-0.88, diameter x 0.78, about Murray's law
+  2^(-1/3)); roots start 8 mm wide, spread along the hilum (SD 4, 8, 20 mm in x, y, z), one generation at a time, vectorised over all branches of a generation.
 
-def _vessel_points(rng: np.random.Generator, side: float, lung_c: tuple[float, float],
-                   lung_axes: tuple[float, float], w_half: float, step: float,
-                   num_roots: int = 12, generations: int = 6
-                   ) -> tuple[np.ndarray, np.ndarray]:
-  """Branching trees from the hilum of one lung, in normalised (u, v, w) coordinates.
-
-  Every branch splits in two (angles 20-40 degrees, length x 0.7-0.9, amplitude x 0.85), one
-  generation at a time, vectorised over the branches of a generation.
+  Args:
+    hila: float [2, 3] hilum of the right and the left lung.
 
   Returns:
-    points float32 [P, 3] (u, v, w) and amplitudes float32 [P] (large near the hilum).
+    points float32 [P, 3] (x, y, z) mm, diameters float32 [P] mm, and unit vectors
+    float32 [P, 3] perpendicular to each branch (the accompanying bronchus lies along it).
   """
-  hilum = np.array([lung_c[0] - side * 0.55 * lung_axes[0], lung_c[1], 0.0], np.float32)
-  # Roots fan out laterally, up, down, forwards and backwards from the hilum.
-  d = rng.normal(0.0, 1.0, (num_roots, 3)).astype(np.float32)
-  d[:, 0] = side * np.abs(d[:, 0]) + side * 0.6
-  d[:, 2] *= 2.5 * w_half / max(lung_axes[1], 1e-3)
+  side = np.repeat(np.array([1.0, -1.0], np.float32), num_roots)
+  d = rng.normal(0.0, 1.0, (2 * num_roots, 3)).astype(np.float32)
+  d[:, 0] = side * (np.abs(d[:, 0]) + 0.4)
+  d[:, 2] *= 1.5
   d /= np.linalg.norm(d, axis=1, keepdims=True)
-  p0 = np.repeat(hilum[None], num_roots, 0)
-  length = np.full(num_roots, 0.45 * lung_axes[0], np.float32)
-  amp = np.full(num_roots, 1.0, np.float32)
-  pts, amps = [], []
+  p0 = np.repeat(hila.astype(np.float32), num_roots, 0)  # Roots spread along the hilum.
+  p0 += rng.normal(0.0, 1.0, p0.shape).astype(np.float32) * np.array([4.0, 8.0, 20.0], np.float32)
+  length = np.full(2 * num_roots, 38.0, np.float32)
+  diam = np.full(2 * num_roots, 8.0, np.float32)
+  pts, diams, perps = [], [], []
+  up = np.array([0.0, 0.0, 1.0], np.float32)
   for gen in range(generations + 1):
     m = max(2, int(math.ceil(float(length.max()) / step)))
     tt = np.linspace(0.0, 1.0, m, dtype=np.float32)[None, :, None]
     seg = p0[:, None, :] + tt * (length[:, None, None] * d[:, None, :])  # [n, m, 3]
+    perp = np.cross(d, up) + np.array([0.0, 1e-3, 0.0], np.float32)
+    perp /= np.sqrt((perp**2).sum(1, keepdims=True))
     pts.append(seg.reshape(-1, 3))
-    amps.append(np.repeat(amp, m))
+    diams.append(np.repeat(diam, m))
+    perps.append(np.repeat(perp, m, 0))
     if gen == generations:
       break
     n = d.shape[0]
-    perp = rng.normal(0.0, 1.0, (2 * n, 3)).astype(np.float32)
+    rnd = rng.normal(0.0, 1.0, (2 * n, 3)).astype(np.float32)
     dd = np.repeat(d, 2, 0)
-    perp -= (perp * dd).sum(1, keepdims=True) * dd
-    perp /= np.linalg.norm(perp, axis=1, keepdims=True) + 1e-6
+    rnd -= (rnd * dd).sum(1, keepdims=True) * dd
+    rnd /= np.sqrt((rnd**2).sum(1, keepdims=True)) + 1e-6
     angle = rng.uniform(0.35, 0.7, 2 * n).astype(np.float32)[:, None]
-    d = np.cos(angle) * dd + np.sin(angle) * perp
-    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    d = np.cos(angle) * dd + np.sin(angle) * rnd
+    d /= np.sqrt((d**2).sum(1, keepdims=True))
     p0 = np.repeat(seg[:, -1, :], 2, 0)
-    length = np.repeat(length, 2) * rng.uniform(0.7, 0.9, 2 * n).astype(np.float32)
-    amp = np.repeat(amp, 2) * 0.85
-  return np.concatenate(pts), np.concatenate(amps)
+    length = np.repeat(length, 2) * rng.uniform(0.72, 0.88, 2 * n).astype(np.float32)
+    diam = np.repeat(diam, 2) * 0.78
+  return np.concatenate(pts), np.concatenate(diams), np.concatenate(perps)
 
 
 def _splat(shape: tuple[int, int, int], zyx: np.ndarray, amp: np.ndarray,
@@ -268,8 +292,11 @@ def render_case(spec: CaseSpec) -> dict:
 
   Returns:
     dict with ``hu`` int16 [D, H, W] (z, y, x; x to the patient's right, y anterior, z
-    superior), ``lung`` / ``infection`` uint8 [D, H, W], ``spacing`` (x, y, z) mm, ``grid``
-    (orientation and intercept of the stored file), ``ratio`` (from the masks).
+    superior), ``lung`` / ``infection`` uint8 [D, H, W], ``lobes`` uint8 [D, H, W] (ids of
+    ``LOBES``, 0 outside the lungs), ``pleura_mm`` float32 [D, H, W] (distance to the costal
+    or diaphragmatic pleura inside the lungs, 0 elsewhere), ``spacing`` (x, y, z) mm, ``grid``
+    (orientation and intercept of the stored file), ``ratio`` (from the masks), ``pattern``
+    ("covid", "lobar" or "bronchopneumonia").
   """
   from threadpoolctl import threadpool_limits  # scikit-learn dependency.
 
@@ -277,223 +304,420 @@ def render_case(spec: CaseSpec) -> dict:
     return _render_case(spec)
 
 
+@dataclasses.dataclass
+class _Frame:
+  """Patient coordinates in mm (after the scan's pose shift), broadcastable to [D, H, W]."""
+  x: np.ndarray  # [1, 1, W], + = patient's right.
+  y: np.ndarray  # [1, H, 1], + = anterior.
+  z: np.ndarray  # [D, 1, 1], + = superior, 0 = lowest lung point.
+  shift: np.ndarray  # (x, y, z) mm pose shift.
+
+
+def _frame(grid: _Grid, crng: np.random.Generator) -> _Frame:
+  d, h, w = grid.shape
+  sx, sy, sz = grid.spacing
+  shift = np.array([*crng.normal(0.0, 4.0, 2), crng.normal(0.0, 6.0)], np.float32)
+  x = ((np.arange(w, dtype=np.float32) - (w - 1) / 2.0) * sx - shift[0])[None, None, :]
+  y = ((np.arange(h, dtype=np.float32) - (h - 1) / 2.0) * sy - shift[1])[None, :, None]
+  z = (grid.z0_mm + np.arange(d, dtype=np.float32) * sz - shift[2])[:, None, None]
+  return _Frame(x, y, z, shift)
+
+
+def _chest_wall(vol: np.ndarray, f: _Frame, grid: _Grid, arng: np.random.Generator) -> dict:
+  """Skin, subcutaneous fat, muscle, ribs, spine and sternum; returns the cavity geometry.
+
+  Returns:
+    dict: ``wall`` (mm of chest wall), ``depth`` [H, W] (mm inside the skin along the ray
+    from the centre), ``cavity`` bool [H, W], ``ac``/``bc`` cavity half-axes, ``yv`` (y of
+    the vertebral body's centre).
+  """
+  a, b = grid.body_mm
+  x2, y2 = f.x[0], f.y[0]  # [1, W], [H, 1]
+  wob = smooth_noise(arng, (1, *vol.shape[1:]), (1, 5, 5))[0, 0]
+  bp = np.where(y2 < 0, 0.97 * b, b)  # Flatter back.
+  rho = np.sqrt((x2 / a)**2 + (y2 / bp)**2) * (1.0 + 0.02 * wob)
+  depth = np.hypot(x2, y2) * (1.0 / np.maximum(rho, 1e-3) - 1.0)
+  fat_t, musc_t, rib_t = arng.uniform(4.0, 16.0), arng.uniform(5.0, 10.0), 8.0
+  wall = fat_t + musc_t + rib_t + 2.0
+  vol[:, depth >= 0] = HU["fat"]
+  vol[:, depth >= fat_t] = HU["soft"]
+  # Ribs: ~11 mm bands every 24-30 mm, sloping down anteriorly, absent at the costal cartilages.
+  angle = np.arctan2(np.broadcast_to(y2, depth.shape), np.broadcast_to(x2, depth.shape))
+  ring = (depth > fat_t + musc_t) & (depth < fat_t + musc_t + rib_t) & ~(
+      np.abs(angle - np.pi / 2) < 0.45)
+  ys, xs = np.nonzero(ring)
+  period = arng.uniform(24.0, 30.0)
+  phase = (f.z[:, 0, 0, None] + 40.0 * np.broadcast_to(y2, depth.shape)[ys, xs][None] / b) / period
+  vol[:, ys, xs] = np.where(np.mod(phase, 1.0) < 11.0 / period, HU["rib"], vol[:, ys, xs])
+  ac, bc = a - wall, b - wall
+  yv = -(0.97 * b - wall) + 14.0
+  vert = ((x2 / 21.0)**2 + ((y2 - yv) / 18.0)**2)
+  vol[:, vert < 1.0] = HU["bone_cortex"]
+  vol[:, vert < 0.6] = HU["bone_marrow"]
+  vol[:, (x2**2 + (y2 - yv + 30.0)**2 < 64.0) & (depth > 0)] = HU["csf"]  # Spinal canal.
+  vol[:, ((x2 / 10.0)**2 + ((y2 - yv + 50.0) / 14.0)**2 < 1.0) & (depth > 0)] = HU["bone_marrow"]
+  sternum = ((x2 / 16.0)**2 + ((y2 - (b - fat_t - musc_t * 0.5 - 4.0)) / 6.0)**2) < 1.0
+  st_y, st_x = np.nonzero(sternum)
+  st_z = np.nonzero(f.z[:, 0, 0] > 40.0)[0]
+  vol[st_z[:, None], st_y[None], st_x[None]] = HU["bone_marrow"]
+  cavity = (depth > wall) & ~(vert < 1.3)
+  vol[:, cavity] = HU["soft"]
+  return dict(wall=wall, depth=depth.astype(np.float32), cavity=cavity, ac=ac, bc=bc, yv=yv)
+
+
+def _mediastinum(f: _Frame, lung_h: float, bc: float, yv: float, m: float, left_dome: float,
+                 arng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Heart (ellipsoid value, < 1 inside), aorta and airway masks, broadcast to [D, H, W]."""
+  x, y, z = f.x, f.y, f.z
+  dome_top = (None, left_dome)
+  zh = dome_top[1] + arng.uniform(20.0, 35.0)  # Heart on the left dome, left-anterior.
+  heart = (((x + arng.uniform(10.0, 25.0)) / arng.uniform(48.0, 60.0))**2 +
+           ((y - arng.uniform(0.1, 0.3) * bc) / arng.uniform(38.0, 50.0))**2 +
+           ((z - zh) / arng.uniform(42.0, 55.0))**2)
+  arch_z, carina_z = 0.74 * lung_h, 0.62 * lung_h
+  aorta = (((x + 22.0)**2 + (y - yv - 8.0)**2 < 169.0) & (z < arch_z) |
+           ((x - 10.0)**2 + (y - 0.3 * bc)**2 < 225.0) & (z > zh + 20.0) & (z < arch_z) |
+           (((x + 6.0) / 32.0)**2 + ((y - 0.1 * bc) / (0.35 * bc))**2 < 1.0) &
+           (np.abs(z - arch_z) < 12.0))
+  yt = yv + 45.0
+  zb = np.clip((carina_z - z) / 25.0, 0.0, 1.0)  # Main bronchi run from the carina to the hila.
+  airway = (x**2 + (y - yt)**2 < 81.0) & (z > carina_z)
+  for side in (1.0, -1.0):
+    airway |= ((x - side * (m + 10.0) * zb)**2 + (y - yt + 5.0 * zb)**2 < 36.0) & (
+        z > carina_z - 25.0) & (z <= carina_z)
+  return heart, aorta, airway
+
+
+def _lungs(vol: np.ndarray, f: _Frame, grid: _Grid, cw: dict, arng: np.random.Generator
+           ) -> dict:
+  """Mediastinum, heart, great vessels, airways, diaphragm, liver and the two lungs.
+
+  Returns:
+    dict: ``lung`` bool [D, H, W], ``dome`` [2, H, W] diaphragm height per side (right,
+    left) in mm, ``hila`` float32 [2, 3] (x, y, z) mm, ``m`` mediastinal half-width,
+    ``ylc`` y of the lungs' centre.
+  """
+  lung_h = grid.lung_height_mm
+  ac, bc, yv, cavity = cw["ac"], cw["bc"], cw["yv"], cw["cavity"]
+  x, y, z = f.x, f.y, f.z
+  coarse = smooth_noise(arng, vol.shape, (4, 5, 5), 1)[0]
+  m = arng.uniform(28.0, 42.0)  # Mediastinal half-width.
+  ylc = -0.05 * bc
+  dome_top = (arng.uniform(55.0, 80.0), arng.uniform(40.0, 65.0))  # Right dome higher (liver).
+  domes = []
+  for k, side in enumerate((1.0, -1.0)):
+    xl = side * x[0]
+    dome = dome_top[k] * np.clip(1 - ((xl - 0.5 * ac) / (0.9 * ac))**2 -
+                                 ((y[0] - 0.15 * bc) / (1.1 * bc))**2, 0, 1)
+    domes.append(dome.astype(np.float32))
+  dome = np.stack(domes)  # [2, H, W]
+  # Abdomen under the domes: liver on the right (and across the midline), stomach on the left.
+  below_r = cavity & (x[0] > -40.0)
+  vol[(z <= dome[0]) & below_r] = HU["liver"]
+  if arng.random() < 0.5:  # Stomach gas bubble under the left dome.
+    bub = ((x + 0.45 * ac) / 35.0)**2 + ((y - 0.2 * bc) / 30.0)**2 + ((z - dome[1] + 25.0) / 18.0)**2
+    vol[(bub < 1.0) & (z < dome[1]) & cavity] = HU["air"]
+  heart, aorta, airway = _mediastinum(f, lung_h, bc, yv, m, dome_top[1], arng)
+  inside = cavity[None] & (z > np.min(dome, 0) - 60.0)
+  med = inside & (np.abs(x) < m + 4.0 * coarse) & (z > 0)
+  vol[med] = HU["fat"] + 40.0
+  vol[(heart < 1.0) & inside] = HU["blood"]
+  vol[aorta & inside] = HU["blood"]
+  vol[airway & inside] = HU["air"]
+  lung = np.zeros(vol.shape, bool)
+  zc = 0.45 * lung_h
+  for k, side in enumerate((1.0, -1.0)):
+    xl = side * x
+    apex = lung_h + arng.uniform(-8.0, 8.0)
+    taper = np.sqrt(np.clip(1 - ((z - zc) / (apex - zc))**2, 0, 1))
+    taper = np.where(z < zc, 1.0, taper) + 1e-3
+    half = 0.5 * (ac - m)  # A boxy (power-4) section fills the cavity; it shrinks to the apex.
+    cone = ((xl - m - half) / (half * taper))**4 + ((y - ylc) / (bc * taper))**4 < 1.0
+    lung |= (cavity[None] & (xl > m + 6.0 + 4.0 * coarse) & (z > dome[k]) & (z < apex) & cone &
+             (heart > 1.1) & ~aorta & ~airway)
+  vol[lung] = HU["parenchyma"]
+  hila = np.array([[side * (m + 15.0), ylc + 0.1 * bc, 0.55 * lung_h] for side in (1.0, -1.0)],
+                  np.float32)
+  return dict(lung=lung, dome=dome, hila=hila, m=m, ylc=ylc, coarse=coarse)
+
+
+def _lobes(px: np.ndarray, py: np.ndarray, pz: np.ndarray, coarse: np.ndarray, lung_h: float,
+           ylc: float, bc: float) -> np.ndarray:
+  """Lobe ids (``LOBES``) of lung voxels from the fissures.
+
+  Oblique fissure: from about 3/4 of the lung height posteriorly down to the diaphragm
+  anteriorly (lower lobe behind and below it); right horizontal fissure at ~0.56 of the height
+  (middle lobe below it, in front of the oblique fissure).
+
+  Args:
+    px, py, pz: float [N] mm coordinates; coarse: float [N] smooth noise (fissure undulation).
+
+  Returns:
+    uint8 [N].
+  """
+  zn = pz / lung_h
+  yn = (py - ylc) / bc
+  lower = zn < 0.50 - 0.35 * yn + 0.03 * coarse
+  right = px > 0
+  lobe = np.where(right, np.where(lower, 3, np.where(zn < 0.60 + 0.02 * coarse, 2, 1)),
+                  np.where(lower, 5, 4))
+  return lobe.astype(np.uint8)
+
+
+@dataclasses.dataclass
+class _LungVoxels:
+  """Per-lung-voxel geometry (all [N]) used to place lesions."""
+  p: np.ndarray  # float32 [N, 3] (x, y, z) mm.
+  side: np.ndarray  # int8: +1 right lung, -1 left lung.
+  lobe: np.ndarray  # uint8 lobe ids (``LOBES``).
+  pleura: np.ndarray  # float32 mm to the costal or diaphragmatic pleura.
+  hilum: np.ndarray  # float32 mm to the hilum of its lung.
+  gravity: np.ndarray  # float32 in [0, 1]: 1 = most dependent (posterior, supine).
+  tex: np.ndarray  # float32 smooth unit noise (irregular margins).
+  hila: np.ndarray  # float32 [2, 3] (right, left) hilum positions.
+  voxel_mm3: float
+
+
+def _top_n(score: np.ndarray, n: int) -> np.ndarray:
+  """bool [N]: exactly the ``n`` largest entries (argpartition breaks ties)."""
+  out = np.zeros(score.shape, bool)
+  n = int(min(max(n, 0), score.size))
+  if n:
+    out[np.argpartition(-score, n - 1)[:n]] = True
+  return out
+
+
+def _foci_field(rng: np.random.Generator, lv: _LungVoxels, weight: np.ndarray,
+                sides: np.ndarray, vol_per_focus: float) -> np.ndarray:
+  """Max of Gaussian foci, one per entry of ``sides``, centred by ``weight`` in that lung.
+
+  Returns:
+    float32 [N] in [0, 1.2].
+  """
+  field = np.zeros(lv.side.shape, np.float32)
+  for s in sides:
+    w = weight * (lv.side == s)
+    w = w if w.sum() > 0 else weight
+    c = int(rng.choice(w.size, p=w / w.sum()))
+    rad = (3.0 * vol_per_focus * rng.uniform(0.5, 1.5) / (4.0 * math.pi))**(1.0 / 3.0)
+    sig = max(rad, 3.0) * rng.uniform(0.6, 1.4, 3).astype(np.float32)
+    d2 = (((lv.p - lv.p[c]) / sig)**2).sum(1)
+    field = np.maximum(field, rng.uniform(0.8, 1.2) * np.exp(-0.5 * d2))
+  return field
+
+
+def _segment_score(rng: np.random.Generator, lv: _LungVoxels, side: int) -> np.ndarray:
+  """Lobar/segmental consolidation: a score whose ``n`` largest voxels are the lesion.
+
+  The lesion grows from a juxtapleural seed in one lobe.
+
+  The distance is measured in a cone from the hilum through the seed (a segment is a wedge
+  with its apex at the hilum and its base on the pleura); the lobe fills before the region
+  crosses a fissure into a neighbouring lobe, and the other lung only when this one is full.
+  """
+  on = lv.side == side
+  lobes = (1, 2, 3) if side > 0 else (4, 5)
+  pref = {1: 1.0, 2: 0.7, 3: 1.5, 4: 1.0, 5: 1.5}  # Lower lobes most often (aspiration, gravity).
+  vols = np.array([pref[k] * np.count_nonzero(lv.lobe == k) for k in lobes], np.float64)
+  lobe = lobes[int(rng.choice(len(lobes), p=vols / vols.sum()))] if vols.sum() else lobes[0]
+  inl = lv.lobe == lobe
+  w = inl * np.exp(-lv.pleura / 15.0)
+  seed = int(rng.choice(w.size, p=w / w.sum())) if w.sum() > 0 else int(np.flatnonzero(on)[0])
+  hil = lv.hila[0 if side > 0 else 1]
+  u = lv.p[seed] - hil
+  ru = max(float(np.linalg.norm(u)), 1.0)
+  u = u / ru
+  dv = lv.p - lv.p[seed]
+  along = dv @ u
+  perp = np.linalg.norm(dv - along[:, None] * u[None], axis=1)
+  perp = perp * ru / np.maximum(np.linalg.norm(lv.p - hil, axis=1), 10.0)
+  score = -np.sqrt((along / 1.6)**2 + perp**2) + 12.0 * lv.tex
+  return (score - 1e5 * ~inl - 1e5 * ~on).astype(np.float32)
+
+
+def _lesion(rng: np.random.Generator, lv: _LungVoxels, label: int, r: float, n: int) -> dict:
+  """Where the infection is and how dense, by class (docs/synthetic.md, "Lesions").
+
+  Returns:
+    dict: ``mask`` bool [N] (exactly ``n`` voxels), ``field`` float32 [N] (higher = core),
+    ``pattern``, ``cons_frac`` (fraction of the lesion consolidated), ``ggo_hu``,
+    ``cons_hu``, ``crazy`` (crazy-paving amplitude, HU), ``halo`` (opacity of the margin).
+  """
+  lower = np.isin(lv.lobe, (3, 5))
+  size = float(np.clip(math.log10(max(r, 1e-6) / 1e-3) / 2.5, 0.0, 1.0))  # 0 at 0.1 %, 1 at 30 %.
+  if label == 1:  # COVID-19: multifocal, bilateral, subpleural, lower lobes, posterior.
+    k = min(10, 1 + int(rng.poisson(0.3 + 5.0 * size)))
+    weight = np.exp(-lv.pleura / 10.0) * (1.0 + lower) * (1.0 + lv.gravity)
+    sides = np.where(rng.random(k) < 0.5, 1, -1)
+    field = _foci_field(rng, lv, weight, sides, r * lv.side.size * lv.voxel_mm3 / k)
+    field = field * np.exp(0.3 * lv.tex - lv.pleura / 40.0)
+    cons = float(np.clip(rng.uniform(-0.1, 0.15) + 0.45 * np.clip(math.log10(max(r, 1e-6) / 3e-3)
+                                                                  / 2, 0, 1), 0.0, 0.7))
+    crazy = rng.uniform(*CRAZY_PAVING_HU) if rng.random() < 0.8 * size else 0.0
+    return dict(mask=_top_n(field, n), field=field, pattern="covid", cons_frac=cons,
+                ggo_hu=rng.uniform(*COVID_GGO_HU), cons_hu=rng.uniform(*COVID_CONSOLIDATION_HU),
+                crazy=crazy, halo=0.35)
+  primary = 1 if rng.random() < 0.55 else -1
+  if rng.random() < CAP_BRONCHOPNEUMONIA_FRACTION:  # Patchy peribronchial foci.
+    k = 1 + int(rng.poisson(0.5 + 2.0 * size))
+    weight = np.exp(-lv.hilum / 70.0) * (1.0 + lower)
+    sides = np.where(rng.random(k) < 0.75, primary, -primary)
+    field = _foci_field(rng, lv, weight, sides, r * lv.side.size * lv.voxel_mm3 / k)
+    field = field * np.exp(0.3 * lv.tex)
+    mask, pattern, cons, halo = _top_n(field, n), "bronchopneumonia", 0.1 + 0.4 * size, 0.35
+  else:  # Lobar / segmental consolidation, mostly one lung.
+    n2 = int(round(n * rng.uniform(0.15, 0.4))) if rng.random() < CAP_BILATERAL else 0
+    s1 = _segment_score(rng, lv, primary)
+    m1 = _top_n(s1, n - n2)
+    s2 = np.where(m1, -np.inf, _segment_score(rng, lv, -primary)) if n2 else s1
+    m2 = _top_n(s2, n2)
+    mask = m1 | m2
+    field = np.where(m1, s1, np.where(m2, s2, -1e9)).astype(np.float32)
+    cons = float(np.clip(0.15 + 0.7 * np.clip(math.log10(max(r, 1e-6) / 1e-4) / 3, 0, 1) +
+                         rng.uniform(-0.15, 0.15), 0.0, 0.95))
+    pattern, halo = "lobar", 0.2
+  return dict(mask=mask, field=field, pattern=pattern, cons_frac=cons,
+              ggo_hu=rng.uniform(*CAP_GGO_HU), cons_hu=rng.uniform(*CAP_CONSOLIDATION_HU),
+              crazy=0.0, halo=halo)
+
+
+def _septa(rng: np.random.Generator, p: np.ndarray) -> np.ndarray:
+  """Thickened interlobular septa (crazy paving): three families of thin planes ~12 mm apart.
+
+  Returns:
+    float32 [N] in [0, 1], ~1 on a septum.
+  """
+  out = np.zeros(p.shape[0], np.float32)
+  period = rng.uniform(10.0, 16.0)
+  for _ in range(3):
+    nrm = rng.normal(size=3)
+    nrm /= np.linalg.norm(nrm)
+    ph = np.pi * (p @ nrm.astype(np.float32)) / period + rng.uniform(0, np.pi)
+    out = np.maximum(out, (1.0 - np.abs(np.sin(ph)))**6)
+  return out
+
+
+def _lesion_hu(rng: np.random.Generator, lv: _LungVoxels, les: dict) -> np.ndarray:
+  """HU of the opacified parenchyma inside the lesion (consolidated core, ground-glass rest).
+
+  Returns:
+    float32 [M] for the M lesion voxels (in index order).
+  """
+  m = les["mask"]
+  f = les["field"][m]
+  q = np.empty(f.size, np.float32)
+  q[np.argsort(f, kind="stable")] = (np.arange(f.size, dtype=np.float32) + 0.5) / max(f.size, 1)
+  cw = np.clip((q - (1.0 - les["cons_frac"])) / 0.08, 0.0, 1.0)
+  hu = les["ggo_hu"] * (1 - cw) + les["cons_hu"] * cw + 25.0 * lv.tex[m]
+  if les["crazy"]:
+    hu = hu + les["crazy"] * _septa(rng, lv.p[m]) * (1 - cw)
+  return hu.astype(np.float32)
+
+
+def _lung_voxels(lung_idx: np.ndarray, grid: _Grid, f: _Frame, cw: dict, an: dict,
+                 tex: np.ndarray) -> _LungVoxels:
+  """Geometry of the lung voxels ``lung_idx`` (flat indices) for placing lesions."""
+  sx, sy, sz = grid.spacing
+  zi, yi, xi = np.unravel_index(lung_idx, grid.shape)
+  px, py, pz = f.x[0, 0, xi], f.y[0, yi, 0], f.z[zi, 0, 0]
+  side = np.where(px > 0, 1, -1).astype(np.int8)
+  dome = an["dome"][np.where(side > 0, 0, 1), yi, xi]
+  pleura = np.maximum(np.minimum(cw["depth"][yi, xi] - cw["wall"], pz - dome), 0.0)
+  p = np.stack([px, py, pz], 1).astype(np.float32)
+  hila = an["hila"]
+  gravity = np.clip(0.5 - (py - an["ylc"]) / (2 * cw["bc"]), 0, 1)**2
+  return _LungVoxels(p=p, side=side, lobe=_lobes(px, py, pz, an["coarse"].reshape(-1)[lung_idx],
+                                                 grid.lung_height_mm, an["ylc"], cw["bc"]),
+                     pleura=pleura.astype(np.float32),
+                     hilum=np.linalg.norm(p - hila[np.where(side > 0, 0, 1)], axis=1),
+                     gravity=gravity.astype(np.float32), tex=tex, hila=hila,
+                     voxel_mm3=sx * sy * sz)
+
+
 def _render_case(spec: CaseSpec) -> dict:
   grid = _draw_grid(spec)
   d, h, w = grid.shape
-  sxy, _, sz = grid.spacing
+  sx, sy, sz = grid.spacing
   arng = np.random.default_rng([spec.anatomy_seed, 2])  # Patient anatomy.
-  crng = np.random.default_rng([spec.case_seed, 3])  # This scan: noise, lesions, pose.
-
-  # Normalised coordinates: u (x, +right) and v (y, +anterior) in units of W / 2; w (z) in the
-  # same physical unit, so shapes are undistorted by anisotropic spacing; t = z / (D - 1).
-  half = w / 2.0
-  u = ((np.arange(w, dtype=np.float32) - (w - 1) / 2.0) / half)[None, None, :]
-  v = ((np.arange(h, dtype=np.float32) - (h - 1) / 2.0) / half)[None, :, None]
-  zz = np.arange(d, dtype=np.float32)
-  wz = ((zz - (d - 1) / 2.0) * sz / (sxy * half))[:, None, None]
-  t = (zz / max(d - 1, 1))[:, None, None]
-
-  # Patient anatomy (shared by both scans of a patient), with a small per-scan pose shift.
-  hv = (h / w) * 0.93  # Body must fit the (possibly shorter) y extent.
-  body_a = arng.uniform(0.80, 0.92)
-  body_b = min(arng.uniform(0.58, 0.72), hv)
-  fat = arng.uniform(0.05, 0.13)  # Subcutaneous fat thickness, fraction of the body radius.
-  shift_u, shift_v = crng.normal(0, 0.015, 2)
-  uu, vv = u - shift_u, v - shift_v
-
-  noise = smooth_noise(crng, (d, h, w), (max(4, d // 5), max(4, h // 5), max(4, w // 5)), 2)
-  coarse = smooth_noise(arng, (d, h, w), (4, 5, 5), 1)[0]  # Smooth boundary wobble.
-
-  e_body = _ellipse(uu, vv, 0.0, 0.0, body_a, body_b) + 0.03 * coarse
-  cav_k = 1.0 - fat - 0.10
-  ca, cb = body_a * cav_k, body_b * cav_k
-  e_cav = _ellipse(uu, vv, 0.0, -0.02, ca, cb)
-
+  crng = np.random.default_rng([spec.case_seed, 3])  # This scan: pose, noise, lesions.
+  f = _frame(grid, crng)
   vol = np.full((d, h, w), HU["air"], np.float32)
-  np.copyto(vol, HU["fat"], where=e_body < 1.0)
-  np.copyto(vol, HU["soft"], where=e_body < (1.0 - fat)**2)
-
-  # Ribs: oblique bands at the cavity wall (bone where a z-phase pattern, shifted with the
-  # angle, is high), absent near the anterior midline (costal cartilage).
-  # Evaluated on the ring's pixels only ([D, pixels]), since the ring is the same every slice.
-  angle = np.arctan2(vv, uu)[0]  # [H, W]
-  n_ribs = arng.uniform(5.0, 7.0)
-  ring = (e_cav[0] > 1.0) & (e_cav[0] < 1.17) & ~(np.abs(angle - np.pi / 2) < 0.5)
-  ys, xs = np.nonzero(ring)
-  phase = 0.35 * np.abs(np.cos(angle[ys, xs] / 2))
-  rib_band = np.sin(2 * np.pi * (t[:, 0, 0, None] * n_ribs + phase[None, :])) > 0.35
-  vol[:, ys, xs] = np.where(rib_band, HU["bone_cortex"] - 300.0, vol[:, ys, xs])
-
-  # Spine (vertebral body with a cortical rim, canal) and sternum.
-  spine_v = -cb * 1.02
-  e_vert = _ellipse(uu, vv, 0.0, spine_v, 0.13, 0.11)
-  np.copyto(vol, HU["bone_cortex"], where=e_vert < 1.0)
-  np.copyto(vol, HU["bone_marrow"], where=e_vert < 0.6)
-  np.copyto(vol, 20.0,
-            where=(_ellipse(uu, vv, 0.0, spine_v - 0.15, 0.045, 0.045) < 1.0) & (e_body < 1.0))
-  np.copyto(vol, HU["bone_marrow"],
-            where=(_ellipse(uu, vv, 0.0, cb * 1.05, 0.09, 0.035) < 1.0) & (t < 0.85))
-
-  # Inside the cavity: soft tissue; lungs are carved out of it below.
-  inside = e_cav < 1.0
-  np.copyto(vol, HU["soft"], where=inside)
-
-  # Lungs: per side an ellipse hugging the cavity, scaled down towards the apex, above a
-  # diaphragm dome (right dome higher: liver), minus mediastinum and heart.
-  lung = np.zeros((d, h, w), bool)
-  lung_e = np.full((d, h, w), 9.0, np.float32)  # Normalised radius inside its lung (periphery ~1).
-  t_c = arng.uniform(0.4, 0.55)
-  apex = arng.uniform(0.93, 0.99)
-  scale_t = np.sqrt(np.clip(1 - ((t - t_c) / (apex - t_c))**2, 0, 1))
-  scale_t = np.where(t < t_c, 1.0, scale_t)
-  heart_c = (-0.15 * ca, 0.28 * cb)
-  heart_ax = (0.42 * ca, 0.55 * cb)
-  heart_t = np.clip(1 - ((t - 0.25) / 0.35)**2, 0, 1)  # Heart in the lower half.
-  e_heart = _ellipse(uu, vv, heart_c[0], heart_c[1], heart_ax[0] * np.sqrt(heart_t) + 1e-3,
-                     heart_ax[1] * np.sqrt(heart_t) + 1e-3)
-  mediastinum = (np.abs(uu) < 0.16 * ca + 0.05 * coarse) & (vv > spine_v - 0.05)
-  lung_info = []
-  for side in (1.0, -1.0):  # +1 = right lung (x to the right in RAS).
-    lc = (side * 0.52 * ca, -0.04 * cb)
-    la, lb = 0.52 * ca, 0.98 * cb
-    dome0 = arng.uniform(0.02, 0.08) + (0.04 if side > 0 else 0.0)
-    dome_h = arng.uniform(0.15, 0.25)
-    e_l = _ellipse(uu, vv, lc[0], lc[1], la * scale_t + 1e-3, lb * scale_t + 1e-3)
-    dome = dome0 + dome_h * np.clip(1 - _ellipse(uu, vv, lc[0], lc[1] - 0.2 * lb, la, lb), 0, 1)
-    this = ((e_l + 0.12 * coarse) < 1.0) & (e_cav < 0.97) & (t > dome) & (t < apex)
-    this &= ~mediastinum & ~(e_heart < 1.15)
-    lung |= this
-    lung_e = np.where(this, np.sqrt(np.maximum(e_l, 0)), lung_e)
-    lung_info.append((side, lc, (la, lb)))
-    # Below the dome: liver (right) or spleen/stomach (left) instead of soft tissue.
-    below = inside & (t <= dome) & (e_l < 1.0)
-    np.copyto(vol, HU["liver"] if side > 0 else HU["soft"], where=below)
-    if side < 0 and arng.random() < 0.5:  # Stomach gas bubble under the left dome.
-      bubble = _ellipse(uu, vv, lc[0] + 0.1 * la, lc[1] + 0.3 * lb, 0.25 * la, 0.2 * lb) + (
-          (t - dome0 * 0.5) / 0.06)**2
-      np.copyto(vol, HU["air"], where=below & (bubble < 1.0))
-
-  # Heart, aorta (ascending arch in the upper third, descending beside the spine).
-  np.copyto(vol, HU["blood"], where=e_heart < 1.0)
-  np.copyto(vol, HU["fat"] + 40.0, where=mediastinum & inside & ~lung & (e_heart >= 1.0))
-  desc = _ellipse(uu, vv, -0.14, spine_v + 0.13, 0.08, 0.08) < 1.0
-  np.copyto(vol, HU["blood"], where=desc & inside)
-  arch = (_ellipse(uu, vv, -0.03, 0.1, 0.09, 0.09) < 1.0) & (t > 0.55) & (t < 0.8)
-  np.copyto(vol, HU["blood"], where=arch)
-
-  # Trachea above the carina, two main bronchi just below: air outside the lung mask.
-  carina = arng.uniform(0.55, 0.65)
-  trachea = (_ellipse(uu, vv, 0.0, 0.0, 0.07, 0.06) < 1.0) & (t > carina)
-  bronchi = np.zeros_like(trachea)
-  for side in (1.0, -1.0):
-    bronchi |= (_ellipse(uu, vv, side * 0.11, -0.02, 0.045, 0.04) < 1.0) & (t > carina - 0.1) & (
-        t <= carina)
-  airway = (trachea | bronchi) & ~lung
-  np.copyto(vol, HU["air"], where=airway)
-
-  # Parenchyma: -850 HU with smooth texture and a gravity-dependent gradient (posterior denser).
-  paren = HU["parenchyma"] + 18.0 * noise[0] + 35.0 * np.clip(-(vv / cb), -1, 1)
-  np.copyto(vol, paren, where=lung)
-
-  # Lesions.
+  cw = _chest_wall(vol, f, grid, arng)
+  an = _lungs(vol, f, grid, cw, arng)
+  lung = an["lung"]
   lung_idx = np.flatnonzero(lung)
+  tex = smooth_noise(crng, (d, h, w), tuple(max(4, int(n * s / 20.0)) for n, s in
+                                             zip((d, h, w), (sz, sy, sx))), 2)
+  lv = _lung_voxels(lung_idx, grid, f, cw, an, tex[1].reshape(-1)[lung_idx])
+  # Parenchyma: -865 HU, smooth texture, denser in the dependent (posterior) lung.
+  tissue = HU["parenchyma"] + 15.0 * tex[0].reshape(-1)[lung_idx] + 45.0 * lv.gravity
   n_lung = lung_idx.size
+  n_target = min(max(1, int(round(spec.target_ratio * n_lung))), n_lung) if n_lung else 0
+  les = _lesion(crng, lv, spec.label, spec.target_ratio, n_target) if n_lung else None
   infection = np.zeros(d * h * w, bool)
-  if n_lung:
-    zi, yi, xi = np.unravel_index(lung_idx, (d, h, w))
-    pu = u.reshape(-1)[xi]
-    pv = v.reshape(-1)[yi]
-    pw = wz.reshape(-1)[zi]
-    pe = lung_e.reshape(-1)[lung_idx]
-    lesion_field, cons_frac, ggo_hu, cons_hu = _lesions(crng, spec, half, pu, pv, pw, pe, n_lung,
-                                                        noise[1].reshape(-1)[lung_idx])
-    n_target = max(max(1, int(round(8 * spec.size_scale**3))),
-                   int(round(spec.target_ratio * n_lung)))
-    n_target = min(n_target, n_lung)
-    thr = np.partition(lesion_field, n_lung - n_target)[n_lung - n_target]
-    inf_local = lesion_field >= thr
-    infection[lung_idx[inf_local]] = True
-    # Blurry edges: opacity weight 0.5 at the mask boundary, 1 well inside, fading outside.
-    rel = np.log(np.maximum(lesion_field, 1e-30) / max(thr, 1e-30))
-    op = np.clip(0.5 + rel / 0.6, 0.0, 1.0)
-    cons = np.clip((rel - cons_frac) / 0.3, 0.0, 1.0)
-    les_hu = ggo_hu * (1 - cons) + cons_hu * cons
-    flat = vol.reshape(-1)
-    flat[lung_idx] = flat[lung_idx] * (1 - op) + les_hu * op
-  infection = infection.reshape(d, h, w)
-
-  # Vessels: branching trees splatted as small Gaussians, drawn only inside the lungs.
-  vessel = np.zeros((d, h, w), np.float32)
-  step = 0.7 / half
-  for side, lc, axes in lung_info:
-    # Vessel volume fraction ~ roots * length * cross-section / volume ~ roots / scale^2 (in
-    # voxels), so the root count scales with scale^2 to keep it the same at every size.
-    roots = max(1, int(round(VESSEL_ROOTS * spec.size_scale**2)))
-    pts, amps = _vessel_points(arng, side, lc, axes, float(wz.max()), step, num_roots=roots)
-    zyx = np.stack([pts[:, 2] * sxy * half / sz + (d - 1) / 2.0,
-                    pts[:, 1] * half + (h - 1) / 2.0,
-                    pts[:, 0] * half + (w - 1) / 2.0], -1)
-    vessel += _splat((d, h, w), zyx, amps, z_blur=0.25 * min(1.0, sxy / sz))
-  vs = np.clip(vessel / VESSEL_OPAQUE, 0.0, 1.0) * lung
-  vol = vol * (1 - vs) + HU["vessel"] * vs
-
-  # Scanner noise.
+  if les is not None:
+    m = les["mask"]
+    infection[lung_idx[m]] = True
+    tissue[m] = _lesion_hu(crng, lv, les)
+    halo = _halo(infection.reshape(d, h, w), lung).reshape(-1)[lung_idx] & ~m
+    if les["pattern"] == "lobar":  # Fissures stop lobar consolidation: no margin across them.
+      halo &= np.isin(lv.lobe, np.unique(lv.lobe[m]))
+    tissue[halo] += les["halo"] * (les["ggo_hu"] - tissue[halo])
+  fv, fb = _vessels(grid, f, lv.hila, arng)
+  fv, fb = fv.reshape(-1)[lung_idx], fb.reshape(-1)[lung_idx]
+  if les is not None and les["pattern"] == "covid":
+    fv = np.where(les["mask"], 1.6 * fv, fv)  # Vascular enlargement inside COVID-19 opacities.
+  tot = fv + fb
+  k = np.where(tot > 0.95, 0.95 / np.maximum(tot, 1e-6), 1.0)
+  fv, fb = fv * k, fb * k
+  flat = vol.reshape(-1)
+  flat[lung_idx] = tissue * (1 - fv - fb) + HU["vessel"] * fv + HU["bronchus"] * fb
   vol += crng.standard_normal((d, h, w), dtype=np.float32) * crng.uniform(*NOISE_HU)
   hu = np.clip(np.rint(vol), -1024, 3071).astype(np.int16)
   lung_u8 = lung.astype(np.uint8)
-  inf_u8 = infection.astype(np.uint8)
+  inf_u8 = infection.reshape(d, h, w).astype(np.uint8)
+  lobes = np.zeros(d * h * w, np.uint8)
+  lobes[lung_idx] = lv.lobe
+  pl = np.zeros(d * h * w, np.float32)
+  pl[lung_idx] = lv.pleura
   ratio = float(inf_u8.sum(dtype=np.int64)) / float(max(lung_u8.sum(dtype=np.int64), 1))
-  return dict(hu=hu, lung=lung_u8, infection=inf_u8, spacing=grid.spacing, grid=grid,
-              ratio=ratio)
+  return dict(hu=hu, lung=lung_u8, infection=inf_u8, lobes=lobes.reshape(d, h, w),
+              pleura_mm=pl.reshape(d, h, w), spacing=grid.spacing, grid=grid, ratio=ratio,
+              pattern=les["pattern"] if les else "none")
 
 
-def _lesions(rng: np.random.Generator, spec: CaseSpec, half: float, pu, pv, pw, pe, n_lung, tex):
-  """Lesion potential over lung voxels; thresholding it at a quantile gives the target volume.
+def _halo(infection: np.ndarray, lung: np.ndarray) -> np.ndarray:
+  """bool [D, H, W]: lung voxels face-adjacent to the infection (the lesion's margin)."""
+  out = infection.copy()
+  for axis in range(3):
+    lo = [slice(None)] * 3
+    hi = [slice(None)] * 3
+    lo[axis], hi[axis] = slice(1, None), slice(None, -1)
+    out[tuple(lo)] |= infection[tuple(hi)]
+    out[tuple(hi)] |= infection[tuple(lo)]
+  return out & lung & ~infection
 
-  COVID: multifocal (count grows with the ratio), bilateral, foci centred in the subpleural
-  shell (lung radius > 0.75), ground glass with consolidated cores. CAP: one or two foci, one
-  lung (85 %), centred in the inner lung (radius < 0.65), elongated (segmental), consolidation
-  with a ground-glass rim.
+
+def _vessels(grid: _Grid, f: _Frame, hila: np.ndarray, arng: np.random.Generator
+             ) -> tuple[np.ndarray, np.ndarray]:
+  """Volume fractions of pulmonary vessels and bronchial lumen per voxel (partial volume).
 
   Returns:
-    (field float32 [n_lung], consolidation log-threshold, GGO HU, consolidation HU).
+    (vessel float32 [D, H, W], bronchus float32 [D, H, W]), each clipped to [0, 1].
   """
-  r = spec.target_ratio
-  covid = spec.label == 1
-  if covid:
-    k = 1 + int(rng.poisson(1.5 + 5.0 * np.clip(math.log10(r / 1e-3) / 2.5, 0, 1)))
-    k = min(k, 8)
-    shell = pe > 0.75
-    bilateral = rng.random() < 0.9
-  else:
-    k = 1 + int(rng.poisson(0.4))
-    shell = pe < 0.65
-    bilateral = rng.random() < 0.15
-  if not shell.any():
-    shell = np.ones_like(shell)
-  sides = np.where(pu > 0, 1, -1)
-  first_side = 1 if rng.random() < 0.5 else -1
-  vol_per_focus = max(r * n_lung / k, 1.0)
-  field = np.zeros(n_lung, np.float32)
-  for j in range(k):
-    side = first_side if (not bilateral or j % 2 == 0) else -first_side
-    cand = np.flatnonzero(shell & (sides == side))
-    if cand.size == 0:
-      cand = np.flatnonzero(shell)
-    c = cand[int(rng.integers(cand.size))]
-    # Sigma in normalised units from the focus volume (a voxel is 1 / half units wide).
-    rad = (vol_per_focus * 3 / (4 * math.pi))**(1 / 3) / half
-    sig = rad * rng.uniform(0.7, 1.3, 3)
-    if not covid:
-      sig[int(rng.integers(3))] *= 1.8  # Segmental: elongated along one axis.
-    d2 = ((pu - pu[c]) / sig[0])**2 + ((pv - pv[c]) / sig[1])**2 + ((pw - pw[c]) / sig[2])**2
-    field = np.maximum(field, rng.uniform(0.8, 1.2) * np.exp(-0.5 * d2))
-  field = field * np.exp(0.35 * tex)  # Irregular margins.
-  if covid:
-    return field, rng.uniform(0.6, 1.5), rng.uniform(*COVID_GGO_HU), rng.uniform(
-        *COVID_CONSOLIDATION_HU)
-  return field, rng.uniform(0.05, 0.3), rng.uniform(*CAP_GGO_HU), rng.uniform(
-      *CAP_CONSOLIDATION_HU)
+  d, h, w = grid.shape
+  sx, sy, sz = grid.spacing
+  step = 0.5 * min(sx, sz)
+  centre = np.array([(w - 1) / 2.0, (h - 1) / 2.0, 0.0])
+  out = []
+  pts, diam, perp = _vessel_tree(arng, hila, step)
+  for pos, dia in ((pts, diam), (pts + perp * (0.5 * diam + 1.5)[:, None], 0.75 * diam)):
+    ijk = (pos + f.shift) / np.array([sx, sy, sz]) + centre
+    ijk[:, 2] -= grid.z0_mm / sz
+    amp = (math.pi / 4.0) * dia**2 * step / (sx * sy * sz)
+    out.append(np.clip(_splat((d, h, w), ijk[:, ::-1], amp, z_blur=0.25 * min(1.0, sx / sz)),
+                       0.0, 1.0))
+  return out[0], out[1]
 
 
 # ------------------------------------------------------------------------------- writing.

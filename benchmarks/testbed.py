@@ -1,0 +1,207 @@
+"""Testbed calibration: how the synthetic phantoms look to the network, and reference classifiers.
+
+Measures, on a phantom manifest (or real CTs), after the project's preprocessing with a config:
+
+* ``frame``: extent of the lung mask in the preprocessed frame (fraction of each axis) and the
+  lungs' physical size in mm; run it on ../shared/data/ct/*.nii.gz (lung-mask fallback) to get
+  the real-CT reference.
+* ``calibrate``: the size-only oracle AUC (true infection ratio), the AUC of the "visible size"
+  (fraction of lung input voxels above -600 HU), and a 5-fold cross-validated logistic regression
+  on seven hand-made lung-density features of the network's input (docs/testbed.md).
+
+Run:
+    python benchmarks/testbed.py frame --config configs/quickstart.py ../shared/data/ct/*.nii.gz
+    python benchmarks/testbed.py calibrate --config configs/quickstart.py --manifest M.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+import sys
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ importable.
+
+from dsan_jax.data import preprocess  # noqa: E402
+
+FEATURES = ("log GGO band", "log dense band", "mean", "std", "bright balance L/R",
+            "bright peripheral share", "log bright fraction")
+
+
+def load_config(path: str):
+  spec = importlib.util.spec_from_file_location("cfg", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
+
+
+def lung_extent(lung: np.ndarray, spacing_zyx) -> tuple[np.ndarray, np.ndarray]:
+  """Bounding box of a [D, H, W] mask: (fraction of each axis, extent in mm (z, y, x))."""
+  idx = [np.flatnonzero(lung.any(axis=tuple(a for a in range(3) if a != k))) for k in range(3)]
+  n = np.array([i[-1] - i[0] + 1 if i.size else 0 for i in idx], np.float64)
+  return n / np.asarray(lung.shape), n * np.asarray(spacing_zyx)
+
+
+def features(img: np.ndarray, lung: np.ndarray, hu_window) -> np.ndarray:
+  """Seven crude density features of one preprocessed input ([D, H, W] in [0, 1], lung mask).
+
+  Returns:
+    float64 [7] (see ``FEATURES``).
+  """
+  lo, hi = hu_window
+  m = lung.astype(bool)
+  hu = img[m] * (hi - lo) + lo
+  eps = 1e-4
+  ggo = np.mean((hu > -750) & (hu <= -300))
+  dense = np.mean(hu > -300)
+  bright = (img * (hi - lo) + lo > -600) & m
+  w = img.shape[2]
+  left, right = bright[..., : w // 2].sum(), bright[..., w // 2:].sum()
+  balance = min(left, right) / max(left + right, 1)
+  from scipy import ndimage
+  inner = ndimage.binary_erosion(m, iterations=2)
+  periph = (bright & ~inner).sum() / max(bright.sum(), 1)
+  return np.array([np.log(ggo + eps), np.log(dense + eps), hu.mean(), hu.std(), balance, periph,
+                   np.log(bright.sum() / m.sum() + eps)])
+
+
+APPEARANCE = ("lesion mean HU", "consolidated share", "minor-lung share",
+              "median depth under the lung surface (mm)", "log number of foci")
+
+
+def appearance(hu: np.ndarray, lung: np.ndarray, inf: np.ndarray, spacing_xyz) -> np.ndarray:
+  """Size-free features of the true lesion on the native grid (what the lesion looks like).
+
+  Returns:
+    float64 [5] (see ``APPEARANCE``); zeros when the mask is empty.
+  """
+  from scipy import ndimage
+  m = inf.astype(bool)
+  if not m.any():
+    return np.zeros(len(APPEARANCE))
+  h = hu[m].astype(np.float64)
+  w = lung.shape[2]
+  right = m[..., w // 2:].sum()
+  minor = min(right, m.sum() - right) / m.sum()
+  depth = ndimage.distance_transform_edt(lung.astype(bool), sampling=tuple(spacing_xyz)[::-1])
+  n_foci = ndimage.label(m)[1]
+  return np.array([h.mean(), np.mean(h > -300), minor, np.median(depth[m]), np.log(n_foci)])
+
+
+def _preprocess_rows(manifest: Path, config, limit: int, with_appearance: bool = False):
+  with open(manifest, newline="") as f:
+    rows = list(csv.DictReader(f))[: limit or None]
+  out = []
+  for r in rows:
+    p = preprocess.load_and_preprocess(manifest.parent / r["image"],
+                                       manifest.parent / r["lung_mask"],
+                                       manifest.parent / r["infection_mask"], config)
+    frac, mm = lung_extent(p.lung_mask, p.geometry.output_spacing)
+    app = np.zeros(len(APPEARANCE))
+    if with_appearance:
+      from dsan_jax.data import synthetic
+      hu, sp = synthetic.read_canonical(manifest.parent / r["image"])
+      lung, _ = synthetic.read_canonical(manifest.parent / r["lung_mask"])
+      inf, _ = synthetic.read_canonical(manifest.parent / r["infection_mask"])
+      app = appearance(hu, lung, inf, sp)
+    lo, hi = config.data.hu_window
+    bright = (p.image * (hi - lo) + lo > -600) & p.lung_mask.astype(bool)
+    mimic = float((bright & ~p.infection_mask.astype(bool)).sum() / p.lung_mask.sum())
+    out.append(dict(label=int(r["label"] == "covid"), ratio=float(r["infection_ratio"]),
+                    mimic=mimic, app=app,
+                    feats=features(p.image, p.lung_mask, config.data.hu_window), frac=frac,
+                    mm=mm, lung_vox=int(p.lung_mask.sum()),
+                    inf_vox=int(p.infection_mask.sum())))
+  return out
+
+
+def _cv_auc(x: np.ndarray, y: np.ndarray) -> float:
+  """5-fold cross-validated AUC of a standardised logistic regression."""
+  from sklearn.linear_model import LogisticRegression
+  from sklearn.metrics import roc_auc_score
+  from sklearn.model_selection import StratifiedKFold, cross_val_predict
+  from sklearn.pipeline import make_pipeline
+  from sklearn.preprocessing import StandardScaler
+  if min(y.sum(), (1 - y).sum()) < 5:
+    return float("nan")
+  clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+  cv = StratifiedKFold(5, shuffle=True, random_state=0)
+  return float(roc_auc_score(y, cross_val_predict(clf, x, y, cv=cv, method="predict_proba")[:, 1]))
+
+
+def calibrate(manifest: Path, config, limit: int = 0, with_appearance: bool = False) -> dict:
+  """Size-only, visible-size, density-feature (and lesion-appearance) AUCs on a manifest."""
+  from sklearn.metrics import roc_auc_score
+
+  rows = _preprocess_rows(manifest, config, limit, with_appearance)
+  y = np.array([r["label"] for r in rows])
+  ratio = np.array([r["ratio"] for r in rows])
+  x = np.stack([r["feats"] for r in rows])
+  frac = np.stack([r["frac"] for r in rows])
+  mm = np.stack([r["mm"] for r in rows])
+  res = dict(n=len(rows), covid=int(y.sum()), auc_size=roc_auc_score(y, ratio),
+             auc_visible=roc_auc_score(y, x[:, 6]), auc_features=_cv_auc(x, y),
+             auc_features_and_ratio=_cv_auc(np.concatenate([x, np.log(ratio)[:, None]], 1), y),
+             frame_frac_median=np.median(frac, 0), lung_mm_median=np.median(mm, 0),
+             bright_outside_infection_median=float(np.median([r["mimic"] for r in rows])),
+             ratio_median_covid=float(np.median(ratio[y == 1])),
+             ratio_median_cap=float(np.median(ratio[y == 0])),
+             lung_vox_median=float(np.median([r["lung_vox"] for r in rows])),
+             inf_vox_cap_small=float(np.median([r["inf_vox"] for r in rows
+                                                if r["label"] == 0 and r["ratio"] <= 1e-3] or [0])))
+  if with_appearance:
+    app = np.stack([r["app"] for r in rows])
+    small = ratio < 0.005
+    large = ratio > 0.03
+    res.update(auc_appearance=_cv_auc(app, y), auc_appearance_small=_cv_auc(app[small], y[small]),
+               auc_appearance_large=_cv_auc(app[large], y[large]),
+               auc_features_small=_cv_auc(x[small], y[small]),
+               auc_features_large=_cv_auc(x[large], y[large]),
+               n_small=int(small.sum()), n_large=int(large.sum()))
+  return res
+
+
+def frame(paths, config) -> list[dict]:
+  """Lung extent in the preprocessed frame for CTs without masks (lung-mask fallback)."""
+  out = []
+  for p in paths:
+    pp = preprocess.load_and_preprocess(p, None, None, config)
+    frac, mm = lung_extent(pp.lung_mask, pp.geometry.output_spacing)
+    lo, hi = config.data.hu_window
+    m = pp.lung_mask.astype(bool)
+    bright = float(np.mean(pp.image[m] * (hi - lo) + lo > -600))
+    vol_l = float(m.sum() * np.prod(pp.geometry.output_spacing) / 1e6)
+    out.append(dict(path=str(p), frame_frac_zyx=frac.round(3), lung_mm_zyx=mm.round(0),
+                    bright_fraction=round(bright, 3), lung_litres=round(vol_l, 2),
+                    spacing=np.round(pp.geometry.output_spacing, 2)))
+  return out
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser()
+  ap.add_argument("what", choices=("frame", "calibrate"))
+  ap.add_argument("paths", nargs="*")
+  ap.add_argument("--config", required=True)
+  ap.add_argument("--manifest")
+  ap.add_argument("--limit", type=int, default=0)
+  ap.add_argument("--appearance", action="store_true",
+                  help="also the size-free lesion-appearance features (native grid, slower)")
+  args = ap.parse_intermixed_args(argv)
+  config = load_config(args.config)
+  if args.what == "frame":
+    for r in frame(args.paths, config):
+      print(r)
+  else:
+    res = calibrate(Path(args.manifest), config, args.limit, args.appearance)
+    for k, v in res.items():
+      print(f"{k}: {np.round(v, 3) if isinstance(v, (float, np.ndarray)) else v}")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
