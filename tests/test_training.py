@@ -192,14 +192,14 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     one, eight = jax.devices()[:1], jax.devices()
     with jax.enable_x64(True):
       init64 = ro.to_float64(jax.device_get(init))
-      f64 = {n: {s: run(init64, jnp.float64, d, s) for s in (1, 2)} for n, d in ((1, one), (8, eight))}
+      # One step: three steps in float64 are compared in tests/test_multihost.py.
+      f64 = {n: run(init64, jnp.float64, d, 1) for n, d in ((1, one), (8, eight))}
     f32 = {n: run(init, jnp.float32, d, 1) for n, d in ((1, one), (8, eight))}
-    ro.assert_leaves_close(f64[8][1], f64[1][1], ro.F64_RTOL, "float64, 1 step, 8 vs 1 device")
-    ro.assert_leaves_close(f64[8][2], f64[1][2], 100 * ro.F64_RTOL, "float64, 2 steps")
-    ro.assert_as_accurate(f32[8], f32[1], f64[1][1], "float32, 1 step, 8 vs 1 device")
-    print("float64 max rel diff", ro.relative_error(f64[8][2], f64[1][2]),
-          "float32 errors vs float64", ro.relative_error(f32[8], f64[1][1]),
-          ro.relative_error(f32[1], f64[1][1]))
+    ro.assert_leaves_close(f64[8], f64[1], ro.F64_RTOL, "float64, 1 step, 8 vs 1 device")
+    ro.assert_as_accurate(f32[8], f32[1], f64[1], "float32, 1 step, 8 vs 1 device")
+    print("float64 max rel diff", ro.relative_error(f64[8], f64[1]),
+          "float32 errors vs float64", ro.relative_error(f32[8], f64[1]),
+          ro.relative_error(f32[1], f64[1]))
     print("OK")
 """)
 
