@@ -27,10 +27,10 @@ import sys
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ importable.
 
+from dsan_jax import reference  # noqa: E402
 from dsan_jax.data import preprocess  # noqa: E402
 
-FEATURES = ("log GGO band", "log dense band", "mean", "std", "bright balance L/R",
-            "bright peripheral share", "log bright fraction")
+FEATURES = reference.FEATURES
 
 
 def load_config(path: str):
@@ -48,26 +48,8 @@ def lung_extent(lung: np.ndarray, spacing_zyx) -> tuple[np.ndarray, np.ndarray]:
 
 
 def features(img: np.ndarray, lung: np.ndarray, hu_window) -> np.ndarray:
-  """Seven crude density features of one preprocessed input ([D, H, W] in [0, 1], lung mask).
-
-  Returns:
-    float64 [7] (see ``FEATURES``).
-  """
-  lo, hi = hu_window
-  m = lung.astype(bool)
-  hu = img[m] * (hi - lo) + lo
-  eps = 1e-4
-  ggo = np.mean((hu > -750) & (hu <= -300))
-  dense = np.mean(hu > -300)
-  bright = (img * (hi - lo) + lo > -600) & m
-  w = img.shape[2]
-  left, right = bright[..., : w // 2].sum(), bright[..., w // 2:].sum()
-  balance = min(left, right) / max(left + right, 1)
-  from scipy import ndimage
-  inner = ndimage.binary_erosion(m, iterations=2)
-  periph = (bright & ~inner).sum() / max(bright.sum(), 1)
-  return np.array([np.log(ggo + eps), np.log(dense + eps), hu.mean(), hu.std(), balance, periph,
-                   np.log(bright.sum() / m.sum() + eps)])
+  """Seven crude density features of one preprocessed input (``reference.density_features``)."""
+  return reference.density_features(img, lung, hu_window)
 
 
 APPEARANCE = ("lesion mean HU", "consolidated share", "minor-lung share",

@@ -110,4 +110,7 @@ def get_config() -> ml_collections.ConfigDict:
   evaluation.attention_quality = True  # Compute mass-inside / soft Dice of every model's map.
   evaluation.attention_max_cases = 0  # Per fold model, at most this many cases (0 = all).
   evaluation.figure_case_ids = ()  # Case ids for the Fig. 5-like panels; empty -> chosen.
+  # Calibration rows in Tables II/III (dsan_jax/reference.py): "size_only" (log infection
+  # ratio), "density_features" (seven crude lung-density features); () -> none.
+  evaluation.reference_models = ("size_only", "density_features")
   return config

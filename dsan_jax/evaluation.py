@@ -57,7 +57,8 @@ import numpy as np
 from tqdm import tqdm
 
 from dsan_jax import ensemble as ensemble_lib
-from dsan_jax import experiment, explanation, metrics, plots, report, run_lock, sharding, training
+from dsan_jax import experiment, explanation, findings, metrics, plots, reference, report
+from dsan_jax import run_lock, sharding, training
 from dsan_jax import variants
 from dsan_jax.data import cache as cache_lib
 from dsan_jax.data import pipeline
@@ -618,16 +619,29 @@ def evaluate_workdir(workdir: str | os.PathLike, config_overrides: Any = None,
       del trained
 
     rows, ens_info = _ensemble(rows, ens_cfg, threshold, search)
+    paper = findings.paper_findings(rows, threshold, edges)
+    ref_models = tuple(_get(ev_cfg, "reference_models", reference.REFERENCE_MODELS) or ())
+    if ref_models:  # Calibration rows beside the networks' (dsan_jax/reference.py).
+      ref_data = next(iter(datasets.values()))
+      rows += reference.reference_rows(ref_data.dataset, ref_data.folds,
+                                       first.data.hu_window, ref_models,
+                                       eval_folds={int(r["fold"]) for r in rows})
     baseline = "rn34_us"
     display_rows = [dict(model=r["model"], case_id=r["case_id"], mass_inside=r["mass_inside"],
                          soft_dice=r["soft_dice"]) for r in att_rows if r["kind"] == "display"]
     models_present = list(dict.fromkeys(r["model"] for r in rows))
     models = [m for m in report.DEFAULT_MODELS if m in models_present] + [
         m for m in models_present if m not in report.DEFAULT_MODELS]
+    networks = [m for m in models if m not in reference.REFERENCE_MODELS]
     result = report.write_report(
         rows, tmp, models=models, baseline=baseline,
         title=f"DSAN evaluation of {workdir}", data_note=data_note or "unknown data",
-        threshold=threshold, ratio_edges=edges, attention=display_rows or None)
+        threshold=threshold, ratio_edges=edges, attention=display_rows or None,
+        pairs=report.default_pairs(networks, baseline) if baseline in networks else [])
+    result["findings"] = paper
+    _write_csv(tmp / "findings.csv", paper["effects"])
+    with open(tmp / "report.md", "a") as f:
+      f.write("\n" + findings.markdown(paper, edges))
 
     att_models = [m for m in models if any(r["model"] == m for r in att_rows)]
     att_summary = {kind: report.attention_summary(
@@ -688,7 +702,7 @@ def evaluate_workdir(workdir: str | os.PathLike, config_overrides: Any = None,
     with open(tmp / "report.md", "a") as f:
       f.write(_extra_markdown(ev))
     result = dict(result, evaluation=ev)
-    extra_files = ["attention_cases.csv", "runs.csv", "ensemble.json"] + curves + [
+    extra_files = ["attention_cases.csv", "runs.csv", "ensemble.json", "findings.csv"] + curves + [
         f["file"] for f in fig_info]
     result["files"] = sorted({os.path.relpath(p, tmp) if os.path.isabs(str(p)) else str(p)
                               for p in list(result["files"]) + extra_files})

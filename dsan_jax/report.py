@@ -50,6 +50,9 @@ MODEL_TITLES = {
     "att_rn34_us": "Attention RN34 + US",
     "att_rn34_ss": "Attention RN34 + SS",
     "att_rn34_ds": "Attention RN34 + DS",
+    # Calibration rows (dsan_jax/reference.py).
+    "size_only": "Reference: infection ratio only",
+    "density_features": "Reference: lung-density features",
 }
 METRIC_TITLES = {"auc": "AUC", "accuracy": "Accuracy", "sensitivity": "Sensitivity",
                  "specificity": "Specificity", "f1": "F1-score"}

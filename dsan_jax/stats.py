@@ -5,6 +5,8 @@
 * ``delong_test``: DeLong, DeLong & Clarke-Pearson (Biometrics 1988) test for the difference of
   two correlated AUCs measured on the same cases, in the fast O(N log N) form of Sun & Xu (IEEE
   SPL 2014) with midranks; ``delong_ci`` gives the matching confidence interval of one AUC.
+* ``mcnemar_test``: McNemar's exact test for two models' decisions (correct / wrong at the
+  threshold) on the same cases: accuracy, or sensitivity / specificity within one class.
 """
 
 from __future__ import annotations
@@ -26,6 +28,13 @@ class DeLongResult(NamedTuple):
   auc_a: float
   auc_b: float
   z: float
+  p: float
+
+
+class McNemarResult(NamedTuple):
+  n: int  # Cases compared.
+  only_a: int  # Cases that A gets right and B wrong.
+  only_b: int  # Cases that B gets right and A wrong.
   p: float
 
 
@@ -157,3 +166,29 @@ def delong_ci(labels, probs, alpha: float = 0.95) -> AucInterval:
   half = sp_stats.norm.ppf(0.5 + alpha / 2.0) * se
   auc = float(aucs[0])
   return AucInterval(auc, max(0.0, auc - half), min(1.0, auc + half), se)
+
+
+def mcnemar_test(correct_a, correct_b) -> McNemarResult:
+  """McNemar's exact two-sided test that two models are right equally often on the same cases.
+
+  Only the discordant cases count: under the null hypothesis each of the ``only_a + only_b``
+  cases is A's with probability 1/2, so p is the two-sided exact binomial p-value
+  (``scipy.stats.binomtest``), valid for any number of discordant cases (the chi-squared
+  approximation is not, for the few cases of one infection-size group).
+
+  Args:
+    correct_a: [N] bool, whether model A decides case i correctly.
+    correct_b: [N] bool, the same cases in the same order for model B.
+
+  Returns:
+    ``(n, only_a, only_b, p)``; p = 1 when no case is discordant.
+  """
+  a = np.asarray(correct_a, bool)
+  b = np.asarray(correct_b, bool)
+  if a.ndim != 1 or a.shape != b.shape:
+    raise ValueError(f"need two [N] arrays of the same shape, got {a.shape} and {b.shape}")
+  only_a, only_b = int(np.sum(a & ~b)), int(np.sum(~a & b))
+  if only_a + only_b == 0:
+    return McNemarResult(int(a.size), 0, 0, 1.0)
+  p = sp_stats.binomtest(only_a, only_a + only_b, 0.5).pvalue
+  return McNemarResult(int(a.size), only_a, only_b, float(min(p, 1.0)))

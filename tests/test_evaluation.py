@@ -122,7 +122,11 @@ def test_outputs_and_keys(evaluated):
   for key in ("title", "data_note", "threshold", "ratio_edges", "models", "table2", "table3",
               "comparisons", "attention", "figures", "files", "evaluation"):
     assert key in on_disk, key
-  assert on_disk["models"] == list(MODELS)
+  # The networks, then the calibration rows (dsan_jax/reference.py), never compared in tests.
+  assert on_disk["models"] == list(MODELS) + ["size_only", "density_features"]
+  assert {c["model_a"] for c in on_disk["comparisons"]["delong"]} <= set(MODELS)
+  assert [f["finding"] for f in on_disk["findings"]["findings"]] == ["a", "b", "c"]
+  assert "## The paper's findings" in (out / "report.md").read_text()
   assert "NOT clinical" in on_disk["data_note"]
   # Synthetic phantoms all have infection masks: no ratio is estimated.
   assert "infection ratios: " in on_disk["data_note"]
@@ -130,7 +134,7 @@ def test_outputs_and_keys(evaluated):
   for f in on_disk["files"]:
     assert (out / f).is_file(), f
   assert {"report.md", "table2.csv", "table3.csv", "predictions.csv", "attention_cases.csv",
-          "ensemble.json", "roc_val.png"} <= set(on_disk["files"])
+          "ensemble.json", "roc_val.png", "findings.csv"} <= set(on_disk["files"])
   assert not list(out.parent.glob(".ev.tmp-*"))  # The temporary folder was renamed.
   for model in MODELS:
     t2 = on_disk["table2"][model]
