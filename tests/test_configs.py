@@ -7,7 +7,7 @@ import pytest
 from dsan_jax import variants
 
 CONFIGS = ["default", "rn34_us", "att_rn34_us", "att_rn34_ss", "quickstart", "smoke",
-           "protocol_cpu"]
+           "protocol_cpu", "learning_check"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
