@@ -82,6 +82,14 @@ def _disk(radius_px: int) -> np.ndarray:
   return disk[None]  # [1, k, k]: in-plane only.
 
 
+def _box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
+  """The bounding box of ``mask`` [D, H, W], grown in-plane by ``margin`` voxels (clipped)."""
+  zs, ys, xs = (np.nonzero(mask.any(axis=axes))[0] for axes in ((1, 2), (0, 2), (0, 1)))
+  return (slice(int(zs[0]), int(zs[-1]) + 1),
+          slice(max(int(ys[0]) - margin, 0), int(ys[-1]) + 1 + margin),
+          slice(max(int(xs[0]) - margin, 0), int(xs[-1]) + 1 + margin))
+
+
 def check_lung(lung: np.ndarray, spacing_zyx, path: str | os.PathLike | None,
                fov_x_mm: float | None = None) -> float:
   """Refuses a lung mask too small to estimate from; returns its volume in mL.
@@ -140,12 +148,16 @@ def estimate(hu: np.ndarray, lung: np.ndarray, spacing_zyx,
   lung_ml = check_lung(lung, spacing, path, fov_x_mm)
   in_plane = float(min(spacing[1], spacing[2]))
   dense = np.zeros(lung.shape, bool)
-  for (lo, hi), radius_mm in ((GGO_HU, GGO_RADIUS_MM), (DENSE_HU, DENSE_RADIUS_MM)):
-    part = lung & (hu >= lo) & (hu < hi)
+  # The openings only see the lung: cropped to its bounding box plus a margin of twice the
+  # largest radius (erosion then dilation), they give the same voxels at a third of the cost.
+  radii = [max(1, int(round(r / in_plane))) for r in (GGO_RADIUS_MM, DENSE_RADIUS_MM)]
+  box = _box(lung, 2 * max(radii) + 1)
+  hu_box, lung_box, dense_box = hu[box], lung[box], dense[box]
+  for (lo, hi), radius_px in zip((GGO_HU, DENSE_HU), radii):
+    part = lung_box & (hu_box >= lo) & (hu_box < hi)
     zs = np.nonzero(part.any(axis=(1, 2)))[0]  # Only slices with candidates are opened.
     if zs.size:
-      radius_px = max(1, int(round(radius_mm / in_plane)))
-      dense[zs] |= ndimage.binary_opening(part[zs], structure=_disk(radius_px))
+      dense_box[zs] |= ndimage.binary_opening(part[zs], structure=_disk(radius_px))
   n_lung = lung.sum(axis=(1, 2)).astype(np.float64)
   n_dense = dense.sum(axis=(1, 2)).astype(np.float64)
   with np.errstate(invalid="ignore", divide="ignore"):

@@ -256,9 +256,9 @@ def fill_pleural_bays(lungs: np.ndarray, hu: np.ndarray, body: np.ndarray, spaci
   allowed = body & (hu < BAY_MAX_HU)
   max_gap = int(Z_GAP_MAX_MM * scale / float(spacing[0]))
   ext = labels.copy()  # Each lung with its craniocaudal gaps filled: the reference contour.
-  for lab in range(1, n + 1):
-    one = labels == lab
-    ext[fill_z_gaps(one, max_gap) & allowed & (ext == 0)] = lab
+  for lab, box in enumerate(ndimage.find_objects(labels), start=1):
+    # A gap lies between two voxels of the lung in its column: inside the lung's box.
+    ext[box][fill_z_gaps(labels[box] == lab, max_gap) & allowed[box] & (ext[box] == 0)] = lab
   pixel_mm = float(min(spacing[1], spacing[2]))
   min_depth_px = BAY_MIN_DEPTH_MM * scale / pixel_mm
   for z in range(lungs.shape[0]):
@@ -326,7 +326,9 @@ def _lungs_from_candidates(candidates, body, spacing, voxel_ml, mid_x, width_x, 
     if ratio >= SECOND_LUNG_FRACTION or (
         ratio >= MIN_SECOND_LUNG_FRACTION and other_side and reaches_up):
       kept_comps.append(second)
-  lungs = np.isin(cand_labels, kept_comps)
+  keep = np.zeros(n_cand + 1, bool)
+  keep[kept_comps] = True
+  lungs = keep[cand_labels]
 
   # Airways: cut the candidates into the Voronoi cells of their deep cores; drop small cells
   # centred on the midline (trachea, carina).
@@ -335,16 +337,16 @@ def _lungs_from_candidates(candidates, body, spacing, voxel_ml, mid_x, width_x, 
   depth = ndimage.distance_transform_edt(coarse, sampling=coarse_spacing)
   core_labels, n_cores = ndimage.label(depth > CORE_RADIUS_MM * scale)
   if n_cores > 1:
-    nearest = np.where(lungs, _fine(_nearest_seed(core_labels, coarse_spacing), lungs.shape, f),
-                       0)
-    zz, yy, xx = np.nonzero(nearest)
-    cell = nearest[zz, yy, xx]
+    # The nearest core of every lung voxel, read off the coarse grid (``_fine``'s mapping).
+    zz, yy, xx = np.nonzero(lungs)
+    cell = _nearest_seed(core_labels, coarse_spacing)[zz, yy // f, xx // f]
     vol = np.bincount(cell, minlength=n_cores + 1).astype(np.float64)
     cx = np.bincount(cell, weights=xx, minlength=n_cores + 1) / np.maximum(vol, 1)
     airway = ((np.abs(cx - mid_x) < CENTRAL_FRACTION * width_x)
               & (vol < AIRWAY_MAX_FRACTION * vol[1:].sum()))
     airway[0] = False
-    lungs &= ~airway[nearest]
+    drop = airway[cell]
+    lungs[zz[drop], yy[drop], xx[drop]] = False
 
   six = ndimage.generate_binary_structure(3, 1)
   lungs = ndimage.binary_closing(np.pad(lungs, 2), structure=six, iterations=2)[2:-2, 2:-2, 2:-2]
@@ -388,7 +390,8 @@ def _fine(labels: np.ndarray, shape, f: int) -> np.ndarray:
 
 def _nearest_seed(seeds: np.ndarray, spacing) -> np.ndarray:
   """Label of the nearest non-zero voxel of ``seeds`` for every voxel (a Voronoi partition)."""
-  _, idx = ndimage.distance_transform_edt(seeds == 0, sampling=spacing, return_indices=True)
+  idx = ndimage.distance_transform_edt(seeds == 0, sampling=spacing, return_distances=False,
+                                       return_indices=True)
   return seeds[tuple(idx)]
 
 
@@ -426,7 +429,9 @@ def _split_left_right(lungs: np.ndarray, spacing: np.ndarray, scale: float) -> n
     if (xa - x_mid) * (xb - x_mid) >= 0:
       continue
     seeds = np.where(cores == a, 1, 0) + np.where(cores == b, 2, 0)
-    side = np.where(lungs, _fine(_nearest_seed(seeds, coarse_spacing), lungs.shape, f), 0)
+    zz, yy, xx = np.nonzero(lungs)
+    side = np.zeros(lungs.shape, np.uint8)
+    side[zz, yy, xx] = _nearest_seed(seeds, coarse_spacing)[zz, yy // f, xx // f]
     touching_a = ndimage.binary_dilation(side == 1,
                                          structure=ndimage.generate_binary_structure(3, 1))
     return lungs & ~(touching_a & (side == 2))
