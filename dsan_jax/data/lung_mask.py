@@ -169,12 +169,11 @@ def _slice_bays(lung2d: np.ndarray, ext2d: np.ndarray, allowed2d: np.ndarray,
     mid_x: the body's midline (column); a bay across it is the mediastinum or the spine.
     pixel_mm: in-plane pixel size.
   """
-  from skimage.morphology import convex_hull_image
   ys, xs = np.nonzero(ext2d)
   y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
   if min(y1 - y0, x1 - x0) < 3:
     return np.zeros_like(lung2d)  # A sliver holds no bay.
-  hull = convex_hull_image(ext2d[y0:y1, x0:x1])
+  hull = convex_hull_2d(ext2d[y0:y1, x0:x1])
   bays = hull & ~lung2d[y0:y1, x0:x1] & allowed2d[y0:y1, x0:x1]
   out = np.zeros_like(lung2d)
   if not bays.any():
@@ -202,6 +201,55 @@ def _slice_bays(lung2d: np.ndarray, ext2d: np.ndarray, allowed2d: np.ndarray,
       out |= _beyond_chord(accepted, lung2d, allowed2d, depth2d, float(chord_depth.min()),
                            pixel_mm)
   return out
+
+
+def convex_hull_2d(mask: np.ndarray) -> np.ndarray:
+  """The convex hull of a 2D mask, as ``skimage.morphology.convex_hull_image`` gives it.
+
+  The same hull (qhull on the midpoints of the edges of the row and column end pixels,
+  borders included) rasterised row by row: each row of a convex polygon is one run of
+  pixels, bounded by its edges' half-planes (exact up to ``1e-7`` pixel; the vertices lie on
+  a half-pixel grid), instead of a point-in-polygon test of every pixel.
+
+  Args:
+    mask: bool [h, w], not empty.
+
+  Returns:
+    bool [h, w].
+  """
+  from scipy.spatial import ConvexHull, QhullError
+  h, w = mask.shape
+  rows = np.nonzero(mask.any(axis=1))[0]
+  cols = np.nonzero(mask.any(axis=0))[0]
+  m_rows, m_cols = mask[rows], mask[:, cols]
+  ends = np.concatenate([
+      np.stack([rows, np.argmax(m_rows, axis=1)], 1),
+      np.stack([rows, w - 1 - np.argmax(m_rows[:, ::-1], axis=1)], 1),
+      np.stack([np.argmax(m_cols, axis=0), cols], 1),
+      np.stack([h - 1 - np.argmax(m_cols[::-1], axis=0), cols], 1)]).astype(np.float64)
+  diamond = np.array([[-0.5, 0.0], [0.5, 0.0], [0.0, -0.5], [0.0, 0.5]])
+  # Unique points (qhull may fail on repeated ones), keyed on the half-pixel grid.
+  pts2 = np.rint(2 * (ends[:, None, :] + diamond).reshape(-1, 2)).astype(np.int64) + 1
+  key = np.unique(pts2[:, 0] * (2 * w + 3) + pts2[:, 1])
+  points = np.stack([key // (2 * w + 3), key % (2 * w + 3)], 1).astype(np.float64) / 2 - 0.5
+  try:
+    v = points[ConvexHull(points).vertices]
+  except QhullError:
+    return np.zeros(mask.shape, bool)  # As skimage (which warns): a degenerate hull.
+  e = np.roll(v, -1, axis=0) - v  # Edges [V, 2] (row, column).
+  # Inside: sign * cross(e, p - v) >= 0 for every edge; the sign from the vertices' mean.
+  sign = np.sign(e[:, 0] * (v[:, 1].mean() - v[:, 1]) - e[:, 1] * (v[:, 0].mean() - v[:, 0]))
+  r = np.arange(h, dtype=np.float64)[:, None]
+  a = sign * e[:, 0]  # Coefficient of the column: a * c + b >= 0.
+  b = sign * (-e[:, 1] * (r - v[:, 0]) - e[:, 0] * v[:, 1])  # [h, V]
+  with np.errstate(divide="ignore", invalid="ignore"):
+    bound = -b / a
+  lo = np.where(a > 0, bound, -np.inf).max(axis=1)
+  hi = np.where(a < 0, bound, np.inf).min(axis=1)
+  empty = ((a == 0) & (b < -1e-7)).any(axis=1)
+  lo, hi = np.ceil(lo - 1e-7), np.floor(hi + 1e-7)
+  c = np.arange(w, dtype=np.float64)
+  return (c >= lo[:, None]) & (c <= hi[:, None]) & ~empty[:, None]
 
 
 def _beyond_chord(bay: np.ndarray, lung2d: np.ndarray, allowed2d: np.ndarray,
