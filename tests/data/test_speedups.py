@@ -90,7 +90,9 @@ def test_ratio_estimate_on_the_lung_box_equals_the_whole_volume():
   hu[2:4, 15:25, 20:40] = 20.0
   est = ir.estimate(hu, lung, (2.5, 1.5, 1.5))
   ref = np.zeros_like(lung)
-  for (lo, hi), radius in ((ir.GGO_HU, 1), (ir.DENSE_HU, 3)):
-    ref |= ndimage.binary_opening(lung & (hu >= lo) & (hu < hi), structure=ir._disk(radius))
+  # GGO: 3 mm -> 2 px in-plane, +-2.5 mm -> 1 slice; dense: 4 mm -> 3 px, in-plane only.
+  for (lo, hi), structure in ((ir.GGO_HU, np.repeat(ir._disk(2), 3, axis=0)),
+                              (ir.DENSE_HU, ir._disk(3))):
+    ref |= ndimage.binary_opening(lung & (hu >= lo) & (hu < hi), structure=structure)
   assert ref.any()
   np.testing.assert_array_equal(est.dense, ref)
