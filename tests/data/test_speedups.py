@@ -96,3 +96,14 @@ def test_ratio_estimate_on_the_lung_box_equals_the_whole_volume():
     ref |= ndimage.binary_opening(lung & (hu >= lo) & (hu < hi), structure=structure)
   assert ref.any()
   np.testing.assert_array_equal(est.dense, ref)
+
+
+@pytest.mark.slow
+def test_real_ct_fast_read_equals_nibabel(real_ct_dir, monkeypatch):
+  path = real_ct_dir / "P002.nii.gz"
+  img = nib.as_closest_canonical(nib.load(str(path)))
+  # slope 1, intercept -1024 on int16: float64 and float32 scaling agree exactly.
+  ref = np.asarray(img.dataobj, np.float64).astype(np.float32).transpose(2, 1, 0)
+  for use_isal in (True, False):
+    monkeypatch.setattr(io, "USE_ISAL", use_isal)
+    np.testing.assert_array_equal(io.read_volume(path).array, ref)
