@@ -169,12 +169,11 @@ def _slice_bays(lung2d: np.ndarray, ext2d: np.ndarray, allowed2d: np.ndarray,
     mid_x: the body's midline (column); a bay across it is the mediastinum or the spine.
     pixel_mm: in-plane pixel size.
   """
-  from skimage.morphology import convex_hull_image
   ys, xs = np.nonzero(ext2d)
   y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
   if min(y1 - y0, x1 - x0) < 3:
     return np.zeros_like(lung2d)  # A sliver holds no bay.
-  hull = convex_hull_image(ext2d[y0:y1, x0:x1])
+  hull = convex_hull_2d(ext2d[y0:y1, x0:x1])
   bays = hull & ~lung2d[y0:y1, x0:x1] & allowed2d[y0:y1, x0:x1]
   out = np.zeros_like(lung2d)
   if not bays.any():
@@ -202,6 +201,55 @@ def _slice_bays(lung2d: np.ndarray, ext2d: np.ndarray, allowed2d: np.ndarray,
       out |= _beyond_chord(accepted, lung2d, allowed2d, depth2d, float(chord_depth.min()),
                            pixel_mm)
   return out
+
+
+def convex_hull_2d(mask: np.ndarray) -> np.ndarray:
+  """The convex hull of a 2D mask, as ``skimage.morphology.convex_hull_image`` gives it.
+
+  The same hull (qhull on the midpoints of the edges of the row and column end pixels,
+  borders included) rasterised row by row: each row of a convex polygon is one run of
+  pixels, bounded by its edges' half-planes (exact up to ``1e-7`` pixel; the vertices lie on
+  a half-pixel grid), instead of a point-in-polygon test of every pixel.
+
+  Args:
+    mask: bool [h, w], not empty.
+
+  Returns:
+    bool [h, w].
+  """
+  from scipy.spatial import ConvexHull, QhullError
+  h, w = mask.shape
+  rows = np.nonzero(mask.any(axis=1))[0]
+  cols = np.nonzero(mask.any(axis=0))[0]
+  m_rows, m_cols = mask[rows], mask[:, cols]
+  ends = np.concatenate([
+      np.stack([rows, np.argmax(m_rows, axis=1)], 1),
+      np.stack([rows, w - 1 - np.argmax(m_rows[:, ::-1], axis=1)], 1),
+      np.stack([np.argmax(m_cols, axis=0), cols], 1),
+      np.stack([h - 1 - np.argmax(m_cols[::-1], axis=0), cols], 1)]).astype(np.float64)
+  diamond = np.array([[-0.5, 0.0], [0.5, 0.0], [0.0, -0.5], [0.0, 0.5]])
+  # Unique points (qhull may fail on repeated ones), keyed on the half-pixel grid.
+  pts2 = np.rint(2 * (ends[:, None, :] + diamond).reshape(-1, 2)).astype(np.int64) + 1
+  key = np.unique(pts2[:, 0] * (2 * w + 3) + pts2[:, 1])
+  points = np.stack([key // (2 * w + 3), key % (2 * w + 3)], 1).astype(np.float64) / 2 - 0.5
+  try:
+    v = points[ConvexHull(points).vertices]
+  except QhullError:
+    return np.zeros(mask.shape, bool)  # As skimage (which warns): a degenerate hull.
+  e = np.roll(v, -1, axis=0) - v  # Edges [V, 2] (row, column).
+  # Inside: sign * cross(e, p - v) >= 0 for every edge; the sign from the vertices' mean.
+  sign = np.sign(e[:, 0] * (v[:, 1].mean() - v[:, 1]) - e[:, 1] * (v[:, 0].mean() - v[:, 0]))
+  r = np.arange(h, dtype=np.float64)[:, None]
+  a = sign * e[:, 0]  # Coefficient of the column: a * c + b >= 0.
+  b = sign * (-e[:, 1] * (r - v[:, 0]) - e[:, 0] * v[:, 1])  # [h, V]
+  with np.errstate(divide="ignore", invalid="ignore"):
+    bound = -b / a
+  lo = np.where(a > 0, bound, -np.inf).max(axis=1)
+  hi = np.where(a < 0, bound, np.inf).min(axis=1)
+  empty = ((a == 0) & (b < -1e-7)).any(axis=1)
+  lo, hi = np.ceil(lo - 1e-7), np.floor(hi + 1e-7)
+  c = np.arange(w, dtype=np.float64)
+  return (c >= lo[:, None]) & (c <= hi[:, None]) & ~empty[:, None]
 
 
 def _beyond_chord(bay: np.ndarray, lung2d: np.ndarray, allowed2d: np.ndarray,
@@ -256,9 +304,9 @@ def fill_pleural_bays(lungs: np.ndarray, hu: np.ndarray, body: np.ndarray, spaci
   allowed = body & (hu < BAY_MAX_HU)
   max_gap = int(Z_GAP_MAX_MM * scale / float(spacing[0]))
   ext = labels.copy()  # Each lung with its craniocaudal gaps filled: the reference contour.
-  for lab in range(1, n + 1):
-    one = labels == lab
-    ext[fill_z_gaps(one, max_gap) & allowed & (ext == 0)] = lab
+  for lab, box in enumerate(ndimage.find_objects(labels), start=1):
+    # A gap lies between two voxels of the lung in its column: inside the lung's box.
+    ext[box][fill_z_gaps(labels[box] == lab, max_gap) & allowed[box] & (ext[box] == 0)] = lab
   pixel_mm = float(min(spacing[1], spacing[2]))
   min_depth_px = BAY_MIN_DEPTH_MM * scale / pixel_mm
   for z in range(lungs.shape[0]):
@@ -326,7 +374,9 @@ def _lungs_from_candidates(candidates, body, spacing, voxel_ml, mid_x, width_x, 
     if ratio >= SECOND_LUNG_FRACTION or (
         ratio >= MIN_SECOND_LUNG_FRACTION and other_side and reaches_up):
       kept_comps.append(second)
-  lungs = np.isin(cand_labels, kept_comps)
+  keep = np.zeros(n_cand + 1, bool)
+  keep[kept_comps] = True
+  lungs = keep[cand_labels]
 
   # Airways: cut the candidates into the Voronoi cells of their deep cores; drop small cells
   # centred on the midline (trachea, carina).
@@ -335,16 +385,16 @@ def _lungs_from_candidates(candidates, body, spacing, voxel_ml, mid_x, width_x, 
   depth = ndimage.distance_transform_edt(coarse, sampling=coarse_spacing)
   core_labels, n_cores = ndimage.label(depth > CORE_RADIUS_MM * scale)
   if n_cores > 1:
-    nearest = np.where(lungs, _fine(_nearest_seed(core_labels, coarse_spacing), lungs.shape, f),
-                       0)
-    zz, yy, xx = np.nonzero(nearest)
-    cell = nearest[zz, yy, xx]
+    # The nearest core of every lung voxel, read off the coarse grid (``_fine``'s mapping).
+    zz, yy, xx = np.nonzero(lungs)
+    cell = _nearest_seed(core_labels, coarse_spacing)[zz, yy // f, xx // f]
     vol = np.bincount(cell, minlength=n_cores + 1).astype(np.float64)
     cx = np.bincount(cell, weights=xx, minlength=n_cores + 1) / np.maximum(vol, 1)
     airway = ((np.abs(cx - mid_x) < CENTRAL_FRACTION * width_x)
               & (vol < AIRWAY_MAX_FRACTION * vol[1:].sum()))
     airway[0] = False
-    lungs &= ~airway[nearest]
+    drop = airway[cell]
+    lungs[zz[drop], yy[drop], xx[drop]] = False
 
   six = ndimage.generate_binary_structure(3, 1)
   lungs = ndimage.binary_closing(np.pad(lungs, 2), structure=six, iterations=2)[2:-2, 2:-2, 2:-2]
@@ -388,7 +438,8 @@ def _fine(labels: np.ndarray, shape, f: int) -> np.ndarray:
 
 def _nearest_seed(seeds: np.ndarray, spacing) -> np.ndarray:
   """Label of the nearest non-zero voxel of ``seeds`` for every voxel (a Voronoi partition)."""
-  _, idx = ndimage.distance_transform_edt(seeds == 0, sampling=spacing, return_indices=True)
+  idx = ndimage.distance_transform_edt(seeds == 0, sampling=spacing, return_distances=False,
+                                       return_indices=True)
   return seeds[tuple(idx)]
 
 
@@ -426,7 +477,9 @@ def _split_left_right(lungs: np.ndarray, spacing: np.ndarray, scale: float) -> n
     if (xa - x_mid) * (xb - x_mid) >= 0:
       continue
     seeds = np.where(cores == a, 1, 0) + np.where(cores == b, 2, 0)
-    side = np.where(lungs, _fine(_nearest_seed(seeds, coarse_spacing), lungs.shape, f), 0)
+    zz, yy, xx = np.nonzero(lungs)
+    side = np.zeros(lungs.shape, np.uint8)
+    side[zz, yy, xx] = _nearest_seed(seeds, coarse_spacing)[zz, yy // f, xx // f]
     touching_a = ndimage.binary_dilation(side == 1,
                                          structure=ndimage.generate_binary_structure(3, 1))
     return lungs & ~(touching_a & (side == 2))

@@ -15,7 +15,7 @@ from dsan_jax.data import ratio_validation as rv
 from dsan_jax.errors import DataError
 from tests.data.conftest import affine_for, save_nifti
 
-SPACING = (2.5, 1.5, 1.5)  # GGO radius 1.5 mm -> 1 px; dense radius 4 mm -> 3 px.
+SPACING = (2.5, 1.5, 1.5)  # GGO 3 mm -> 2 px, +-2.5 mm -> 1 slice; dense 4 mm -> 3 px.
 
 
 def _disk(r):
@@ -26,16 +26,18 @@ def _disk(r):
 def _block():
   """A lung block with a ground-glass patch, a consolidation patch and thin bright lines.
 
-  Each patch is a dilation of a few centres by the opening's own disk, so the opening keeps it
-  whole ((A + B) o B = A + B); the 1-px lines are thinner than either disk and must go.
+  Each patch is a dilation of a few centres by the opening's own structuring element, so the
+  opening keeps it whole ((A + B) o B = A + B); the 1-px lines are thinner than either disk and
+  must go, and so must a ground-glass-range band 6 px wide but one slice thick (an in-plane
+  vessel's partial-volume halo): the ground glass's opening spans 3 slices.
   """
   d, h, w = 10, 60, 200  # 300 mm across: lengths are not scaled down; lung 427 mL.
   lung = np.zeros((d, h, w), bool)
   lung[1:9, 5:55, 5:195] = True
   hu = np.where(lung, -850.0, 40.0).astype(np.float32)
   ggo_c = np.zeros_like(lung)
-  ggo_c[2, 20, 30:40] = True
-  ggo = ndimage.binary_dilation(ggo_c, structure=_disk(1))
+  ggo_c[3, 20, 30:40] = True
+  ggo = ndimage.binary_dilation(ggo_c, structure=np.repeat(_disk(2), 3, axis=0))
   dense_c = np.zeros_like(lung)
   dense_c[3, 30:33, 100:104] = True
   dense = ndimage.binary_dilation(dense_c, structure=_disk(3))
@@ -43,6 +45,7 @@ def _block():
   hu[dense] = 20.0
   hu[1:9, 45, 20:180] = 40.0  # A vessel in-plane (1 px wide).
   hu[1:9, 10, 20:180] = -400.0  # A partial-volume line in the ground-glass range.
+  hu[6, 30:36, 120:170] = -500.0  # Wide in-plane, one slice thick.
   return hu, lung, ggo, dense
 
 
