@@ -4,11 +4,33 @@ import json
 
 import chex
 import jax
+from jax.experimental.compilation_cache import compilation_cache
 import numpy as np
 import pytest
 
 from configs import smoke
 from dsan_jax import errors, experiment
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compilation_cache(tmp_path_factory):
+  """A JAX persistent compilation cache for this module's runs, removed afterwards.
+
+  Every ``train_and_evaluate`` call builds new jitted steps; with the cache only the first run
+  compiles them and the later ones load the same executables (so the comparisons below are of
+  the same programs, as in separate processes with a shared cache; tests/test_reliability.py).
+  """
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+           "jax_persistent_cache_min_entry_size_bytes")
+  before = {n: getattr(jax.config, n) for n in names}
+  compilation_cache.reset_cache()
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jaxcache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  yield
+  for n, v in before.items():
+    jax.config.update(n, v)
+  compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="module")
