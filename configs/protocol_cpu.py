@@ -6,10 +6,10 @@ folds and 333 test scans), the quick start's 32x64x64 input and 3D ResNet18 of w
 Run:
     python train.py --config configs/protocol_cpu.py --protocol --workdir runs/protocol_cpu
 
-Expect: Tables II/III, comparisons and figures in runs/protocol_cpu/evaluation/, in roughly
-80 minutes on 2 cores (docs/testbed.md estimates it from the quick start's measured
-throughput; the whole protocol was not run when this config was set). Synthetic-data numbers:
-they check the software and the method on the testbed, they are not clinical results.
+Expect: Tables II/III, the paper's findings with verdicts, comparisons and figures in
+runs/protocol_cpu/evaluation/, in about 80 minutes on 2 cores (measured under load, one seed;
+docs/results.md has the results). Synthetic-data numbers: they check the software and the method
+on the testbed, they are not clinical results.
 """
 
 from configs import quickstart
