@@ -114,7 +114,7 @@ def test_train_evaluate_predict(trained_workdir, tmp_path):
   report_md = (ev / "report.md").read_text()
   assert "NOT clinical" in report_md.splitlines()[2]  # The data note heads the report.
   m = json.loads((ev / "metrics.json").read_text())
-  assert m["models"] == list(MODELS)
+  assert m["models"] == list(MODELS) + ["size_only", "density_features"]  # + reference rows.
   for model in MODELS:
     pooled = m["table2"][model]["val"]["pooled"]
     assert set(METRICS) <= set(pooled)

@@ -621,12 +621,21 @@ def _committed_step(rd: pathlib.Path, which: str, step: int):
   return lambda: step in _committed(_ckpt_entries(rd)[which])
 
 
+def _stopped(pid: int) -> bool:
+  """Whether the process is stopped by a signal (state T in /proc/<pid>/stat)."""
+  stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+  return stat[stat.rindex(")") + 2] in "Tt"
+
+
 def _stop_outside_checkpoint_writes(proc: subprocess.Popen, rd: pathlib.Path) -> None:
   """SIGSTOPs ``proc`` at a moment it does not hold the checkpoint writer lock."""
   fd = os.open(rd / "checkpoints" / checkpointing.LOCK_NAME, os.O_RDONLY)
   try:
     while True:
       proc.send_signal(signal.SIGSTOP)
+      # SIGSTOP is delivered asynchronously: until the process has stopped it may still take
+      # the lock after the check below, and a reader would then wait on a stopped process.
+      _wait_until(lambda: _stopped(proc.pid), proc, "SIGSTOP delivered")
       try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # Free: the save has returned.
         fcntl.flock(fd, fcntl.LOCK_UN)
