@@ -63,7 +63,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import default as default_config  # pylint: disable=wrong-import-position
 from dsan_jax import flops as flops_lib  # pylint: disable=wrong-import-position
 from dsan_jax import optim, sharding, training  # pylint: disable=wrong-import-position
-from dsan_jax.models import conv as conv_lib  # pylint: disable=wrong-import-position
+from dsan_jax import runtime  # pylint: disable=wrong-import-position
 from dsan_jax.models.dsan import DSAN  # pylint: disable=wrong-import-position
 
 GB = 1e9
@@ -167,8 +167,10 @@ class TrainRun:
                pool: str | None = None, conv_impl: str = "auto",
                stem_conv_impl: str = "auto"):
     config = default_config.get_config()
-    self.model = DSAN(dtype=dtype, remat=remat, conv_impl=conv_impl, stem_pool=pool or "slices",
-                      stem_conv_impl=stem_conv_impl)
+    self.model = DSAN(dtype=dtype, remat=remat,
+                      conv_impl=runtime.resolve_conv_impl(conv_impl, dtype=dtype),
+                      stem_pool=pool or "slices",
+                      stem_conv_impl=runtime.resolve_stem_conv_impl(stem_conv_impl, dtype=dtype))
     mesh = sharding.make_mesh(jax.devices()[:1])
     tx = optim.make_optimizer(config.optim, steps_per_epoch=100)
     step = training.make_train_step(self.model, mesh, config.loss.attention_weight,
@@ -195,7 +197,8 @@ class InferRun:
   """Batch-1 inference (logit + CAM), compiled ahead of time."""
 
   def __init__(self, image: np.ndarray, variables, dtype):
-    model = DSAN(dtype=dtype, conv_impl="auto")
+    impl = runtime.resolve_conv_impl("auto", dtype=dtype)
+    model = DSAN(dtype=dtype, conv_impl=impl, stem_conv_impl=impl)
 
     def fn(variables, x):
       logits, aux = model.apply(variables, x, train=False)
@@ -330,8 +333,8 @@ def main(argv=None) -> int:  # pylint: disable=too-many-statements
   except (OSError, subprocess.SubprocessError):
     pass
   r.line(f"- XLA_FLAGS: `{os.environ.get('XLA_FLAGS', '') or '(none)'}`; input {shape}, "
-         f"ResNet34 width 64, attention on, conv_impl auto -> {conv_lib.resolve_conv_impl('auto')}, "
-         f"stem_conv_impl auto -> {conv_lib.resolve_stem_conv_impl('auto')}")
+         f"ResNet34 width 64, attention on, conv_impl auto -> {runtime.resolve_conv_impl('auto')}, "
+         f"stem_conv_impl auto -> {runtime.resolve_stem_conv_impl('auto')}")
   r.line(f"- command: `python benchmarks/bench_gpu.py {' '.join(sys.argv[1:] if argv is None else argv)}`")
   r.line()
 

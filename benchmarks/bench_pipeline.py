@@ -26,7 +26,7 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # For configs/.
 
-from dsan_jax.models import conv as conv_lib  # noqa: E402
+from dsan_jax import runtime  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -61,7 +61,7 @@ def time_pipeline(dataset, train_idx, config, workers: int, batches: int, warmup
 
 def time_step(config, mesh, reps: int) -> dict[str, float]:
   """Median seconds of the quick-start train step on a fixed device batch."""
-  model = model_from_config(config.model)
+  model = model_from_config(runtime.resolve_config(config).model)
   tx = optim.make_optimizer(config.optim, steps_per_epoch=100)
   b = config.train.batch_size
   shape = tuple(config.data.target_shape)
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
   p.add_argument("--no_device", action="store_true",
                  help="time the pipeline without the copy to the device")
   args = p.parse_args(argv)
-  conv_lib.apply_recommended_cpu_xla_flags()  # As train.py does; before any computation.
+  runtime.configure_xla_flags()  # As train.py does; before any computation.
 
   config = quickstart.get_config()
   config.data.synthetic.num_cases = args.num_cases

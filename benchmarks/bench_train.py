@@ -16,7 +16,7 @@ same count is used for PyTorch (same network), so GFLOP/s compare like volumes/s
 analysis cannot see into the oneDNN calls of ``conv_impl="onednn"``.)
 
 The recommended XLA:CPU flags are applied before JAX starts
-(``conv.apply_recommended_cpu_xla_flags``); the header prints the active ``XLA_FLAGS``.
+(``runtime.configure_xla_flags``); the header prints the active ``XLA_FLAGS``.
 
 Usage:
   python benchmarks/bench_train.py                       # the default table (~10 min on 2 cores)
@@ -35,10 +35,10 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from dsan_jax.models import conv  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dsan_jax import runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 if "--no-flags" not in sys.argv:
-  _ADDED_FLAGS = conv.apply_recommended_cpu_xla_flags()
+  _ADDED_FLAGS = runtime.configure_xla_flags()
 else:
   _ADDED_FLAGS = ""
 
@@ -57,7 +57,12 @@ from dsan_jax import flops as flops_lib  # pylint: disable=wrong-import-position
 from dsan_jax import optim, sharding, training  # pylint: disable=wrong-import-position
 from dsan_jax.models import resnet3d  # pylint: disable=wrong-import-position
 from dsan_jax.models.dsan import DSAN  # pylint: disable=wrong-import-position
+from dsan_jax.kernels import onednn  # pylint: disable=wrong-import-position
+from dsan_jax.models import conv  # pylint: disable=wrong-import-position
 import timing  # pylint: disable=wrong-import-position  (benchmarks/timing.py)
+
+# The stem keeps the config default ("auto", resolved here) whatever --impl the rest uses.
+_STEM_IMPL = functools.partial(runtime.resolve_stem_conv_impl, "auto")
 
 TRAIN_SIZES = "32x64x64,48x96x96,64x128x128"
 INFER_SIZES = "138x256x256"
@@ -96,7 +101,7 @@ class JaxTrain:
 
   def __init__(self, size, batch: int, impl: str, pool: str = "default"):
     config = default_config.get_config()
-    self.model = DSAN(conv_impl=impl, **_pool_kw(pool))
+    self.model = DSAN(conv_impl=impl, stem_conv_impl=_STEM_IMPL(), **_pool_kw(pool))
     mesh = sharding.make_mesh(jax.devices()[:1])
     tx = optim.make_optimizer(config.optim, steps_per_epoch=100)
     self.state = training.create_train_state(self.model, tx, 0, (batch, *size))
@@ -148,7 +153,8 @@ class JaxInfer:
   """Inference (``train=False``): logit and CAM, jitted and compiled ahead of time."""
 
   def __init__(self, size, impl: str, variables, dtype=jnp.float32, pool: str = "default"):
-    self.model = DSAN(conv_impl=impl, dtype=dtype, **_pool_kw(pool))
+    self.model = DSAN(conv_impl=impl, stem_conv_impl=_STEM_IMPL(dtype=dtype), dtype=dtype,
+                      **_pool_kw(pool))
     self.variables = jax.device_put(variables)
 
     def fn(variables, x):
@@ -304,7 +310,9 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
 
   train_sizes, infer_sizes = _parse_sizes(args.sizes), _parse_sizes(args.infer_sizes)
-  impls = [conv.resolve_conv_impl(i) if i == "auto" else i for i in args.impl.split(",")]
+  impls = [runtime.resolve_conv_impl(i) for i in args.impl.split(",")]
+  if "onednn" in impls:
+    onednn.load()  # The explicit build-and-register step, before anything is traced.
   pools = args.pool.split(",")
   variants = [(impl, pool) for impl in impls for pool in pools]
 
@@ -332,7 +340,7 @@ def main(argv=None) -> int:
         f"{platform.python_version()}, jax {jax.__version__} ({jax.default_backend()}), "
         f"torch {torch_version} ({'2 threads' if torch_ok else '-'})")
   print(f"- XLA_FLAGS active: `{os.environ.get('XLA_FLAGS', '') or '(none)'}` "
-        f"(added by apply_recommended_cpu_xla_flags: `{_ADDED_FLAGS or 'nothing'}`)")
+        f"(added by runtime.configure_xla_flags: `{_ADDED_FLAGS or 'nothing'}`)")
   print(f"- command: `python benchmarks/bench_train.py {' '.join(sys.argv[1:] if argv is None else argv)}`")
   print(f"- load average at start: {load0[0]:.1f} / {load0[1]:.1f} / {load0[2]:.1f}", flush=True)
   print()
@@ -427,7 +435,6 @@ def main(argv=None) -> int:
   for note in notes:
     print(f"- {note}")
   if "onednn" in impls:
-    from dsan_jax.models import onednn  # pylint: disable=g-import-not-at-top
     print(f"- oneDNN {onednn.version()}: workspace held after all runs (reordered kernels, "
           f"scratchpads; outside XLA's memory): {onednn.workspace_bytes() / 2**20:.0f} MiB")
   print(f"- load average at end: {load1[0]:.1f} / {load1[1]:.1f} / {load1[2]:.1f} "

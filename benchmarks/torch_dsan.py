@@ -335,9 +335,9 @@ def main():
   parser.add_argument("--depth", type=int, default=34)
   args = parser.parse_args()
   shape = tuple(int(v) for v in args.shape.split(","))
-  from dsan_jax.models import conv  # pylint: disable=g-import-not-at-top
-  # "onednn" computes in float32 only.
-  impls = [i for i in conv.available_conv_impls() if not (args.float64 and i == "onednn")]
+  from dsan_jax import runtime  # pylint: disable=g-import-not-at-top
+  # "onednn" computes in float32 only (available_conv_impls builds and loads it where it can).
+  impls = [i for i in runtime.available_conv_impls() if not (args.float64 and i == "onednn")]
   results = check(shape, args.width, args.depth, args.float64, conv_impls=impls)
   # fp32: different summation orders; errors relative to the largest magnitude of each array.
   tol = {"logits": 1e-4, "cam": 1e-4, "attention_max_abs": 1e-3, "loss": 1e-5, "grad": 1e-3}

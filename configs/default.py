@@ -59,10 +59,10 @@ def get_config() -> ml_collections.ConfigDict:
   model.attention_beta = 0.4  # Eq. 2.
   model.cam_use_bias = False  # Eq. 1 uses only the Dense kernel w (see dsan_jax/models/dsan.py).
   model.dtype = "float32"  # Compute dtype; "bfloat16" for mixed precision (params stay fp32).
-  model.conv_impl = "auto"  # "xla", "folded", "onednn" or "auto" (per backend: models/conv.py).
+  model.conv_impl = "auto"  # "xla", "folded", "onednn" or "auto" (per backend: runtime.py).
   model.remat = ""  # "", "stem", "blocks" or "all": recompute activations in the backward.
   model.stem_pool = "slices"  # Stem max-pool: "slices" or "reduce_window" (same values).
-  model.stem_conv_impl = "auto"  # The stem conv (1 input channel); "auto": see models/conv.py.
+  model.stem_conv_impl = "auto"  # The stem conv (1 input channel); "auto": dsan_jax/runtime.py.
 
   # ----------------------------------------------------------------- loss (Section III-D).
   loss = config.loss = ml_collections.ConfigDict()

@@ -4,7 +4,8 @@
 fold ``fold``, evaluates the validation part after every epoch, and keeps the best epoch by
 ``config.train.select_metric``. It writes to ``<workdir>/<variant>/fold_<k>/``:
 
-  config.json             the resolved config
+  config.json             the config, with the implementations chosen by dsan_jax.runtime and
+                          its ``runtime`` section (backend, devices, XLA flags, oneDNN)
   metrics.jsonl / .csv    one row per epoch (train loss, validation metrics, throughput)
   val_predictions.csv     per-case validation predictions of the best epoch
   checkpoints/latest/     Orbax: state, data iterator state, meta (resume from here)
@@ -40,7 +41,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from dsan_jax import checkpointing, files, metrics, optim, run_lock, sharding, training
+from dsan_jax import checkpointing, files, metrics, optim, run_lock, runtime, sharding, training
 from dsan_jax.data import cache as cache_lib
 from dsan_jax.data import folds as folds_lib
 from dsan_jax.data import manifest as manifest_lib
@@ -275,6 +276,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   if (rd / "done.json").exists():
     return _already_complete(rd)
 
+  config = runtime.resolve_config(config)  # Concrete implementations; config.json records them.
   model = model_from_config(config.model)
   mesh = sharding.make_mesh()
   batch_size = config.train.batch_size
@@ -465,7 +467,7 @@ def _train(config, fold: int, rd: pathlib.Path, model, mesh, data: Data, progres
 @dataclasses.dataclass
 class TrainedModel:
   """A run's config, network and restored (best or latest) state."""
-  config: ml_collections.ConfigDict
+  config: ml_collections.ConfigDict  # With this process's ``runtime`` section.
   model: Any
   state: Any
   meta: dict
@@ -488,7 +490,7 @@ def load_trained(rd: str | os.PathLike, mesh=None, which: str = "best") -> Train
   rd = pathlib.Path(rd)
   if not (rd / "config.json").exists():
     raise DsanError(f"{rd}: not a training run (no config.json)")
-  config = load_config(rd / "config.json")
+  config = runtime.resolve_config(load_config(rd / "config.json"), recorded=True)
   model = model_from_config(config.model)
   mesh = mesh or sharding.make_mesh()
   tx = optim.make_optimizer(config.optim, 1)

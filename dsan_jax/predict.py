@@ -63,7 +63,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dsan_jax import variants
+from dsan_jax import runtime, variants
 from dsan_jax.errors import ConfigError, DataError, DsanError
 
 log = logging.getLogger("dsan_jax")
@@ -190,6 +190,7 @@ def predict_case(workdir: str | os.PathLike, image: str | os.PathLike,
     probs.setdefault(r.variant, {})[r.fold] = m["prob"]
     maps.setdefault(r.variant, []).append(m["display"])
     is_attention[r.variant] = bool(trained.model.attention)
+    computed_with = trained.config.runtime.to_dict()  # The same for every run (runtime.resolve).
     del trained
   prob = {v: float(np.mean(list(p.values()))) for v, p in probs.items()}
   mean_map = {v: np.mean(np.stack(ms), axis=0).astype(np.float32) for v, ms in maps.items()}
@@ -246,6 +247,7 @@ def predict_case(workdir: str | os.PathLike, image: str | os.PathLike,
       input_shape=list(pre.geometry.original_shape),
       input_affine=np.asarray(pre.geometry.original_affine).tolist(),
       workdir=str(workdir.resolve()),
+      runtime=computed_with,
       note="Research software; not a medical device.",
   )
   if unfinished:
@@ -403,8 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                       format="[%(name)s] %(message)s")
   logging.getLogger("absl").setLevel(logging.INFO if args.verbose else logging.ERROR)
-  from dsan_jax.models import conv  # Before the first jax computation: XLA reads flags once.
-  conv.apply_recommended_cpu_xla_flags()
+  runtime.configure_xla_flags()  # Before the first jax computation: XLA reads flags once.
   try:
     result = predict_case(args.workdir, args.image, args.lung_mask, args.infection_mask,
                           args.out, args.fold, args.searched_weights, args.infection_ratio)

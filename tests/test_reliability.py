@@ -360,8 +360,8 @@ def test_seed_sets_the_data_order():
 
 _NAN_SCRIPT = r"""
 import json, pathlib, sys
-from dsan_jax.models import conv
-conv.apply_recommended_cpu_xla_flags()  # Same XLA flags as train.py: compilation cache hits.
+from dsan_jax import runtime
+runtime.configure_xla_flags()  # Same XLA flags as train.py: compilation cache hits.
 import jax
 import numpy as np
 from configs import smoke

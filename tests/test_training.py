@@ -13,8 +13,8 @@ import numpy as np
 import optax
 import pytest
 
-from dsan_jax import errors, optim, sharding, training
-from dsan_jax.models import DSAN, conv
+from dsan_jax import errors, optim, runtime, sharding, training
+from dsan_jax.models import DSAN
 from tests import reduction_order
 
 TINY = dict(width=4, stage_sizes=(1, 1, 1, 1))
@@ -205,7 +205,7 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
 
 
 def test_one_device_and_eight_devices_give_the_same_step(repo_root):
-  flags = "--xla_force_host_platform_device_count=8 " + conv.recommended_cpu_xla_flags()
+  flags = "--xla_force_host_platform_device_count=8 " + runtime.recommended_cpu_xla_flags()
   env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-c", MULTI_DEVICE_SCRIPT], cwd=repo_root, env=env,
                         capture_output=True, text=True, timeout=600)
