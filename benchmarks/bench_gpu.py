@@ -6,7 +6,7 @@ soon as it is measured (Markdown rows on stdout, one JSON line per row in ``--js
 
 Sections:
   ceiling    a bf16 matrix product (8192^3) in JAX: the rate this chip really reaches here.
-  train      the real train step (``training.make_train_step``: DSAN ResNet34 width 64 with
+  train      the real train step (``steps.make_train_step``: DSAN ResNet34 width 64 with
              attention, forward, Eq. 4 loss in fp32, backward, Adam + L2, non-finite guard) at
              138x256x256 with ``DSAN(dtype=bfloat16)`` (fp32 parameters), the paper's batch 20 in
              one pass. Volumes/s, TFLOP/s, share of the peak (``--profile``: GPU kernel time
@@ -21,7 +21,7 @@ Sections:
   torch      the identical network in PyTorch on the same GPU (``benchmarks/torch_dsan.py``),
              bf16 autocast, channels_last_3d, cudnn.benchmark; run in a subprocess.
 
-TFLOP/s counts model FLOPs (``dsan_jax.flops.count_flops``: the convolutions and matrix products
+TFLOP/s counts model FLOPs (``dsan_jax.models.flops.count_flops``: the convolutions and matrix products
 of the traced program, 2 per multiply-add, forward and both backward convolutions of training;
 1.86 TFLOP per training volume and 0.64 per inference at 138x256x256). XLA's cost analysis cannot
 be used on GPU: the compiled program's cuDNN convolutions are library calls it does not count.
@@ -61,8 +61,8 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-posi
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from configs import default as default_config  # pylint: disable=wrong-import-position
-from dsan_jax import flops as flops_lib  # pylint: disable=wrong-import-position
-from dsan_jax import optim, sharding, training  # pylint: disable=wrong-import-position
+from dsan_jax.models import flops as flops_lib  # pylint: disable=wrong-import-position
+from dsan_jax.training import optim, sharding, steps  # pylint: disable=wrong-import-position
 from dsan_jax import runtime  # pylint: disable=wrong-import-position
 from dsan_jax.models.dsan import DSAN  # pylint: disable=wrong-import-position
 
@@ -152,10 +152,10 @@ def _time(fn, reps: int) -> list[float]:
 _HOST_STATE = {}
 
 
-def _host_state(tx) -> training.TrainState:
+def _host_state(tx) -> steps.TrainState:
   """The initial train state (seed 0) on the host, made once; params are size-independent."""
   if "state" not in _HOST_STATE:
-    state = jax.jit(lambda: training.create_train_state(DSAN(), tx, 0, (1, 16, 32, 32)))()
+    state = jax.jit(lambda: steps.create_train_state(DSAN(), tx, 0, (1, 16, 32, 32)))()
     _HOST_STATE["state"] = jax.tree_util.tree_map(np.asarray, state)
   return _HOST_STATE["state"]
 
@@ -173,7 +173,7 @@ class TrainRun:
                       stem_conv_impl=runtime.resolve_stem_conv_impl(stem_conv_impl, dtype=dtype))
     mesh = sharding.make_mesh(jax.devices()[:1])
     tx = optim.make_optimizer(config.optim, steps_per_epoch=100)
-    step = training.make_train_step(self.model, mesh, config.loss.attention_weight,
+    step = steps.make_train_step(self.model, mesh, config.loss.attention_weight,
                                     grad_accum_steps=accum)
     # Parameters do not depend on the input size (GAP) or the compute dtype: initialise once, on
     # a small input, and give every variant a fresh device copy (the step donates it).

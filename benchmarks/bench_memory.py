@@ -1,6 +1,6 @@
 """Compiled memory of the DSAN train step at full size, without allocating anything.
 
-For each variant the jitted train step (``training.make_train_step``: state donated, batch sharded
+For each variant the jitted train step (``steps.make_train_step``: state donated, batch sharded
 over a 1-device mesh) is lowered with ``jax.ShapeDtypeStruct`` inputs (the state from
 ``jax.eval_shape``) and compiled; ``compiled.memory_analysis()`` gives XLA's buffer assignment:
 
@@ -35,7 +35,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # For configs/.
 from configs import default as default_config  # noqa: E402
-from dsan_jax import optim, sharding, training
+from dsan_jax.training import optim, sharding, steps
 from dsan_jax.models import DSAN
 from dsan_jax import runtime
 
@@ -90,7 +90,7 @@ def memory_of_train_step(variant: Variant, batch: int, shape: tuple[int, int, in
   model = DSAN(depth=depth, width=width, dtype=jnp.dtype(variant.dtype), remat=variant.remat,
                conv_impl=impl, stem_conv_impl=impl)
   tx = optim.make_optimizer(_optim_config(), steps_per_epoch=1)
-  state = training.abstract_train_state(model, tx, 0, (batch, *shape))
+  state = steps.abstract_train_state(model, tx, 0, (batch, *shape))
   vol = (batch, *shape)
   abstract_batch = dict(
       image=jax.ShapeDtypeStruct(vol, jnp.float32),
@@ -101,7 +101,7 @@ def memory_of_train_step(variant: Variant, batch: int, shape: tuple[int, int, in
       index=jax.ShapeDtypeStruct((batch,), jnp.int32),
       weight=jax.ShapeDtypeStruct((batch,), jnp.float32))
   mesh = sharding.make_mesh(jax.devices()[:1])
-  step = training.make_train_step(model, mesh, attention_weight=0.5,
+  step = steps.make_train_step(model, mesh, attention_weight=0.5,
                                   grad_accum_steps=variant.accum)
   t0 = time.perf_counter()
   lowered = step.lower(state, abstract_batch)

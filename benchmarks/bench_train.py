@@ -1,6 +1,6 @@
 """Train-step and inference speed of DSAN in JAX against the identical PyTorch network.
 
-One process, one table: for each training size the full train step (``training.make_train_step``:
+One process, one table: for each training size the full train step (``steps.make_train_step``:
 forward, DSAN loss, backward, Adam with L2 decay, the non-finite guard) of the real network
 (ResNet34, width 64, attention on, batch 2), and full-size inference (138x256x256, batch 1,
 ``train=False``, logit + CAM; the input is the preprocessed real CT ``../shared/data/ct/P002.nii.gz``
@@ -10,7 +10,7 @@ interleaved inside every repetition (JAX, PyTorch, JAX, ...) because the machine
 the table gives medians and minima (noise only adds time, so the minimum is the less disturbed
 estimate) and the ratio JAX / PyTorch of both.
 
-GFLOP/s = model FLOPs (``dsan_jax.flops.count_flops``: convolutions and matrix products of the
+GFLOP/s = model FLOPs (``dsan_jax.models.flops.count_flops``: convolutions and matrix products of the
 traced program, 2 per multiply-add, the oneDNN calls included, dead code excluded) / time; the
 same count is used for PyTorch (same network), so GFLOP/s compare like volumes/s. (XLA's cost
 analysis cannot see into the oneDNN calls of ``conv_impl="onednn"``.)
@@ -53,8 +53,8 @@ import jax.numpy as jnp  # pylint: disable=wrong-import-position,g-import-not-at
 import numpy as np  # pylint: disable=wrong-import-position,g-import-not-at-top
 
 from configs import default as default_config  # pylint: disable=wrong-import-position
-from dsan_jax import flops as flops_lib  # pylint: disable=wrong-import-position
-from dsan_jax import optim, sharding, training  # pylint: disable=wrong-import-position
+from dsan_jax.models import flops as flops_lib  # pylint: disable=wrong-import-position
+from dsan_jax.training import optim, sharding, steps  # pylint: disable=wrong-import-position
 from dsan_jax.models import resnet3d  # pylint: disable=wrong-import-position
 from dsan_jax.models.dsan import DSAN  # pylint: disable=wrong-import-position
 from dsan_jax.kernels import onednn  # pylint: disable=wrong-import-position
@@ -104,11 +104,11 @@ class JaxTrain:
     self.model = DSAN(conv_impl=impl, stem_conv_impl=_STEM_IMPL(), **_pool_kw(pool))
     mesh = sharding.make_mesh(jax.devices()[:1])
     tx = optim.make_optimizer(config.optim, steps_per_epoch=100)
-    self.state = training.create_train_state(self.model, tx, 0, (batch, *size))
+    self.state = steps.create_train_state(self.model, tx, 0, (batch, *size))
     self.variables = {"params": jax.tree_util.tree_map(np.asarray, self.state.params),
                       "batch_stats": jax.tree_util.tree_map(np.asarray, self.state.batch_stats)}
     self.batch = sharding.shard_batch(_batch(size, batch), mesh)
-    step = training.make_train_step(self.model, mesh, config.loss.attention_weight)
+    step = steps.make_train_step(self.model, mesh, config.loss.attention_weight)
     t0 = time.perf_counter()
     self.compiled = step.lower(self.state, self.batch).compile()
     self.compile_s = time.perf_counter() - t0
@@ -216,7 +216,7 @@ def breakdown(size, batch: int, reps: int, impl: str) -> list[tuple[str, int, fl
   Returns:
     [(piece, count in the network, median s, min s)].
   """
-  from dsan_jax import losses  # pylint: disable=g-import-not-at-top
+  from dsan_jax.training import losses  # pylint: disable=g-import-not-at-top
   from dsan_jax.models import dsan as dsan_lib  # pylint: disable=g-import-not-at-top
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
@@ -454,7 +454,7 @@ def main(argv=None) -> int:
       print(f"\nStep median in this run: {step:.3f} s ({vname(*variants[0])}). Pieces timed "
             "alone miss fusion with their neighbours, so shares are indicative.")
     print()
-  print("- GFLOP/s: model FLOPs (dsan_jax.flops.count_flops, 2 per multiply-add) / median time; "
+  print("- GFLOP/s: model FLOPs (dsan_jax.models.flops.count_flops, 2 per multiply-add) / median time; "
         "the same count is used for PyTorch (identical network).")
   return 0
 

@@ -130,7 +130,7 @@ class DSAN(nn.Module):
 
 
 def dsan_loss(logits, attention, mask, label, has_mask, attention_weight=0.5):
-  """``dsan_jax.losses.dsan_loss`` in PyTorch: ``mean_b [BCE_b + lambda * e_b * Eq. 3_b]``.
+  """``dsan_jax.training.losses.dsan_loss`` in PyTorch: ``mean_b [BCE_b + lambda * e_b * Eq. 3_b]``.
 
   The attention term counts for COVID cases with a mask (``e_b``) and is averaged over ALL cases
   of the batch, as in the library.
@@ -249,7 +249,7 @@ def check(shape=(2, 35, 48, 40), width: int = 8, depth: int = 34, float64: bool 
   if float64:
     jax.config.update("jax_enable_x64", True)
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from dsan_jax import losses as dsan_losses  # pylint: disable=g-import-not-at-top
+  from dsan_jax.training import losses as dsan_losses  # pylint: disable=g-import-not-at-top
   from dsan_jax.models import DSAN as FlaxDSAN  # pylint: disable=g-import-not-at-top
 
   dtype = np.float64 if float64 else np.float32

@@ -98,7 +98,7 @@ def get_config() -> ml_collections.ConfigDict:
   ensemble.search = False  # True -> grid-search both weights on pooled validation predictions.
   ensemble.search_grid_step = 0.01
   # What the search maximises: "accuracy" (at eval.threshold; ties -> AUC, then nearest to the
-  # paper's weights) or "auc" (see dsan_jax/ensemble.py:search_weights).
+  # paper's weights) or "auc" (see dsan_jax/evaluation/ensemble.py:search_weights).
   ensemble.search_objective = "accuracy"
 
   # -------------------------------------------------------------------------- evaluation.
@@ -106,7 +106,7 @@ def get_config() -> ml_collections.ConfigDict:
   evaluation.threshold = 0.5  # COVID positive when P >= threshold.
   evaluation.ratio_groups = (0.005, 0.030)  # Table III: < 0.005, 0.005-0.030, > 0.030.
   evaluation.batch_size = 4
-  # evaluate.py (dsan_jax/evaluation.py): attention quality on COVID validation cases with masks.
+  # evaluate.py (dsan_jax/evaluation/evaluate.py): attention quality on COVID validation cases with masks.
   evaluation.attention_quality = True  # Compute mass-inside / soft Dice of every model's map.
   evaluation.attention_max_cases = 0  # Per fold model, at most this many cases (0 = all).
   evaluation.figure_case_ids = ()  # Case ids for the Fig. 5-like panels; empty -> chosen.

@@ -72,10 +72,10 @@ LABEL_NAMES = {1: "COVID", 0: "CAP"}
 
 
 def _runs(workdir: pathlib.Path, fold: int | None):
-  from dsan_jax import evaluation  # Deferred: pulls in plotting and statistics.
+  from dsan_jax.evaluation import evaluate  # Deferred: pulls in plotting and statistics.
   if not workdir.is_dir():
     raise DataError(workdir, "work directory not found")
-  runs = [r for r in evaluation.find_runs(workdir) if r.variant in variants.VARIANTS]
+  runs = [r for r in evaluate.find_runs(workdir) if r.variant in variants.VARIANTS]
   if not runs:
     raise DataError(workdir, "no trained runs (expected <variant>/fold_<k>/checkpoints/best "
                     f"for a variant of {list(variants.VARIANTS)})")
@@ -138,8 +138,9 @@ def predict_case(workdir: str | os.PathLike, image: str | os.PathLike,
     DataError / ConfigError: unreadable inputs, no trained runs, inconsistent runs.
   """
   import jax  # Deferred so that main() can set XLA flags first.
-  from dsan_jax import ensemble as ensemble_lib
-  from dsan_jax import experiment, explanation, plots, report, sharding
+  from dsan_jax.evaluation import ensemble as ensemble_lib
+  from dsan_jax.evaluation import explanation, plots, report
+  from dsan_jax.training import run_folder, sharding
   from dsan_jax.data import io
   from dsan_jax.data import preprocess
   import ml_collections
@@ -155,11 +156,11 @@ def predict_case(workdir: str | os.PathLike, image: str | os.PathLike,
   if out_path is not None:
     _check_out(out_path)
   runs = _runs(workdir, fold)
-  unfinished = [n for n in (experiment.incomplete_note(r.variant, r.fold, r.run_dir)
+  unfinished = [n for n in (run_folder.incomplete_note(r.variant, r.fold, r.run_dir)
                             for r in runs) if n]  # A run in progress: its best checkpoint so far.
   for note in unfinished:
     print(f"note: {note}", file=sys.stderr, flush=True)
-  configs = {r: experiment.load_config(r.run_dir / "config.json") for r in runs}
+  configs = {r: run_folder.load_config(r.run_dir / "config.json") for r in runs}
   settings = {r: preprocess.PreprocessSettings.from_config(c) for r, c in configs.items()}
   first = runs[0]
   if len(set(settings.values())) > 1:
@@ -182,7 +183,7 @@ def predict_case(workdir: str | os.PathLike, image: str | os.PathLike,
   is_attention: dict[str, bool] = {}
   weights_used = []
   for r in runs:
-    trained = experiment.load_trained(r.run_dir, mesh, "best")
+    trained = run_folder.load_trained(r.run_dir, mesh, "best")
     weights_used.append(dict(variant=r.variant, fold=r.fold, run_dir=str(r.run_dir.resolve()),
                              checkpoint="best", step=int(trained.state.step),
                              epoch=(trained.meta or {}).get("epoch")))
@@ -306,7 +307,7 @@ def predict_case(workdir: str | os.PathLike, image: str | os.PathLike,
 
 def _ratio_info(pre, given: float | None, config) -> dict[str, Any]:
   """The ratio used, where it came from and its Table III group (prediction.json fields)."""
-  from dsan_jax import metrics
+  from dsan_jax.evaluation import metrics
   from dsan_jax.data import infection_ratio as ratio_lib
   if given is not None:
     ratio, source = float(given), "given"
@@ -339,7 +340,7 @@ def _band(ratio: float, weights: dict[str, Any]) -> str | None:
 def _write_summary_png(path: pathlib.Path, pre, att: np.ndarray, result: dict[str, Any],
                        map_name: str, image_path, hu_window) -> None:
   """summary.png: the clinician's overview (``plots.plot_clinical_overview``)."""
-  from dsan_jax import plots
+  from dsan_jax.evaluation import plots
   r = result
   ratio = ("unknown" if r["ratio"] is None else
            f"{r['ratio']:.4f}{' (ESTIMATED)' if r['ratio_estimated'] else ''}")

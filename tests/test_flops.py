@@ -1,11 +1,11 @@
-"""Model FLOP counting (dsan_jax/flops.py) against hand counts and XLA's cost analysis."""
+"""Model FLOP counting (dsan_jax/models/flops.py) against hand counts and XLA's cost analysis."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsan_jax import flops
+from dsan_jax.models import flops
 from dsan_jax.models import DSAN
 from dsan_jax import runtime
 from dsan_jax.kernels import onednn

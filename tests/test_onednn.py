@@ -128,7 +128,8 @@ def test_batch_parallel_on_eight_devices():
   convolution. ("auto" stays "folded" with several devices: see conv.py.)"""
   code = textwrap.dedent("""
       import jax, jax.numpy as jnp, numpy as np
-      from dsan_jax import runtime, sharding
+      from dsan_jax import runtime
+      from dsan_jax.training import sharding
       from dsan_jax.kernels import onednn
       from dsan_jax.models import conv
       assert jax.device_count() == 8

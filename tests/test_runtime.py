@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import pytest
 
 from configs import smoke
-from dsan_jax import errors, experiment, runtime
+from dsan_jax import errors, runtime
+from dsan_jax.data import prepare
+from dsan_jax.training import loop, run_folder
 from dsan_jax.kernels import onednn
 from dsan_jax.models import conv
 from dsan_jax.models.dsan import model_from_config
@@ -80,15 +82,15 @@ def test_smoke_run_without_onednn_trains_with_xla_convolutions(no_onednn, tmp_pa
   config = smoke.get_config()
   config.data.synthetic.num_cases = 12
   config.data.preprocess_workers = 0
-  data = experiment.prepare_data(config, tmp_path / "data", progress=False)
+  data = prepare.prepare_data(config, tmp_path / "data", progress=False)
   with caplog.at_level(logging.INFO, logger="dsan_jax"):
-    out = experiment.train_and_evaluate(config, tmp_path / "run", 0, data=data, progress=False,
+    out = loop.train_and_evaluate(config, tmp_path / "run", 0, data=data, progress=False,
                                         max_steps=2)
   assert out["status"] == "stopped" and out["step"] == 2
   notices = [r for r in caplog.records if "oneDNN convolutions unavailable" in r.getMessage()]
   assert len(notices) == 1 and "no-onednn" in notices[0].getMessage()
   assert len([r for r in caplog.records if r.getMessage().startswith("runtime:")]) == 1
-  saved = json.loads((experiment.run_dir(tmp_path / "run", config.variant, 0) /
+  saved = json.loads((run_folder.run_dir(tmp_path / "run", config.variant, 0) /
                       "config.json").read_text())
   assert saved["model"]["conv_impl"] == saved["model"]["stem_conv_impl"] == "folded"
   assert saved["runtime"]["conv_impl"] == "folded" and saved["runtime"]["onednn"] == ""

@@ -36,10 +36,10 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from dsan_jax import ensemble
-from dsan_jax import metrics
-from dsan_jax import plots
-from dsan_jax import stats
+from dsan_jax.evaluation import ensemble
+from dsan_jax.evaluation import metrics
+from dsan_jax.evaluation import plots
+from dsan_jax.evaluation import stats
 
 VAL = "val"
 TEST = "test"

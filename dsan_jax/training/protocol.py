@@ -3,7 +3,7 @@ evaluation (Tables II and III, comparisons, figures). Finished runs are skipped,
 resume.
 
 Several protocol commands on one work directory share the work: each variant/fold is its own
-run with its own owner (``dsan_jax.run_lock``), so a command trains the runs that nobody owns,
+run with its own owner (``dsan_jax.training.run_lock``), so a command trains the runs that nobody owns,
 skips those that another live process is training, and, once its own are done, waits for those
 (taking over any whose owner died without finishing it). Every command then evaluates the same
 complete set of runs (the evaluation folder is replaced whole, one writer at a time)."""
@@ -11,7 +11,9 @@ complete set of runs (the evaluation folder is replaced whole, one writer at a t
 import logging
 import os
 
-from dsan_jax import experiment, run_lock, variants
+from dsan_jax import variants
+from dsan_jax.data import prepare
+from dsan_jax.training import loop, run_folder, run_lock
 from dsan_jax.errors import RunInProgressError
 
 log = logging.getLogger("dsan_jax")
@@ -36,12 +38,12 @@ def run_protocol(config, workdir: str | os.PathLike, variant_names=None, folds=N
   while pending:
     busy = []
     for name, fold in pending:
-      if experiment.is_complete(workdir, name, fold):
+      if run_folder.is_complete(workdir, name, fold):
         log.info("%s fold %d: complete, skipped", name, fold)
         continue
-      data = data or experiment.prepare_data(configs[name], workdir, progress)
+      data = data or prepare.prepare_data(configs[name], workdir, progress)
       try:
-        results[(name, fold)] = experiment.train_and_evaluate(configs[name], workdir, fold,
+        results[(name, fold)] = loop.train_and_evaluate(configs[name], workdir, fold,
                                                               data=data, progress=progress)
       except RunInProgressError as e:
         log.info("%s fold %d: left to its owner (%s)", name, fold, e)
@@ -50,8 +52,8 @@ def run_protocol(config, workdir: str | os.PathLike, variant_names=None, folds=N
       _wait_for_one(workdir, busy)
     pending = busy
   if evaluate:
-    from dsan_jax import evaluation  # Deferred: plotting and statistics are only needed here.
-    results["report"] = evaluation.evaluate_workdir(workdir, progress=progress)
+    from dsan_jax.evaluation import evaluate  # Deferred: plotting and statistics are only needed here.
+    results["report"] = evaluate.evaluate_workdir(workdir, progress=progress)
   return results
 
 
@@ -64,4 +66,4 @@ def _wait_for_one(workdir, busy: list[tuple[str, int]]) -> None:
           f"{name} fold {fold} ({owner.describe() if owner else 'owner unknown'})"
           f"{' and more' if len(busy) > 1 else ''}", flush=True)
 
-  run_lock.wait_for_run(experiment.run_dir(workdir, name, fold), say)
+  run_lock.wait_for_run(run_folder.run_dir(workdir, name, fold), say)
