@@ -36,8 +36,8 @@ def main(argv):
   if FLAGS.config is not None:
     overrides = {"eval": FLAGS.config.eval, "ensemble": FLAGS.config.ensemble}
   result = evaluate.evaluate_workdir(FLAGS.workdir, config_overrides=overrides,
-                                       search_ensemble=FLAGS.search_ensemble,
-                                       progress=FLAGS.progress, out_dir=FLAGS.out_dir)
+                                     search_ensemble=FLAGS.search_ensemble,
+                                     progress=FLAGS.progress, out_dir=FLAGS.out_dir)
   if not FLAGS.progress:
     print(f"[dsan_jax] evaluation written to {result['out_dir']}")
 

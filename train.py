@@ -38,7 +38,7 @@ def main(argv):
                           progress=FLAGS.progress)
   else:
     summary = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.fold,
-                                            progress=FLAGS.progress)
+                                      progress=FLAGS.progress)
     cli.print_summary(summary)
 
 

@@ -174,7 +174,7 @@ class TrainRun:
     mesh = sharding.make_mesh(jax.devices()[:1])
     tx = optim.make_optimizer(config.optim, steps_per_epoch=100)
     step = steps.make_train_step(self.model, mesh, config.loss.attention_weight,
-                                    grad_accum_steps=accum)
+                                 grad_accum_steps=accum)
     # Parameters do not depend on the input size (GAP) or the compute dtype: initialise once, on
     # a small input, and give every variant a fresh device copy (the step donates it).
     state = jax.device_put(_host_state(tx), sharding.replicated(mesh))

@@ -102,7 +102,7 @@ def memory_of_train_step(variant: Variant, batch: int, shape: tuple[int, int, in
       weight=jax.ShapeDtypeStruct((batch,), jnp.float32))
   mesh = sharding.make_mesh(jax.devices()[:1])
   step = steps.make_train_step(model, mesh, attention_weight=0.5,
-                                  grad_accum_steps=variant.accum)
+                               grad_accum_steps=variant.accum)
   t0 = time.perf_counter()
   lowered = step.lower(state, abstract_batch)
   t1 = time.perf_counter()

@@ -76,7 +76,7 @@ def time_step(config, mesh, reps: int) -> dict[str, float]:
                weight=np.ones(b, np.float32))
   batch = sharding.shard_batch(batch, mesh)
   step = steps.make_train_step(model, mesh, config.loss.attention_weight,
-                                  config.train.grad_accum_steps)
+                               config.train.grad_accum_steps)
   t0 = time.perf_counter()
   step = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0

@@ -41,6 +41,6 @@ class ResourceError(DsanError):
 
 
 class RunInProgressError(DsanError):
-  """Another live process owns the run folder (``dsan_jax.training.run_lock``). Exit status 75
+  """Another live process owns the run folder (``dsan_jax.run_lock``). Exit status 75
   (``EX_TEMPFAIL``: try again later), so that a job script can tell it from a real error."""
   exit_code = 75

@@ -10,6 +10,7 @@ import pytest
 from sklearn import metrics as skm
 
 from dsan_jax.evaluation import evaluate
+from dsan_jax.training import run_folder
 from dsan_jax.errors import ConfigError, DsanError
 from tests.test_end_to_end import (MODELS, METRICS, VARIANTS, in_unit_or_none,  # noqa: F401
                                    read_csv, smoke_manifest, trained_workdir)
@@ -32,10 +33,10 @@ def test_find_runs_needs_a_config_and_a_best_checkpoint(tmp_path):
   _fake_run(tmp_path, "att_rn34_us", 0, best=False)  # Interrupted before a best epoch.
   (tmp_path / "rn34_us" / "fold_x").mkdir()
   (tmp_path / "evaluation" / "fold_0").mkdir(parents=True)
-  runs = evaluate.find_runs(tmp_path)
+  runs = run_folder.find_runs(tmp_path)
   assert [(r.variant, r.fold) for r in runs] == [("rn34_us", 0), ("rn34_us", 2),
                                                  ("att_rn34_ss", 1)]
-  assert evaluate.find_runs(tmp_path / "nothing") == []
+  assert run_folder.find_runs(tmp_path / "nothing") == []
   with pytest.raises(DsanError, match="no trained runs"):
     evaluate.evaluate_workdir(tmp_path / "nothing", progress=False)
 
@@ -110,7 +111,7 @@ def test_figure_cases_are_small_and_large_covid_and_a_cap():
 def evaluated(trained_workdir, tmp_path_factory):
   out = tmp_path_factory.mktemp("evaluation") / "ev"
   result = evaluate.evaluate_workdir(trained_workdir, search_ensemble=True, progress=False,
-                                       out_dir=out)
+                                     out_dir=out)
   return result, out
 
 

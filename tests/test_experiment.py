@@ -53,7 +53,7 @@ def test_run_outputs_then_resume_equals_uninterrupted(shared):
   cfg = config.copy_and_resolve_references()
   cfg.train.checkpoint_every_steps = 1
   stopped = loop.train_and_evaluate(cfg, root / "resumed", 0, data=data, progress=False,
-                                          max_steps=steps_per_epoch + 1)
+                                    max_steps=steps_per_epoch + 1)
   assert stopped["status"] == "stopped"
   assert not (run_folder.run_dir(root / "resumed", config.variant, 0) / "done.json").exists()
   resumed = loop.train_and_evaluate(cfg, root / "resumed", 0, data=data, progress=False)

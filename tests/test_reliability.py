@@ -33,7 +33,8 @@ import pytest
 from configs import smoke
 from dsan_jax import errors
 from dsan_jax.data import prepare
-from dsan_jax.training import checkpoints, loop, run_folder, run_lock, sharding
+from dsan_jax import run_lock
+from dsan_jax.training import checkpoints, loop, run_folder, sharding
 from dsan_jax.data import cache as cache_lib
 from dsan_jax.data import pipeline
 
@@ -382,7 +383,7 @@ NAN_CASE = 5
 
 def data(imgs):
   return prepare.Data(dataset=ArrayDataset(imgs, labels), folds=folds,
-                         manifest_path=pathlib.Path("in-memory"), synthetic=True)
+                      manifest_path=pathlib.Path("in-memory"), synthetic=True)
 
 out = {}
 one_nan = images.copy()
@@ -658,7 +659,7 @@ def _assert_equals_reference(rd: pathlib.Path, ref: pathlib.Path) -> None:
 def test_owner_lock_dies_with_its_process(tmp_path):
   """A real holder process: the lock is refused while it lives, taken over after kill -9."""
   path = tmp_path / ".owner.lock"
-  code = ("import sys, time; from dsan_jax.training import run_lock; "
+  code = ("import sys, time; from dsan_jax import run_lock; "
           f"l = run_lock.OwnerLock({str(path)!r}); assert l.acquire(); print('held', flush=True); "
           "time.sleep(120)")
   proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,

@@ -10,10 +10,10 @@ import pytest
 from configs import smoke
 from dsan_jax import errors, runtime
 from dsan_jax.data import prepare
-from dsan_jax.training import loop, run_folder
 from dsan_jax.kernels import onednn
 from dsan_jax.models import conv
 from dsan_jax.models.dsan import model_from_config
+from dsan_jax.training import loop, run_folder
 
 
 @pytest.fixture
@@ -85,7 +85,7 @@ def test_smoke_run_without_onednn_trains_with_xla_convolutions(no_onednn, tmp_pa
   data = prepare.prepare_data(config, tmp_path / "data", progress=False)
   with caplog.at_level(logging.INFO, logger="dsan_jax"):
     out = loop.train_and_evaluate(config, tmp_path / "run", 0, data=data, progress=False,
-                                        max_steps=2)
+                                  max_steps=2)
   assert out["status"] == "stopped" and out["step"] == 2
   notices = [r for r in caplog.records if "oneDNN convolutions unavailable" in r.getMessage()]
   assert len(notices) == 1 and "no-onednn" in notices[0].getMessage()

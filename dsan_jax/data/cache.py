@@ -49,8 +49,7 @@ import zlib
 
 import numpy as np
 
-from dsan_jax import files
-from dsan_jax.training import run_lock
+from dsan_jax import files, run_lock
 from dsan_jax.data import infection_ratio as ratio_lib
 from dsan_jax.data import io
 from dsan_jax.data import manifest as manifest_lib

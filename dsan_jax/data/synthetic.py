@@ -37,8 +37,7 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 
-from dsan_jax import files
-from dsan_jax.training import run_lock
+from dsan_jax import files, run_lock
 
 log = logging.getLogger("dsan_jax")
 
@@ -817,7 +816,7 @@ PARAMS_FILE = ".generate.json"  # The parameters of the set, written just before
 
 @contextlib.contextmanager
 def _generation(out: Path, params: dict):
-  """Holds ``out/.generate.lock`` (``dsan_jax.training.run_lock``) while the set is written.
+  """Holds ``out/.generate.lock`` (``dsan_jax.run_lock``) while the set is written.
 
   Yields True when another process held it and has meanwhile finished the same set (same
   parameters): that set is kept instead of being written again.

@@ -40,7 +40,6 @@ infection ratio, a uniform map over the whole input volume its volume fraction.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import logging
 import math
@@ -56,66 +55,28 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from dsan_jax.evaluation import ensemble as ensemble_lib
-from dsan_jax.data import prepare
-from dsan_jax.evaluation import explanation, metrics, plots, report
-from dsan_jax.training import loop, run_folder, run_lock, sharding, steps
-from dsan_jax import variants
+from dsan_jax import files, run_lock, variants
 from dsan_jax.data import cache as cache_lib
 from dsan_jax.data import pipeline
+from dsan_jax.data import prepare
 from dsan_jax.data import preprocess
 from dsan_jax.errors import ConfigError, DsanError
+from dsan_jax.evaluation import ensemble as ensemble_lib
+from dsan_jax.evaluation import explanation, metrics, plots, report
+from dsan_jax.training import loop, run_folder, sharding, steps
 
 log = logging.getLogger("dsan_jax")
 
-OUT_DIR_NAME = "evaluation"
+OUT_DIR_NAME = run_folder.EVALUATION_DIR
 MAP_KINDS = ("display", "cam", "t_of_cam")
 MAP_KIND_TITLES = {
     "display": "Fig. 5 maps: Grad-CAM (baseline) / T(A) (attention models)",
     "cam": "min-max normalised CAM of every model (baseline: its Grad-CAM)",
     "t_of_cam": "T(A) of every model's CAM (Eq. 2; the baseline never trained it)",
 }
-_FOLD_RE = re.compile(r"^fold_(\d+)$")
 
 
 # ------------------------------------------------------------------------------------ runs.
-
-
-@dataclasses.dataclass(frozen=True)
-class RunInfo:
-  variant: str
-  fold: int
-  run_dir: pathlib.Path
-
-
-def _has_best(rd: pathlib.Path) -> bool:
-  best = rd / "checkpoints" / "best"
-  return (rd / "config.json").exists() and best.is_dir() and any(
-      p.is_dir() and p.name.isdigit() for p in best.iterdir())
-
-
-def _variant_order(name: str) -> tuple[int, str]:
-  order = list(variants.VARIANTS)
-  return (order.index(name) if name in order else len(order), name)
-
-
-def find_runs(workdir: str | os.PathLike) -> list[RunInfo]:
-  """Every ``<workdir>/<variant>/fold_<k>`` that has a config and a best checkpoint.
-
-  Returns:
-    RunInfo list sorted by variant (Table II order first) and fold.
-  """
-  root = pathlib.Path(workdir)
-  runs = []
-  if root.is_dir():
-    for vdir in root.iterdir():
-      if not vdir.is_dir() or vdir.name == OUT_DIR_NAME:
-        continue
-      for fdir in vdir.iterdir():
-        m = _FOLD_RE.match(fdir.name)
-        if m and fdir.is_dir() and _has_best(fdir):
-          runs.append(RunInfo(vdir.name, int(m.group(1)), fdir))
-  return sorted(runs, key=lambda r: (_variant_order(r.variant), r.fold))
 
 
 def _settings(config: ml_collections.ConfigDict, overrides: Any) -> ml_collections.ConfigDict:
@@ -481,15 +442,6 @@ def _extra_markdown(ev: Mapping[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def _replace_dir(tmp: pathlib.Path, final: pathlib.Path) -> None:
-  old = final.with_name(final.name + f".old-{os.getpid()}")
-  if final.exists():
-    os.replace(final, old)
-  os.replace(tmp, final)
-  if old.exists():
-    shutil.rmtree(old, ignore_errors=True)
-
-
 # ---------------------------------------------------------------------------------- the run.
 
 
@@ -519,7 +471,7 @@ def evaluate_workdir(workdir: str | os.PathLike, config_overrides: Any = None,
   """
   t0 = time.perf_counter()
   workdir = pathlib.Path(workdir)
-  runs = find_runs(workdir)
+  runs = run_folder.find_runs(workdir)
   if not runs:
     raise DsanError(f"{workdir}: no trained runs (expected <variant>/fold_<k>/checkpoints/best)")
   notes = {r: run_folder.incomplete_note(r.variant, r.fold, r.run_dir) for r in runs}
@@ -652,7 +604,7 @@ def evaluate_workdir(workdir: str | os.PathLike, config_overrides: Any = None,
                                                  else float("nan"))
     _write_csv(tmp / "attention_cases.csv", att_rows)
     _write_csv(tmp / "runs.csv", run_rows)
-    (tmp / "ensemble.json").write_text(json.dumps(report.jsonable(ens_info), indent=1))
+    (tmp / "ensemble.json").write_text(json.dumps(files.jsonable(ens_info), indent=1))
 
     fig_info = []
     ds_any = next(iter(datasets.values()))
@@ -696,10 +648,10 @@ def evaluate_workdir(workdir: str | os.PathLike, config_overrides: Any = None,
                               for p in list(result["files"]) + extra_files})
     result["out_dir"] = str(out_dir)
     result["figures"] = [os.path.relpath(p, tmp) for p in result.get("figures", [])]
-    (tmp / "metrics.json").write_text(json.dumps(report.jsonable(result), indent=1, allow_nan=False))
+    (tmp / "metrics.json").write_text(json.dumps(files.jsonable(result), indent=1, allow_nan=False))
     if jax.process_index() == 0:  # Two evaluations of one workdir may finish at once.
       with run_lock.locked(out_dir.parent / f".{out_dir.name}.lock"):
-        _replace_dir(tmp, out_dir)
+        files.replace_dir(tmp, out_dir)
   finally:
     if tmp.exists():
       shutil.rmtree(tmp, ignore_errors=True)

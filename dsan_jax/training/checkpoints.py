@@ -39,8 +39,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from dsan_jax import files
-from dsan_jax.training import run_lock
+from dsan_jax import files, run_lock
 from dsan_jax.training import sharding as sharding_lib
 
 LOCK_NAME = ".rw.lock"

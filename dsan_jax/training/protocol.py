@@ -3,7 +3,7 @@ evaluation (Tables II and III, comparisons, figures). Finished runs are skipped,
 resume.
 
 Several protocol commands on one work directory share the work: each variant/fold is its own
-run with its own owner (``dsan_jax.training.run_lock``), so a command trains the runs that nobody owns,
+run with its own owner (``dsan_jax.run_lock``), so a command trains the runs that nobody owns,
 skips those that another live process is training, and, once its own are done, waits for those
 (taking over any whose owner died without finishing it). Every command then evaluates the same
 complete set of runs (the evaluation folder is replaced whole, one writer at a time)."""
@@ -11,10 +11,10 @@ complete set of runs (the evaluation folder is replaced whole, one writer at a t
 import logging
 import os
 
-from dsan_jax import variants
+from dsan_jax import run_lock, variants
 from dsan_jax.data import prepare
-from dsan_jax.training import loop, run_folder, run_lock
 from dsan_jax.errors import RunInProgressError
+from dsan_jax.training import loop, run_folder
 
 log = logging.getLogger("dsan_jax")
 
@@ -44,7 +44,7 @@ def run_protocol(config, workdir: str | os.PathLike, variant_names=None, folds=N
       data = data or prepare.prepare_data(configs[name], workdir, progress)
       try:
         results[(name, fold)] = loop.train_and_evaluate(configs[name], workdir, fold,
-                                                              data=data, progress=progress)
+                                                        data=data, progress=progress)
       except RunInProgressError as e:
         log.info("%s fold %d: left to its owner (%s)", name, fold, e)
         busy.append((name, fold))
@@ -52,8 +52,9 @@ def run_protocol(config, workdir: str | os.PathLike, variant_names=None, folds=N
       _wait_for_one(workdir, busy)
     pending = busy
   if evaluate:
-    from dsan_jax.evaluation import evaluate  # Deferred: plotting and statistics are only needed here.
-    results["report"] = evaluate.evaluate_workdir(workdir, progress=progress)
+    # Deferred: matplotlib and the statistics are only needed here, not while training.
+    from dsan_jax.evaluation import evaluate as evaluation  # pylint: disable=g-import-not-at-top
+    results["report"] = evaluation.evaluate_workdir(workdir, progress=progress)
   return results
 
 

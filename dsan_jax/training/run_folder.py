@@ -17,18 +17,21 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import shutil
 from typing import Any
 
 import ml_collections
 import numpy as np
 
-from dsan_jax import files, runtime
+from dsan_jax import files, run_lock, runtime, variants
 from dsan_jax.errors import DsanError, ResourceError
 from dsan_jax.models.dsan import model_from_config
-from dsan_jax.training import checkpoints, optim, run_lock, sharding, steps
+from dsan_jax.training import checkpoints, optim, sharding, steps
 
 PREDICTION_FIELDS = ("case_id", "label", "ratio", "prob")
+EVALUATION_DIR = "evaluation"  # <workdir>/evaluation/: evaluate.py's output, not a variant.
+_FOLD_RE = re.compile(r"^fold_(\d+)$")
 
 
 def run_dir(workdir: str | os.PathLike, variant: str, fold: int) -> pathlib.Path:
@@ -57,6 +60,43 @@ def incomplete_note(variant: str, fold: int, rd: str | os.PathLike) -> str | Non
   what = (f"still being trained ({owner.describe()})" if owner else
           "interrupted (nobody trains it; rerun its train.py command to finish it)")
   return f"{variant} fold {fold} is {what}: its best checkpoint so far is used"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunInfo:
+  variant: str
+  fold: int
+  run_dir: pathlib.Path
+
+
+def _has_best(rd: pathlib.Path) -> bool:
+  best = rd / "checkpoints" / "best"
+  return (rd / "config.json").exists() and best.is_dir() and any(
+      p.is_dir() and p.name.isdigit() for p in best.iterdir())
+
+
+def _variant_order(name: str) -> tuple[int, str]:
+  order = list(variants.VARIANTS)
+  return (order.index(name) if name in order else len(order), name)
+
+
+def find_runs(workdir: str | os.PathLike) -> list[RunInfo]:
+  """Every ``<workdir>/<variant>/fold_<k>`` that has a config and a best checkpoint.
+
+  Returns:
+    RunInfo list sorted by variant (Table II order first) and fold.
+  """
+  root = pathlib.Path(workdir)
+  runs = []
+  if root.is_dir():
+    for vdir in root.iterdir():
+      if not vdir.is_dir() or vdir.name == EVALUATION_DIR:
+        continue
+      for fdir in vdir.iterdir():
+        m = _FOLD_RE.match(fdir.name)
+        if m and fdir.is_dir() and _has_best(fdir):
+          runs.append(RunInfo(vdir.name, int(m.group(1)), fdir))
+  return sorted(runs, key=lambda r: (_variant_order(r.variant), r.fold))
 
 
 def check_workdir(path: pathlib.Path, need_bytes: int) -> None:

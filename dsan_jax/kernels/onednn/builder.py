@@ -18,7 +18,6 @@ import pathlib
 import shutil
 import subprocess
 import sys
-import tempfile
 
 import jax
 import jaxlib
