@@ -30,14 +30,14 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  from dsan_jax import evaluation  # After flags: XLA flags must be set before jax.
+  from dsan_jax.evaluation import evaluate  # After flags: XLA flags must be set before jax.
   cli.setup(FLAGS)
   overrides = None
   if FLAGS.config is not None:
     overrides = {"eval": FLAGS.config.eval, "ensemble": FLAGS.config.ensemble}
-  result = evaluation.evaluate_workdir(FLAGS.workdir, config_overrides=overrides,
-                                       search_ensemble=FLAGS.search_ensemble,
-                                       progress=FLAGS.progress, out_dir=FLAGS.out_dir)
+  result = evaluate.evaluate_workdir(FLAGS.workdir, config_overrides=overrides,
+                                     search_ensemble=FLAGS.search_ensemble,
+                                     progress=FLAGS.progress, out_dir=FLAGS.out_dir)
   if not FLAGS.progress:
     print(f"[dsan_jax] evaluation written to {result['out_dir']}")
 

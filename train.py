@@ -30,15 +30,15 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  from dsan_jax import experiment, protocol  # After flags: XLA flags must be set before jax.
+  from dsan_jax.training import loop, protocol  # After flags: XLA flags must be set before jax.
   cli.setup(FLAGS)
   if FLAGS.protocol:
     folds = [int(f) for f in FLAGS.folds] or None
     protocol.run_protocol(FLAGS.config, FLAGS.workdir, FLAGS.variants, folds,
                           progress=FLAGS.progress)
   else:
-    summary = experiment.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.fold,
-                                            progress=FLAGS.progress)
+    summary = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.fold,
+                                      progress=FLAGS.progress)
     cli.print_summary(summary)
 
 

@@ -160,6 +160,7 @@ def bench_network(size, batch, reps, impls=IMPLS, with_torch=True):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
+  from dsan_jax import runtime  # pylint: disable=g-import-not-at-top
   from dsan_jax.models import DSAN  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   x = rng.random((batch, *size, 1)).astype(np.float32)
@@ -168,7 +169,7 @@ def bench_network(size, batch, reps, impls=IMPLS, with_torch=True):
   valid = label.astype(np.float32)
   fns, flops = {}, float("nan")
   for impl in impls:
-    model = DSAN(conv_impl=impl)
+    model = DSAN(conv_impl=impl, stem_conv_impl=runtime.resolve_stem_conv_impl("auto"))
     variables = model.init(jax.random.key(0), jnp.asarray(x[:1]))
 
     def loss(params, batch_stats, x, model=model):
@@ -261,7 +262,7 @@ def main():
   impls = tuple(args.impls.split(","))
 
   if args.compare_flag:
-    from dsan_jax.models.conv import YNN_CONV_FLAG, xla_flag_supported  # pylint: disable=g-import-not-at-top
+    from dsan_jax.runtime import YNN_CONV_FLAG, xla_flag_supported  # pylint: disable=g-import-not-at-top
     if not xla_flag_supported(YNN_CONV_FLAG):
       print(f"{YNN_CONV_FLAG} is not supported by this jaxlib; nothing to compare.")
       return

@@ -6,7 +6,7 @@ soon as it is measured (Markdown rows on stdout, one JSON line per row in ``--js
 
 Sections:
   ceiling    a bf16 matrix product (8192^3) in JAX: the rate this chip really reaches here.
-  train      the real train step (``training.make_train_step``: DSAN ResNet34 width 64 with
+  train      the real train step (``steps.make_train_step``: DSAN ResNet34 width 64 with
              attention, forward, Eq. 4 loss in fp32, backward, Adam + L2, non-finite guard) at
              138x256x256 with ``DSAN(dtype=bfloat16)`` (fp32 parameters), the paper's batch 20 in
              one pass. Volumes/s, TFLOP/s, share of the peak (``--profile``: GPU kernel time
@@ -21,7 +21,7 @@ Sections:
   torch      the identical network in PyTorch on the same GPU (``benchmarks/torch_dsan.py``),
              bf16 autocast, channels_last_3d, cudnn.benchmark; run in a subprocess.
 
-TFLOP/s counts model FLOPs (``dsan_jax.flops.count_flops``: the convolutions and matrix products
+TFLOP/s counts model FLOPs (``dsan_jax.models.flops.count_flops``: the convolutions and matrix products
 of the traced program, 2 per multiply-add, forward and both backward convolutions of training;
 1.86 TFLOP per training volume and 0.64 per inference at 138x256x256). XLA's cost analysis cannot
 be used on GPU: the compiled program's cuDNN convolutions are library calls it does not count.
@@ -61,9 +61,9 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-posi
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from configs import default as default_config  # pylint: disable=wrong-import-position
-from dsan_jax import flops as flops_lib  # pylint: disable=wrong-import-position
-from dsan_jax import optim, sharding, training  # pylint: disable=wrong-import-position
-from dsan_jax.models import conv as conv_lib  # pylint: disable=wrong-import-position
+from dsan_jax.models import flops as flops_lib  # pylint: disable=wrong-import-position
+from dsan_jax.training import optim, sharding, steps  # pylint: disable=wrong-import-position
+from dsan_jax import runtime  # pylint: disable=wrong-import-position
 from dsan_jax.models.dsan import DSAN  # pylint: disable=wrong-import-position
 
 GB = 1e9
@@ -152,10 +152,10 @@ def _time(fn, reps: int) -> list[float]:
 _HOST_STATE = {}
 
 
-def _host_state(tx) -> training.TrainState:
+def _host_state(tx) -> steps.TrainState:
   """The initial train state (seed 0) on the host, made once; params are size-independent."""
   if "state" not in _HOST_STATE:
-    state = jax.jit(lambda: training.create_train_state(DSAN(), tx, 0, (1, 16, 32, 32)))()
+    state = jax.jit(lambda: steps.create_train_state(DSAN(), tx, 0, (1, 16, 32, 32)))()
     _HOST_STATE["state"] = jax.tree_util.tree_map(np.asarray, state)
   return _HOST_STATE["state"]
 
@@ -167,12 +167,14 @@ class TrainRun:
                pool: str | None = None, conv_impl: str = "auto",
                stem_conv_impl: str = "auto"):
     config = default_config.get_config()
-    self.model = DSAN(dtype=dtype, remat=remat, conv_impl=conv_impl, stem_pool=pool or "slices",
-                      stem_conv_impl=stem_conv_impl)
+    self.model = DSAN(dtype=dtype, remat=remat,
+                      conv_impl=runtime.resolve_conv_impl(conv_impl, dtype=dtype),
+                      stem_pool=pool or "slices",
+                      stem_conv_impl=runtime.resolve_stem_conv_impl(stem_conv_impl, dtype=dtype))
     mesh = sharding.make_mesh(jax.devices()[:1])
     tx = optim.make_optimizer(config.optim, steps_per_epoch=100)
-    step = training.make_train_step(self.model, mesh, config.loss.attention_weight,
-                                    grad_accum_steps=accum)
+    step = steps.make_train_step(self.model, mesh, config.loss.attention_weight,
+                                 grad_accum_steps=accum)
     # Parameters do not depend on the input size (GAP) or the compute dtype: initialise once, on
     # a small input, and give every variant a fresh device copy (the step donates it).
     state = jax.device_put(_host_state(tx), sharding.replicated(mesh))
@@ -195,7 +197,8 @@ class InferRun:
   """Batch-1 inference (logit + CAM), compiled ahead of time."""
 
   def __init__(self, image: np.ndarray, variables, dtype):
-    model = DSAN(dtype=dtype, conv_impl="auto")
+    impl = runtime.resolve_conv_impl("auto", dtype=dtype)
+    model = DSAN(dtype=dtype, conv_impl=impl, stem_conv_impl=impl)
 
     def fn(variables, x):
       logits, aux = model.apply(variables, x, train=False)
@@ -330,8 +333,8 @@ def main(argv=None) -> int:  # pylint: disable=too-many-statements
   except (OSError, subprocess.SubprocessError):
     pass
   r.line(f"- XLA_FLAGS: `{os.environ.get('XLA_FLAGS', '') or '(none)'}`; input {shape}, "
-         f"ResNet34 width 64, attention on, conv_impl auto -> {conv_lib.resolve_conv_impl('auto')}, "
-         f"stem_conv_impl auto -> {conv_lib.resolve_stem_conv_impl('auto')}")
+         f"ResNet34 width 64, attention on, conv_impl auto -> {runtime.resolve_conv_impl('auto')}, "
+         f"stem_conv_impl auto -> {runtime.resolve_stem_conv_impl('auto')}")
   r.line(f"- command: `python benchmarks/bench_gpu.py {' '.join(sys.argv[1:] if argv is None else argv)}`")
   r.line()
 

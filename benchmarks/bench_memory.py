@@ -1,6 +1,6 @@
 """Compiled memory of the DSAN train step at full size, without allocating anything.
 
-For each variant the jitted train step (``training.make_train_step``: state donated, batch sharded
+For each variant the jitted train step (``steps.make_train_step``: state donated, batch sharded
 over a 1-device mesh) is lowered with ``jax.ShapeDtypeStruct`` inputs (the state from
 ``jax.eval_shape``) and compiled; ``compiled.memory_analysis()`` gives XLA's buffer assignment:
 
@@ -35,9 +35,9 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # For configs/.
 from configs import default as default_config  # noqa: E402
-from dsan_jax import optim, sharding, training
+from dsan_jax.training import optim, sharding, steps
 from dsan_jax.models import DSAN
-from dsan_jax.models import conv as conv_lib
+from dsan_jax import runtime
 
 # Variants run by default (at every --batches), then DEFAULT_ACCUM at the largest batch.
 DEFAULT_VARIANTS = ("fp32", "bf16", "bf16+remat=stem", "bf16+remat=blocks", "bf16+remat=all",
@@ -86,10 +86,11 @@ def memory_of_train_step(variant: Variant, batch: int, shape: tuple[int, int, in
     dict with bytes ``argument``, ``output``, ``alias``, ``temp``, ``total`` and seconds
     ``lower_s``, ``compile_s``.
   """
+  impl = runtime.resolve_conv_impl(conv_impl, dtype=variant.dtype)
   model = DSAN(depth=depth, width=width, dtype=jnp.dtype(variant.dtype), remat=variant.remat,
-               conv_impl=conv_impl)
+               conv_impl=impl, stem_conv_impl=impl)
   tx = optim.make_optimizer(_optim_config(), steps_per_epoch=1)
-  state = training.abstract_train_state(model, tx, 0, (batch, *shape))
+  state = steps.abstract_train_state(model, tx, 0, (batch, *shape))
   vol = (batch, *shape)
   abstract_batch = dict(
       image=jax.ShapeDtypeStruct(vol, jnp.float32),
@@ -100,8 +101,8 @@ def memory_of_train_step(variant: Variant, batch: int, shape: tuple[int, int, in
       index=jax.ShapeDtypeStruct((batch,), jnp.int32),
       weight=jax.ShapeDtypeStruct((batch,), jnp.float32))
   mesh = sharding.make_mesh(jax.devices()[:1])
-  step = training.make_train_step(model, mesh, attention_weight=0.5,
-                                  grad_accum_steps=variant.accum)
+  step = steps.make_train_step(model, mesh, attention_weight=0.5,
+                               grad_accum_steps=variant.accum)
   t0 = time.perf_counter()
   lowered = step.lower(state, abstract_batch)
   t1 = time.perf_counter()
@@ -133,12 +134,12 @@ def main(argv=None) -> int:
   p.add_argument("--budget_gb", type=float, default=24.0, help="marks rows that fit")
   p.add_argument("--jsonl", default="", help="append one JSON line per row to this file")
   args = p.parse_args(argv)
-  conv_lib.apply_recommended_cpu_xla_flags()  # As train.py does; before any computation.
+  runtime.configure_xla_flags()  # As train.py does; before any computation.
   shape = tuple(int(s) for s in args.shape.split(","))
   batches = [int(b) for b in args.batches.split(",") if b]
   jobs = [(Variant.parse(v), b) for v in args.variants.split(",") if v for b in batches]
   jobs += [(Variant.parse(v), max(batches)) for v in args.accum_variants.split(",") if v]
-  impl = conv_lib.resolve_conv_impl(args.conv_impl)
+  impl = runtime.resolve_conv_impl(args.conv_impl)
   print(f"# train-step memory, input {shape}, ResNet{args.depth} width {args.width}, conv_impl "
         f"{impl}, jax {jax.__version__}, backend {jax.default_backend()}, "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")

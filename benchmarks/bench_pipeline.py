@@ -1,7 +1,7 @@
 """Does the input pipeline keep up with the train step? Both measured alone, in one run.
 
 1. Builds (once, reused afterwards) a small cache of synthetic phantoms at the quick-start size
-   (``configs/quickstart.py``: 48x64x64, batch 8) with ``experiment.prepare_data``.
+   (``configs/quickstart.py``: 48x64x64, batch 8) with ``prepare.prepare_data``.
 2. Pipeline alone: batches/s of ``pipeline.make_train_iterator`` reading that cache with 0, 1 and
    2 grain worker processes, after a warm-up (the first batch pays for starting the workers);
    optionally with the host-to-device copy (``sharding.shard_batch`` + wait) included.
@@ -10,7 +10,7 @@
 
 The pipeline does not starve the step when its batches/s exceed the step's steps/s (in training
 the loader runs in background threads/processes while the step computes, and
-``experiment._device_batches`` keeps ``data.prefetch`` batches in flight to the device).
+``loop._device_batches`` keeps ``data.prefetch`` batches in flight to the device).
 
 Run:
   python benchmarks/bench_pipeline.py                       # ~2-4 min on 2 cores
@@ -26,13 +26,14 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # For configs/.
 
-from dsan_jax.models import conv as conv_lib  # noqa: E402
+from dsan_jax import runtime  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import quickstart  # noqa: E402
-from dsan_jax import experiment, optim, sharding, training  # noqa: E402
+from dsan_jax.data import prepare  # noqa: E402
+from dsan_jax.training import loop, optim, sharding, steps
 from dsan_jax.data import folds as folds_lib  # noqa: E402
 from dsan_jax.data import pipeline  # noqa: E402
 from dsan_jax.models.dsan import model_from_config  # noqa: E402
@@ -61,11 +62,11 @@ def time_pipeline(dataset, train_idx, config, workers: int, batches: int, warmup
 
 def time_step(config, mesh, reps: int) -> dict[str, float]:
   """Median seconds of the quick-start train step on a fixed device batch."""
-  model = model_from_config(config.model)
+  model = model_from_config(runtime.resolve_config(config).model)
   tx = optim.make_optimizer(config.optim, steps_per_epoch=100)
   b = config.train.batch_size
   shape = tuple(config.data.target_shape)
-  state = sharding.replicate(training.create_train_state(model, tx, config.seed, (b, *shape)),
+  state = sharding.replicate(steps.create_train_state(model, tx, config.seed, (b, *shape)),
                              mesh)
   rng = np.random.default_rng(0)
   batch = dict(image=rng.random((b, *shape), dtype=np.float32),
@@ -74,8 +75,8 @@ def time_step(config, mesh, reps: int) -> dict[str, float]:
                ratio=np.full(b, 0.05, np.float32), index=np.arange(b, dtype=np.int32),
                weight=np.ones(b, np.float32))
   batch = sharding.shard_batch(batch, mesh)
-  step = training.make_train_step(model, mesh, config.loss.attention_weight,
-                                  config.train.grad_accum_steps)
+  step = steps.make_train_step(model, mesh, config.loss.attention_weight,
+                               config.train.grad_accum_steps)
   t0 = time.perf_counter()
   step = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
@@ -102,12 +103,12 @@ def main(argv=None) -> int:
   p.add_argument("--no_device", action="store_true",
                  help="time the pipeline without the copy to the device")
   args = p.parse_args(argv)
-  conv_lib.apply_recommended_cpu_xla_flags()  # As train.py does; before any computation.
+  runtime.configure_xla_flags()  # As train.py does; before any computation.
 
   config = quickstart.get_config()
   config.data.synthetic.num_cases = args.num_cases
   t0 = time.perf_counter()
-  data = experiment.prepare_data(config, args.workdir, progress=False)
+  data = prepare.prepare_data(config, args.workdir, progress=False)
   prep_s = time.perf_counter() - t0
   train_idx, _ = folds_lib.split_indices(data.folds, 0)
   mesh = sharding.make_mesh()

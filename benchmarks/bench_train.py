@@ -1,6 +1,6 @@
 """Train-step and inference speed of DSAN in JAX against the identical PyTorch network.
 
-One process, one table: for each training size the full train step (``training.make_train_step``:
+One process, one table: for each training size the full train step (``steps.make_train_step``:
 forward, DSAN loss, backward, Adam with L2 decay, the non-finite guard) of the real network
 (ResNet34, width 64, attention on, batch 2), and full-size inference (138x256x256, batch 1,
 ``train=False``, logit + CAM; the input is the preprocessed real CT ``../shared/data/ct/P002.nii.gz``
@@ -10,13 +10,13 @@ interleaved inside every repetition (JAX, PyTorch, JAX, ...) because the machine
 the table gives medians and minima (noise only adds time, so the minimum is the less disturbed
 estimate) and the ratio JAX / PyTorch of both.
 
-GFLOP/s = model FLOPs (``dsan_jax.flops.count_flops``: convolutions and matrix products of the
+GFLOP/s = model FLOPs (``dsan_jax.models.flops.count_flops``: convolutions and matrix products of the
 traced program, 2 per multiply-add, the oneDNN calls included, dead code excluded) / time; the
 same count is used for PyTorch (same network), so GFLOP/s compare like volumes/s. (XLA's cost
 analysis cannot see into the oneDNN calls of ``conv_impl="onednn"``.)
 
 The recommended XLA:CPU flags are applied before JAX starts
-(``conv.apply_recommended_cpu_xla_flags``); the header prints the active ``XLA_FLAGS``.
+(``runtime.configure_xla_flags``); the header prints the active ``XLA_FLAGS``.
 
 Usage:
   python benchmarks/bench_train.py                       # the default table (~10 min on 2 cores)
@@ -35,10 +35,10 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from dsan_jax.models import conv  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dsan_jax import runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 if "--no-flags" not in sys.argv:
-  _ADDED_FLAGS = conv.apply_recommended_cpu_xla_flags()
+  _ADDED_FLAGS = runtime.configure_xla_flags()
 else:
   _ADDED_FLAGS = ""
 
@@ -53,11 +53,16 @@ import jax.numpy as jnp  # pylint: disable=wrong-import-position,g-import-not-at
 import numpy as np  # pylint: disable=wrong-import-position,g-import-not-at-top
 
 from configs import default as default_config  # pylint: disable=wrong-import-position
-from dsan_jax import flops as flops_lib  # pylint: disable=wrong-import-position
-from dsan_jax import optim, sharding, training  # pylint: disable=wrong-import-position
+from dsan_jax.models import flops as flops_lib  # pylint: disable=wrong-import-position
+from dsan_jax.training import optim, sharding, steps  # pylint: disable=wrong-import-position
 from dsan_jax.models import resnet3d  # pylint: disable=wrong-import-position
 from dsan_jax.models.dsan import DSAN  # pylint: disable=wrong-import-position
+from dsan_jax.kernels import onednn  # pylint: disable=wrong-import-position
+from dsan_jax.models import conv  # pylint: disable=wrong-import-position
 import timing  # pylint: disable=wrong-import-position  (benchmarks/timing.py)
+
+# The stem keeps the config default ("auto", resolved here) whatever --impl the rest uses.
+_STEM_IMPL = functools.partial(runtime.resolve_stem_conv_impl, "auto")
 
 TRAIN_SIZES = "32x64x64,48x96x96,64x128x128"
 INFER_SIZES = "138x256x256"
@@ -96,14 +101,14 @@ class JaxTrain:
 
   def __init__(self, size, batch: int, impl: str, pool: str = "default"):
     config = default_config.get_config()
-    self.model = DSAN(conv_impl=impl, **_pool_kw(pool))
+    self.model = DSAN(conv_impl=impl, stem_conv_impl=_STEM_IMPL(), **_pool_kw(pool))
     mesh = sharding.make_mesh(jax.devices()[:1])
     tx = optim.make_optimizer(config.optim, steps_per_epoch=100)
-    self.state = training.create_train_state(self.model, tx, 0, (batch, *size))
+    self.state = steps.create_train_state(self.model, tx, 0, (batch, *size))
     self.variables = {"params": jax.tree_util.tree_map(np.asarray, self.state.params),
                       "batch_stats": jax.tree_util.tree_map(np.asarray, self.state.batch_stats)}
     self.batch = sharding.shard_batch(_batch(size, batch), mesh)
-    step = training.make_train_step(self.model, mesh, config.loss.attention_weight)
+    step = steps.make_train_step(self.model, mesh, config.loss.attention_weight)
     t0 = time.perf_counter()
     self.compiled = step.lower(self.state, self.batch).compile()
     self.compile_s = time.perf_counter() - t0
@@ -148,7 +153,8 @@ class JaxInfer:
   """Inference (``train=False``): logit and CAM, jitted and compiled ahead of time."""
 
   def __init__(self, size, impl: str, variables, dtype=jnp.float32, pool: str = "default"):
-    self.model = DSAN(conv_impl=impl, dtype=dtype, **_pool_kw(pool))
+    self.model = DSAN(conv_impl=impl, stem_conv_impl=_STEM_IMPL(dtype=dtype), dtype=dtype,
+                      **_pool_kw(pool))
     self.variables = jax.device_put(variables)
 
     def fn(variables, x):
@@ -210,7 +216,7 @@ def breakdown(size, batch: int, reps: int, impl: str) -> list[tuple[str, int, fl
   Returns:
     [(piece, count in the network, median s, min s)].
   """
-  from dsan_jax import losses  # pylint: disable=g-import-not-at-top
+  from dsan_jax.training import losses  # pylint: disable=g-import-not-at-top
   from dsan_jax.models import dsan as dsan_lib  # pylint: disable=g-import-not-at-top
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
@@ -304,7 +310,9 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
 
   train_sizes, infer_sizes = _parse_sizes(args.sizes), _parse_sizes(args.infer_sizes)
-  impls = [conv.resolve_conv_impl(i) if i == "auto" else i for i in args.impl.split(",")]
+  impls = [runtime.resolve_conv_impl(i) for i in args.impl.split(",")]
+  if "onednn" in impls:
+    onednn.load()  # The explicit build-and-register step, before anything is traced.
   pools = args.pool.split(",")
   variants = [(impl, pool) for impl in impls for pool in pools]
 
@@ -332,7 +340,7 @@ def main(argv=None) -> int:
         f"{platform.python_version()}, jax {jax.__version__} ({jax.default_backend()}), "
         f"torch {torch_version} ({'2 threads' if torch_ok else '-'})")
   print(f"- XLA_FLAGS active: `{os.environ.get('XLA_FLAGS', '') or '(none)'}` "
-        f"(added by apply_recommended_cpu_xla_flags: `{_ADDED_FLAGS or 'nothing'}`)")
+        f"(added by runtime.configure_xla_flags: `{_ADDED_FLAGS or 'nothing'}`)")
   print(f"- command: `python benchmarks/bench_train.py {' '.join(sys.argv[1:] if argv is None else argv)}`")
   print(f"- load average at start: {load0[0]:.1f} / {load0[1]:.1f} / {load0[2]:.1f}", flush=True)
   print()
@@ -427,7 +435,6 @@ def main(argv=None) -> int:
   for note in notes:
     print(f"- {note}")
   if "onednn" in impls:
-    from dsan_jax.models import onednn  # pylint: disable=g-import-not-at-top
     print(f"- oneDNN {onednn.version()}: workspace held after all runs (reordered kernels, "
           f"scratchpads; outside XLA's memory): {onednn.workspace_bytes() / 2**20:.0f} MiB")
   print(f"- load average at end: {load1[0]:.1f} / {load1[1]:.1f} / {load1[2]:.1f} "
@@ -447,7 +454,7 @@ def main(argv=None) -> int:
       print(f"\nStep median in this run: {step:.3f} s ({vname(*variants[0])}). Pieces timed "
             "alone miss fusion with their neighbours, so shares are indicative.")
     print()
-  print("- GFLOP/s: model FLOPs (dsan_jax.flops.count_flops, 2 per multiply-add) / median time; "
+  print("- GFLOP/s: model FLOPs (dsan_jax.models.flops.count_flops, 2 per multiply-add) / median time; "
         "the same count is used for PyTorch (identical network).")
   return 0
 

@@ -130,8 +130,8 @@ def main(argv=None) -> int:
     env["DSAN_NO_XLA_FLAGS"] = "1"
   else:
     sys.path.insert(0, _ROOT)
-    from dsan_jax.models import conv  # pylint: disable=g-import-not-at-top
-    flags = conv.recommended_cpu_xla_flags()  # Checked in a subprocess; no JAX here.
+    from dsan_jax import runtime  # pylint: disable=g-import-not-at-top
+    flags = runtime.recommended_cpu_xla_flags()  # Checked in a subprocess; no JAX here.
     if flags and "xla_cpu_experimental_ynn_fusion_type" not in env.get("XLA_FLAGS", ""):
       env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flags}".strip()
   load0 = os.getloadavg()

@@ -27,7 +27,7 @@ import sys
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ importable.
 
-from dsan_jax import reference  # noqa: E402
+from dsan_jax.evaluation import reference  # noqa: E402
 from dsan_jax.data import preprocess  # noqa: E402
 
 FEATURES = reference.FEATURES

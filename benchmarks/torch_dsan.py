@@ -130,7 +130,7 @@ class DSAN(nn.Module):
 
 
 def dsan_loss(logits, attention, mask, label, has_mask, attention_weight=0.5):
-  """``dsan_jax.losses.dsan_loss`` in PyTorch: ``mean_b [BCE_b + lambda * e_b * Eq. 3_b]``.
+  """``dsan_jax.training.losses.dsan_loss`` in PyTorch: ``mean_b [BCE_b + lambda * e_b * Eq. 3_b]``.
 
   The attention term counts for COVID cases with a mask (``e_b``) and is averaged over ALL cases
   of the batch, as in the library.
@@ -249,7 +249,7 @@ def check(shape=(2, 35, 48, 40), width: int = 8, depth: int = 34, float64: bool 
   if float64:
     jax.config.update("jax_enable_x64", True)
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from dsan_jax import losses as dsan_losses  # pylint: disable=g-import-not-at-top
+  from dsan_jax.training import losses as dsan_losses  # pylint: disable=g-import-not-at-top
   from dsan_jax.models import DSAN as FlaxDSAN  # pylint: disable=g-import-not-at-top
 
   dtype = np.float64 if float64 else np.float32
@@ -335,9 +335,9 @@ def main():
   parser.add_argument("--depth", type=int, default=34)
   args = parser.parse_args()
   shape = tuple(int(v) for v in args.shape.split(","))
-  from dsan_jax.models import conv  # pylint: disable=g-import-not-at-top
-  # "onednn" computes in float32 only.
-  impls = [i for i in conv.available_conv_impls() if not (args.float64 and i == "onednn")]
+  from dsan_jax import runtime  # pylint: disable=g-import-not-at-top
+  # "onednn" computes in float32 only (available_conv_impls builds and loads it where it can).
+  impls = [i for i in runtime.available_conv_impls() if not (args.float64 and i == "onednn")]
   results = check(shape, args.width, args.depth, args.float64, conv_impls=impls)
   # fp32: different summation orders; errors relative to the largest magnitude of each array.
   tol = {"logits": 1e-4, "cam": 1e-4, "attention_max_abs": 1e-3, "loss": 1e-5, "grad": 1e-3}

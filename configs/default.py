@@ -59,10 +59,10 @@ def get_config() -> ml_collections.ConfigDict:
   model.attention_beta = 0.4  # Eq. 2.
   model.cam_use_bias = False  # Eq. 1 uses only the Dense kernel w (see dsan_jax/models/dsan.py).
   model.dtype = "float32"  # Compute dtype; "bfloat16" for mixed precision (params stay fp32).
-  model.conv_impl = "auto"  # "xla", "folded", "onednn" or "auto" (per backend: models/conv.py).
+  model.conv_impl = "auto"  # "xla", "folded", "onednn" or "auto" (per backend: runtime.py).
   model.remat = ""  # "", "stem", "blocks" or "all": recompute activations in the backward.
   model.stem_pool = "slices"  # Stem max-pool: "slices" or "reduce_window" (same values).
-  model.stem_conv_impl = "auto"  # The stem conv (1 input channel); "auto": see models/conv.py.
+  model.stem_conv_impl = "auto"  # The stem conv (1 input channel); "auto": dsan_jax/runtime.py.
 
   # ----------------------------------------------------------------- loss (Section III-D).
   loss = config.loss = ml_collections.ConfigDict()
@@ -98,7 +98,7 @@ def get_config() -> ml_collections.ConfigDict:
   ensemble.search = False  # True -> grid-search both weights on pooled validation predictions.
   ensemble.search_grid_step = 0.01
   # What the search maximises: "accuracy" (at eval.threshold; ties -> AUC, then nearest to the
-  # paper's weights) or "auc" (see dsan_jax/ensemble.py:search_weights).
+  # paper's weights) or "auc" (see dsan_jax/evaluation/ensemble.py:search_weights).
   ensemble.search_objective = "accuracy"
 
   # -------------------------------------------------------------------------- evaluation.
@@ -106,11 +106,11 @@ def get_config() -> ml_collections.ConfigDict:
   evaluation.threshold = 0.5  # COVID positive when P >= threshold.
   evaluation.ratio_groups = (0.005, 0.030)  # Table III: < 0.005, 0.005-0.030, > 0.030.
   evaluation.batch_size = 4
-  # evaluate.py (dsan_jax/evaluation.py): attention quality on COVID validation cases with masks.
+  # evaluate.py (dsan_jax/evaluation/evaluate.py): attention quality on COVID validation cases with masks.
   evaluation.attention_quality = True  # Compute mass-inside / soft Dice of every model's map.
   evaluation.attention_max_cases = 0  # Per fold model, at most this many cases (0 = all).
   evaluation.figure_case_ids = ()  # Case ids for the Fig. 5-like panels; empty -> chosen.
-  # Calibration rows in Tables II/III (dsan_jax/reference.py): "size_only" (log infection
+  # Calibration rows in Tables II/III (dsan_jax/evaluation/reference.py): "size_only" (log infection
   # ratio), "density_features" (seven crude lung-density features); () -> none.
   evaluation.reference_models = ("size_only", "density_features")
   return config

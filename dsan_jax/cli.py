@@ -5,7 +5,9 @@ import logging
 import sys
 
 from absl import flags
+import jax
 
+from dsan_jax import runtime
 from dsan_jax.errors import DsanError
 
 log = logging.getLogger("dsan_jax")
@@ -22,13 +24,12 @@ def define_distributed_flags() -> None:
 
 
 def setup(flag_values) -> None:
-  """Logging, backend-dependent XLA flags, ``jax.distributed``, and a line about the devices."""
+  """Logging, XLA flags (``runtime.configure_xla_flags``), ``jax.distributed``, and a line about
+  the devices. The per-run choices (convolutions, oneDNN) are ``runtime.resolve_config``'s."""
   # absl has already put its handler on the root logger: libraries at WARNING, ours at INFO.
   logging.getLogger().setLevel(logging.WARNING)
   logging.getLogger("dsan_jax").setLevel(logging.INFO)
-  from dsan_jax.models import conv  # Before the first jax computation: XLA reads its flags once.
-  conv.apply_recommended_cpu_xla_flags()
-  import jax
+  runtime.configure_xla_flags()  # Before the first jax computation: XLA reads its flags once.
   if flag_values.coordinator_address or flag_values.distributed:
     jax.distributed.initialize(coordinator_address=flag_values.coordinator_address,
                                num_processes=flag_values.num_processes,
@@ -40,7 +41,6 @@ def setup(flag_values) -> None:
 
 
 def print_summary(summary: dict) -> None:
-  import jax
   if jax.process_index() != 0:
     return
   if summary.get("status") == "already_complete":

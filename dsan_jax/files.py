@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import pathlib
 import re
+import shutil
 import socket
 import time
 import uuid
-from typing import Iterator
+from typing import Any, Iterator, Mapping
+
+import numpy as np
 
 from dsan_jax.errors import ResourceError
 
@@ -136,3 +140,32 @@ def is_no_space(e: BaseException) -> bool:
 def no_space_error(path: str | os.PathLike, doing: str, after: str = "") -> ResourceError:
   """The one-line error for a full disk: ``<path>: no space left on device (<doing>)<after>``."""
   return ResourceError(f"{path}: no space left on device{f' ({doing})' if doing else ''}{after}")
+
+
+def jsonable(x: Any) -> Any:
+  """Nested dicts/lists/arrays/NumPy scalars/paths -> strict-JSON values (NaN and inf -> None)."""
+  if isinstance(x, Mapping):
+    return {str(k): jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [jsonable(v) for v in x]
+  if isinstance(x, np.ndarray):
+    return [jsonable(v) for v in x.tolist()]
+  if isinstance(x, np.generic):
+    x = x.item()
+  if isinstance(x, os.PathLike):
+    return os.fspath(x)
+  if isinstance(x, float) and not math.isfinite(x):
+    return None  # Strict JSON has no NaN / inf.
+  return x
+
+
+def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
+  """Puts the completed folder ``tmp`` in the place of ``final`` (renames; a previous ``final`` is
+  moved aside first and removed after, so ``final`` is always a complete folder or absent)."""
+  tmp, final = pathlib.Path(tmp), pathlib.Path(final)
+  old = final.with_name(final.name + f".old-{os.getpid()}")
+  if final.exists():
+    os.replace(final, old)
+  os.replace(tmp, final)
+  if old.exists():
+    shutil.rmtree(old, ignore_errors=True)

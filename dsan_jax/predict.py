@@ -58,24 +58,30 @@ import os
 import pathlib
 import shutil
 import sys
-import uuid
 from typing import Any, Sequence
 
+import jax
+import ml_collections
 import numpy as np
 
-from dsan_jax import variants
+from dsan_jax import files, runtime, variants
+from dsan_jax.data import infection_ratio as ratio_lib
+from dsan_jax.data import io
+from dsan_jax.data import preprocess
 from dsan_jax.errors import ConfigError, DataError, DsanError
+from dsan_jax.evaluation import ensemble as ensemble_lib
+from dsan_jax.evaluation import explanation, metrics, plots, report
+from dsan_jax.training import run_folder, sharding
 
 log = logging.getLogger("dsan_jax")
 
 LABEL_NAMES = {1: "COVID", 0: "CAP"}
 
 
-def _runs(workdir: pathlib.Path, fold: int | None):
-  from dsan_jax import evaluation  # Deferred: pulls in plotting and statistics.
+def _runs(workdir: pathlib.Path, fold: int | None) -> list[run_folder.RunInfo]:
   if not workdir.is_dir():
     raise DataError(workdir, "work directory not found")
-  runs = [r for r in evaluation.find_runs(workdir) if r.variant in variants.VARIANTS]
+  runs = [r for r in run_folder.find_runs(workdir) if r.variant in variants.VARIANTS]
   if not runs:
     raise DataError(workdir, "no trained runs (expected <variant>/fold_<k>/checkpoints/best "
                     f"for a variant of {list(variants.VARIANTS)})")
@@ -137,12 +143,6 @@ def predict_case(workdir: str | os.PathLike, image: str | os.PathLike,
   Raises:
     DataError / ConfigError: unreadable inputs, no trained runs, inconsistent runs.
   """
-  import jax  # Deferred so that main() can set XLA flags first.
-  from dsan_jax import ensemble as ensemble_lib
-  from dsan_jax import experiment, explanation, plots, report, sharding
-  from dsan_jax.data import io
-  from dsan_jax.data import preprocess
-  import ml_collections
 
   workdir = pathlib.Path(workdir)
   if infection_ratio is not None and not 0.0 <= float(infection_ratio) <= 1.0:
@@ -155,11 +155,11 @@ def predict_case(workdir: str | os.PathLike, image: str | os.PathLike,
   if out_path is not None:
     _check_out(out_path)
   runs = _runs(workdir, fold)
-  unfinished = [n for n in (experiment.incomplete_note(r.variant, r.fold, r.run_dir)
+  unfinished = [n for n in (run_folder.incomplete_note(r.variant, r.fold, r.run_dir)
                             for r in runs) if n]  # A run in progress: its best checkpoint so far.
   for note in unfinished:
     print(f"note: {note}", file=sys.stderr, flush=True)
-  configs = {r: experiment.load_config(r.run_dir / "config.json") for r in runs}
+  configs = {r: run_folder.load_config(r.run_dir / "config.json") for r in runs}
   settings = {r: preprocess.PreprocessSettings.from_config(c) for r, c in configs.items()}
   first = runs[0]
   if len(set(settings.values())) > 1:
@@ -182,7 +182,7 @@ def predict_case(workdir: str | os.PathLike, image: str | os.PathLike,
   is_attention: dict[str, bool] = {}
   weights_used = []
   for r in runs:
-    trained = experiment.load_trained(r.run_dir, mesh, "best")
+    trained = run_folder.load_trained(r.run_dir, mesh, "best")
     weights_used.append(dict(variant=r.variant, fold=r.fold, run_dir=str(r.run_dir.resolve()),
                              checkpoint="best", step=int(trained.state.step),
                              epoch=(trained.meta or {}).get("epoch")))
@@ -190,6 +190,7 @@ def predict_case(workdir: str | os.PathLike, image: str | os.PathLike,
     probs.setdefault(r.variant, {})[r.fold] = m["prob"]
     maps.setdefault(r.variant, []).append(m["display"])
     is_attention[r.variant] = bool(trained.model.attention)
+    computed_with = trained.config.runtime.to_dict()  # The same for every run (runtime.resolve).
     del trained
   prob = {v: float(np.mean(list(p.values()))) for v, p in probs.items()}
   mean_map = {v: np.mean(np.stack(ms), axis=0).astype(np.float32) for v, ms in maps.items()}
@@ -199,9 +200,9 @@ def predict_case(workdir: str | os.PathLike, image: str | os.PathLike,
   us, ss = variants.ENSEMBLE_MEMBERS
   ens: dict[str, Any] | None = None
   if us in prob and ss in prob:
-    w = float(ensemble_lib.ensemble_weight(
-        [ratio], weights["w_extreme"], weights["w_middle"], weights["low"], weights["high"])[0])
-    p = w * prob[us] + (1.0 - w) * prob[ss]
+    rule = (weights["w_extreme"], weights["w_middle"], weights["low"], weights["high"])
+    w = float(ensemble_lib.ensemble_weight([ratio], *rule)[0])
+    p = float(ensemble_lib.combine([prob[us]], [prob[ss]], [ratio], *rule)[0])  # Eq. 5.
     ens = dict(name=variants.ENSEMBLE, prob=float(p), label=LABEL_NAMES[int(p >= threshold)],
                w_us=w, weights=weights,
                weight_rule=("ratio outside [low, high] -> w_extreme, inside -> w_middle"
@@ -246,6 +247,7 @@ def predict_case(workdir: str | os.PathLike, image: str | os.PathLike,
       input_shape=list(pre.geometry.original_shape),
       input_affine=np.asarray(pre.geometry.original_affine).tolist(),
       workdir=str(workdir.resolve()),
+      runtime=computed_with,
       note="Research software; not a medical device.",
   )
   if unfinished:
@@ -255,16 +257,16 @@ def predict_case(workdir: str | os.PathLike, image: str | os.PathLike,
 
   if jax.process_index() != 0:
     return result
-  tmp = out_path.parent / f".{out_path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+  tmp = files.temp_path(out_path)
   tmp.mkdir(parents=True)
   try:
-    files = []
+    written = []
     affine = pre.geometry.original_affine
 
     def write_map(name: str, vol: np.ndarray) -> None:
       io.write_nifti(tmp / name, preprocess.to_original_grid(vol, pre.geometry).astype(
           np.float32), affine)
-      files.append(name)
+      written.append(name)
 
     if att is not None:
       write_map("attention.nii.gz", att)
@@ -284,18 +286,14 @@ def predict_case(workdir: str | os.PathLike, image: str | os.PathLike,
         spacing=pre.geometry.output_spacing,
         title=(f"{pathlib.Path(image).name}: {result['label']} (P = {final:.3f}, "
                f"{final_model})"))
-    files.append("overview.png")
+    written.append("overview.png")
     _write_summary_png(tmp / "summary.png", pre, att if att is not None else next(
         iter(mean_map.values())), result, "T(A)" if att is not None else "Grad-CAM",
         image, tuple(config.data.hu_window))
-    files.append("summary.png")
-    result["files"] = ["prediction.json"] + files
+    written.append("summary.png")
+    result["files"] = ["prediction.json"] + written
     (tmp / "prediction.json").write_text(json.dumps(result, indent=1, allow_nan=False))
-    old = out_path.parent / f".{out_path.name}.old-{os.getpid()}"
-    if out_path.exists():
-      os.replace(out_path, old)
-    os.replace(tmp, out_path)
-    shutil.rmtree(old, ignore_errors=True)
+    files.replace_dir(tmp, out_path)
   finally:
     if tmp.exists():
       shutil.rmtree(tmp, ignore_errors=True)
@@ -304,8 +302,6 @@ def predict_case(workdir: str | os.PathLike, image: str | os.PathLike,
 
 def _ratio_info(pre, given: float | None, config) -> dict[str, Any]:
   """The ratio used, where it came from and its Table III group (prediction.json fields)."""
-  from dsan_jax import metrics
-  from dsan_jax.data import infection_ratio as ratio_lib
   if given is not None:
     ratio, source = float(given), "given"
   else:
@@ -337,7 +333,6 @@ def _band(ratio: float, weights: dict[str, Any]) -> str | None:
 def _write_summary_png(path: pathlib.Path, pre, att: np.ndarray, result: dict[str, Any],
                        map_name: str, image_path, hu_window) -> None:
   """summary.png: the clinician's overview (``plots.plot_clinical_overview``)."""
-  from dsan_jax import plots
   r = result
   ratio = ("unknown" if r["ratio"] is None else
            f"{r['ratio']:.4f}{' (ESTIMATED)' if r['ratio_estimated'] else ''}")
@@ -360,7 +355,6 @@ def _write_summary_png(path: pathlib.Path, pre, att: np.ndarray, result: dict[st
   lines += [f"  {m['variant']} fold {m['fold']} step {m['step']}" for m in r["model_weights"]]
   lines += ["", "cyan: lung contour; colour: " + map_name, r["note"]]
   # Shown on the CT's own grid (full resolution), the maps and the lung mask mapped onto it.
-  from dsan_jax.data import io, preprocess
   vol = io.read_volume(image_path)
   ct = preprocess.window(vol.array, hu_window)
   del vol
@@ -403,8 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                       format="[%(name)s] %(message)s")
   logging.getLogger("absl").setLevel(logging.INFO if args.verbose else logging.ERROR)
-  from dsan_jax.models import conv  # Before the first jax computation: XLA reads flags once.
-  conv.apply_recommended_cpu_xla_flags()
+  runtime.configure_xla_flags()  # Before the first jax computation: XLA reads flags once.
   try:
     result = predict_case(args.workdir, args.image, args.lung_mask, args.infection_mask,
                           args.out, args.fold, args.searched_weights, args.infection_ratio)

@@ -4,10 +4,10 @@ import pathlib
 
 import pytest
 
-from dsan_jax.models import conv
+from dsan_jax import runtime
 
 # Tests run with the same XLA:CPU flags as train.py (set before JAX starts its backend).
-conv.apply_recommended_cpu_xla_flags()
+runtime.configure_xla_flags()
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 REAL_CT_DIR = REPO_ROOT.parent / "shared" / "data" / "ct"

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsan_jax import losses
+from dsan_jax.training import losses
 from dsan_jax.models import DSAN, dsan
 
 

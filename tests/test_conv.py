@@ -17,6 +17,8 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
+from dsan_jax import runtime
+from dsan_jax.kernels import onednn
 from dsan_jax.models import conv
 
 # The network's convolutions: (name, C, O, kernel, stride, x shape [B, D, H, W]). Odd, distinct
@@ -102,7 +104,7 @@ class Conv3DImplTest(parameterized.TestCase):
   def test_forward_matches_reference(self, c, o, k, s, shape):
     x, w = _problem(c, o, k, shape)
     want = _reference(x, w, s)
-    for impl in conv.available_conv_impls():
+    for impl in runtime.available_conv_impls():
       fn = self.variant(functools.partial(conv.conv3d, strides=(s, s, s),
                                           padding=[(k // 2, k // 2)] * 3, impl=impl))
       got = fn(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
@@ -115,7 +117,7 @@ class Conv3DImplTest(parameterized.TestCase):
     x, w = _problem(c, o, k, shape)
     g = np.random.default_rng(1).standard_normal(_reference(x, w, s).shape)
     want_gx, want_gw = _reference_grads(x, w, s, g)
-    for impl in conv.available_conv_impls():
+    for impl in runtime.available_conv_impls():
 
       def loss(x, w, impl=impl):
         y = conv.conv3d(x, w, (s, s, s), [(k // 2, k // 2)] * 3, impl)
@@ -150,8 +152,8 @@ class Conv3DImplTest(parameterized.TestCase):
   def test_asymmetric_padding_and_mixed_strides(self, shape, c, impl):
     # Forward and both gradients against float64 (folded: im2col on tiny planes and 2D-conv
     # branches; oneDNN: its padding and stride arguments).
-    if impl not in conv.available_conv_impls():
-      self.skipTest(f"oneDNN unavailable: {conv.onednn.unavailable_reason()}")
+    if impl not in runtime.available_conv_impls():
+      self.skipTest(f"oneDNN unavailable: {onednn.unavailable_reason()}")
     x, w = _problem(c, 3, 3, shape)
     strides, padding = (2, 1, 2), [(0, 2), (1, 0), (2, 1)]
 
@@ -189,7 +191,7 @@ class Conv3DImplTest(parameterized.TestCase):
   def test_module_params_identical_across_impls(self):
     x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 5, 6, 7, 3)), jnp.float32)
     outs = {}
-    for impl in conv.available_conv_impls():
+    for impl in runtime.available_conv_impls():
       for k, s in ((7, 2), (3, 1), (1, 2)):
         module = conv.Conv3D(4, (k,) * 3, (s,) * 3, impl=impl, use_bias=True)
         variables = module.init(jax.random.key(0), x)
@@ -197,7 +199,7 @@ class Conv3DImplTest(parameterized.TestCase):
             variables, {"params": {"kernel": jnp.zeros((k, k, k, 3, 4)), "bias": jnp.zeros(4)}})
         outs[impl, k] = module.apply(variables, x)
     for k in (7, 3, 1):
-      for impl in conv.available_conv_impls():
+      for impl in runtime.available_conv_impls():
         chex.assert_trees_all_close(outs["xla", k], outs[impl, k], rtol=RTOL, atol=ATOL)
 
   def test_module_bf16_compute(self):
@@ -211,20 +213,20 @@ class Conv3DImplTest(parameterized.TestCase):
     np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(want), rtol=0.05, atol=0.05)
 
   def test_resolve(self):
-    cpu = "onednn" if conv.onednn.available() and jax.device_count() == 1 else "folded"
-    self.assertEqual(conv.resolve_conv_impl("auto", "cpu"), cpu)
-    self.assertEqual(conv.resolve_stem_conv_impl("auto", "cpu"), cpu)
-    self.assertEqual(conv.resolve_conv_impl("auto", "cpu", jnp.bfloat16), "folded")
-    self.assertEqual(conv.resolve_conv_impl("auto", "gpu"), "folded")
-    self.assertEqual(conv.resolve_conv_impl("auto", "tpu"), "xla")
-    self.assertIn(conv.resolve_conv_impl("auto"), conv.CONV_IMPLS)
-    self.assertEqual(conv.resolve_stem_conv_impl("auto", "gpu"), "folded")
-    self.assertEqual(conv.resolve_stem_conv_impl("auto", "tpu"), "xla")
-    self.assertEqual(conv.resolve_stem_conv_impl("xla", "gpu"), "xla")
+    cpu = "onednn" if onednn.available() and jax.device_count() == 1 else "folded"
+    self.assertEqual(runtime.resolve_conv_impl("auto", "cpu"), cpu)
+    self.assertEqual(runtime.resolve_stem_conv_impl("auto", "cpu"), cpu)
+    self.assertEqual(runtime.resolve_conv_impl("auto", "cpu", jnp.bfloat16), "folded")
+    self.assertEqual(runtime.resolve_conv_impl("auto", "gpu"), "folded")
+    self.assertEqual(runtime.resolve_conv_impl("auto", "tpu"), "xla")
+    self.assertIn(runtime.resolve_conv_impl("auto"), conv.CONV_IMPLS)
+    self.assertEqual(runtime.resolve_stem_conv_impl("auto", "gpu"), "folded")
+    self.assertEqual(runtime.resolve_stem_conv_impl("auto", "tpu"), "xla")
+    self.assertEqual(runtime.resolve_stem_conv_impl("xla", "gpu"), "xla")
     for impl in conv.CONV_IMPLS:
-      self.assertEqual(conv.resolve_conv_impl(impl), impl)
+      self.assertEqual(runtime.resolve_conv_impl(impl), impl)
     with self.assertRaisesRegex(ValueError, "Unknown conv_impl 'winograd'"):
-      conv.resolve_conv_impl("winograd")
+      runtime.resolve_conv_impl("winograd")
     with self.assertRaisesRegex(ValueError, "Unknown conv_impl"):
       conv.Conv3D(2, impl="nope").init(jax.random.key(0), jnp.ones((1, 3, 3, 3, 1)))
 
@@ -234,16 +236,16 @@ class Conv3DImplTest(parameterized.TestCase):
                   [(1, 1)] * 3, "folded")
 
   def test_xla_flag_detection(self):
-    conv.xla_flag_supported.cache_clear()
-    self.assertFalse(conv.xla_flag_supported("--xla_this_flag_does_not_exist=1"))
+    runtime.xla_flag_supported.cache_clear()
+    self.assertFalse(runtime.xla_flag_supported("--xla_this_flag_does_not_exist=1"))
     # This jaxlib (0.10.x) has YNNPACK fusion types; other versions may not, and then the
     # recommendation must be empty rather than a flag that aborts the process.
-    supported = conv.xla_flag_supported(conv.YNN_CONV_FLAG)
-    self.assertEqual(conv.recommended_cpu_xla_flags(), conv.YNN_CONV_FLAG if supported else "")
+    supported = runtime.xla_flag_supported(runtime.YNN_CONV_FLAG)
+    self.assertEqual(runtime.recommended_cpu_xla_flags(), runtime.YNN_CONV_FLAG if supported else "")
 
   def test_apply_flags_in_fresh_process(self):
     code = ("import os; os.environ.pop('XLA_FLAGS', None); "
-            "from dsan_jax.models import conv; added = conv.apply_recommended_cpu_xla_flags(); "
+            "from dsan_jax import runtime; added = runtime.configure_xla_flags(); "
             "import jax.numpy as jnp; jnp.ones(2).sum().block_until_ready(); "
             "assert os.environ.get('XLA_FLAGS', '') == added, os.environ.get('XLA_FLAGS'); "
             "print(repr(added))")
@@ -253,7 +255,7 @@ class Conv3DImplTest(parameterized.TestCase):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=False, timeout=300)
     self.assertEqual(out.returncode, 0, out.stderr)
-    self.assertEqual(out.stdout.strip(), repr(conv.recommended_cpu_xla_flags()))
+    self.assertEqual(out.stdout.strip(), repr(runtime.recommended_cpu_xla_flags()))
 
   def test_apply_flags_after_backend_start_warns(self):
     jnp.ones(1).block_until_ready()  # This process's backend is initialised.
@@ -261,7 +263,7 @@ class Conv3DImplTest(parameterized.TestCase):
     os.environ.pop("XLA_FLAGS", None)
     try:
       with self.assertWarnsRegex(RuntimeWarning, "after the first JAX computation"):
-        self.assertEqual(conv.apply_recommended_cpu_xla_flags(), "")
+        self.assertEqual(runtime.configure_xla_flags(), "")
       self.assertNotIn("XLA_FLAGS", os.environ)
     finally:
       if saved is not None:

@@ -7,8 +7,8 @@ import pytest
 from sklearn import metrics as skm
 
 from configs import default
-from dsan_jax import ensemble
-from dsan_jax import metrics
+from dsan_jax.evaluation import ensemble
+from dsan_jax.evaluation import metrics
 
 
 def test_defaults_match_config_and_paper():

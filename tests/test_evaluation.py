@@ -1,4 +1,4 @@
-"""Evaluation of a work directory (dsan_jax.evaluation)."""
+"""Evaluation of a work directory (dsan_jax.evaluation.evaluate)."""
 
 import json
 import pathlib
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from dsan_jax import evaluation
+from dsan_jax.evaluation import evaluate
+from dsan_jax.training import run_folder
 from dsan_jax.errors import ConfigError, DsanError
 from tests.test_end_to_end import (MODELS, METRICS, VARIANTS, in_unit_or_none,  # noqa: F401
                                    read_csv, smoke_manifest, trained_workdir)
@@ -32,22 +33,22 @@ def test_find_runs_needs_a_config_and_a_best_checkpoint(tmp_path):
   _fake_run(tmp_path, "att_rn34_us", 0, best=False)  # Interrupted before a best epoch.
   (tmp_path / "rn34_us" / "fold_x").mkdir()
   (tmp_path / "evaluation" / "fold_0").mkdir(parents=True)
-  runs = evaluation.find_runs(tmp_path)
+  runs = run_folder.find_runs(tmp_path)
   assert [(r.variant, r.fold) for r in runs] == [("rn34_us", 0), ("rn34_us", 2),
                                                  ("att_rn34_ss", 1)]
-  assert evaluation.find_runs(tmp_path / "nothing") == []
+  assert run_folder.find_runs(tmp_path / "nothing") == []
   with pytest.raises(DsanError, match="no trained runs"):
-    evaluation.evaluate_workdir(tmp_path / "nothing", progress=False)
+    evaluate.evaluate_workdir(tmp_path / "nothing", progress=False)
 
 
 def test_settings_overrides_only_eval_and_ensemble():
   base = ml_collections.ConfigDict(dict(eval=dict(threshold=0.5, batch_size=4),
                                         ensemble=dict(w_extreme=0.35, w_middle=0.96)))
-  s = evaluation._settings(base, {"eval": {"threshold": 0.6}, "ensemble": {"w_middle": 0.9}})
+  s = evaluate._settings(base, {"eval": {"threshold": 0.6}, "ensemble": {"w_middle": 0.9}})
   assert (s.eval.threshold, s.eval.batch_size, s.ensemble.w_middle) == (0.6, 4, 0.9)
   assert base.eval.threshold == 0.5  # Not modified in place.
   with pytest.raises(ConfigError, match="model"):
-    evaluation._settings(base, {"model": {"width": 8}})
+    evaluate._settings(base, {"model": {"width": 8}})
 
 
 def _rows(model, probs, labels, ratios, split="val", fold=0):
@@ -66,14 +67,14 @@ def test_ensemble_rows_follow_eq5_with_the_paper_weights():
   ens = ml_collections.ConfigDict(dict(w_extreme=0.35, w_middle=0.96, low_ratio=0.001,
                                        high_ratio=0.030, search_grid_step=0.05,
                                        search_objective="accuracy"))
-  out, info = evaluation._ensemble(rows, ens, 0.5, search=False)
+  out, info = evaluate._ensemble(rows, ens, 0.5, search=False)
   ds = sorted((r for r in out if r["model"] == "att_rn34_ds"), key=lambda r: int(r["case_id"][1:]))
   assert len(ds) == n and info["n_missing"] == 1 and info["available"]
   # Eq. 5 by hand; both edges (0.001, 0.030) and unknown ratios take w_middle.
   w = np.where((ratios < 0.001) | (ratios > 0.030), 0.35, 0.96)
   np.testing.assert_allclose([r["prob"] for r in ds], w * p_us + (1 - w) * p_ss, atol=1e-12)
   # Searched weights: on the grid, and their accuracy is the best one on that grid.
-  _, info = evaluation._ensemble(rows, ens, 0.5, search=True)
+  _, info = evaluate._ensemble(rows, ens, 0.5, search=True)
   grid = np.round(np.arange(0, 1.0001, 0.05), 10)
   assert info["w_extreme"] in grid and info["w_middle"] in grid
 
@@ -93,13 +94,13 @@ def test_figure_cases_are_small_and_large_covid_and_a_cap():
       ratios=np.array([0.002, 0.3, 0.0, 0.01, 0.001, 0.05, 0.9], np.float32),
       has_masks=[True] * 7)
   data = types.SimpleNamespace(dataset=cases, folds=np.array([0, 0, 0, 0, 0, 0, 1]))
-  chosen = evaluation.choose_figure_cases(data, [0])
+  chosen = evaluate.choose_figure_cases(data, [0])
   # Smallest positive COVID ratio (not the 0.0 one), largest COVID of fold 0 (not fold 1's),
   # the median CAP.
   assert [i for i, _ in chosen] == [0, 1, 3]
-  assert [i for i, _ in evaluation.choose_figure_cases(data, [0, 1], ["c6", "zz"])] == [6]
+  assert [i for i, _ in evaluate.choose_figure_cases(data, [0, 1], ["c6", "zz"])] == [6]
   # Cases whose infection vanished on the network's grid are passed over.
-  chosen = evaluation.choose_figure_cases(data, [0], visible=lambda i: i != 0)
+  chosen = evaluate.choose_figure_cases(data, [0], visible=lambda i: i != 0)
   assert [i for i, _ in chosen] == [1, 3]
 
 
@@ -109,8 +110,8 @@ def test_figure_cases_are_small_and_large_covid_and_a_cap():
 @pytest.fixture(scope="module")
 def evaluated(trained_workdir, tmp_path_factory):
   out = tmp_path_factory.mktemp("evaluation") / "ev"
-  result = evaluation.evaluate_workdir(trained_workdir, search_ensemble=True, progress=False,
-                                       out_dir=out)
+  result = evaluate.evaluate_workdir(trained_workdir, search_ensemble=True, progress=False,
+                                     out_dir=out)
   return result, out
 
 
@@ -122,7 +123,7 @@ def test_outputs_and_keys(evaluated):
   for key in ("title", "data_note", "threshold", "ratio_edges", "models", "table2", "table3",
               "comparisons", "attention", "figures", "files", "evaluation"):
     assert key in on_disk, key
-  # The networks, then the calibration rows (dsan_jax/reference.py), never compared in tests.
+  # The networks, then the calibration rows (dsan_jax/evaluation/reference.py), never compared in tests.
   assert on_disk["models"] == list(MODELS) + ["size_only", "density_features"]
   assert {c["model_a"] for c in on_disk["comparisons"]["delong"]} <= set(MODELS)
   assert [f["finding"] for f in on_disk["findings"]["findings"]] == ["a", "b", "c"]
@@ -205,7 +206,7 @@ def test_attention_quality_numbers(evaluated, trained_workdir):
   assert cases and {r["case_id"] for r in cases} <= val_covid
   assert all(manifest[r["case_id"]]["label"] == "covid" for r in cases)
   summary = result["evaluation"]["attention_maps"]
-  for kind in evaluation.MAP_KINDS:
+  for kind in evaluate.MAP_KINDS:
     assert [e["model"] for e in summary[kind]] == list(VARIANTS)
     for e in summary[kind]:
       mine = [r for r in cases if r["kind"] == kind and r["model"] == e["model"]]

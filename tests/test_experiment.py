@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from dsan_jax import errors, experiment
+from dsan_jax import errors
+from dsan_jax.data import prepare
+from dsan_jax.training import loop, run_folder
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -41,21 +43,21 @@ def shared(tmp_path_factory):
   config.data.preprocess_workers = 0
   config.train.num_epochs = 2
   root = tmp_path_factory.mktemp("exp")
-  data = experiment.prepare_data(config, root / "data", progress=False)
+  data = prepare.prepare_data(config, root / "data", progress=False)
   return config, data, root
 
 
 def _params(workdir, config, which="latest"):
-  trained = experiment.load_trained(experiment.run_dir(workdir, config.variant, 0),
+  trained = run_folder.load_trained(run_folder.run_dir(workdir, config.variant, 0),
                                     which=which)
   return jax.device_get((trained.state.params, trained.state.batch_stats, trained.state.step))
 
 
 def test_run_outputs_then_resume_equals_uninterrupted(shared):
   config, data, root = shared
-  full = experiment.train_and_evaluate(config, root / "full", 0, data=data, progress=False)
+  full = loop.train_and_evaluate(config, root / "full", 0, data=data, progress=False)
   assert full["status"] == "complete"
-  rd = experiment.run_dir(root / "full", config.variant, 0)
+  rd = run_folder.run_dir(root / "full", config.variant, 0)
   for name in ("config.json", "metrics.jsonl", "metrics.csv", "val_predictions.csv",
                "done.json"):
     assert (rd / name).exists(), name
@@ -63,8 +65,8 @@ def test_run_outputs_then_resume_equals_uninterrupted(shared):
   assert [r["epoch"] for r in rows] == [0, 1]
   for r in rows:
     assert 0.0 <= r["val_accuracy"] <= 1.0 and np.isfinite(r["train_loss"])
-  preds = experiment.read_predictions(rd / "val_predictions.csv")
-  _, val_idx = experiment.folds_lib.split_indices(data.folds, 0)
+  preds = run_folder.read_predictions(rd / "val_predictions.csv")
+  _, val_idx = prepare.folds_lib.split_indices(data.folds, 0)
   assert len(preds) == len(val_idx)
   assert all(0.0 <= p["prob"] <= 1.0 for p in preds)
 
@@ -72,16 +74,16 @@ def test_run_outputs_then_resume_equals_uninterrupted(shared):
   steps_per_epoch = full["steps"] // config.train.num_epochs
   cfg = config.copy_and_resolve_references()
   cfg.train.checkpoint_every_steps = 1
-  stopped = experiment.train_and_evaluate(cfg, root / "resumed", 0, data=data, progress=False,
-                                          max_steps=steps_per_epoch + 1)
+  stopped = loop.train_and_evaluate(cfg, root / "resumed", 0, data=data, progress=False,
+                                    max_steps=steps_per_epoch + 1)
   assert stopped["status"] == "stopped"
-  assert not (experiment.run_dir(root / "resumed", config.variant, 0) / "done.json").exists()
-  resumed = experiment.train_and_evaluate(cfg, root / "resumed", 0, data=data, progress=False)
+  assert not (run_folder.run_dir(root / "resumed", config.variant, 0) / "done.json").exists()
+  resumed = loop.train_and_evaluate(cfg, root / "resumed", 0, data=data, progress=False)
   assert resumed["status"] == "complete"
   p_full, p_res = _params(root / "full", config), _params(root / "resumed", config)
   chex.assert_trees_all_close(p_full, p_res, rtol=1e-6, atol=1e-7)
   rows_res = [json.loads(l) for l in
-              (experiment.run_dir(root / "resumed", config.variant, 0) / "metrics.jsonl")
+              (run_folder.run_dir(root / "resumed", config.variant, 0) / "metrics.jsonl")
               .read_text().splitlines()]
   assert [r["epoch"] for r in rows_res] == [0, 1]
   for a, b in zip(rows, rows_res):
@@ -89,19 +91,19 @@ def test_run_outputs_then_resume_equals_uninterrupted(shared):
       np.testing.assert_allclose(a[k], b[k], rtol=1e-6)
 
   # A finished run is not redone.
-  again = experiment.train_and_evaluate(config, root / "full", 0, data=data, progress=False)
+  again = loop.train_and_evaluate(config, root / "full", 0, data=data, progress=False)
   assert again["status"] == "already_complete"
 
 
 def test_bad_fold_and_batch_are_config_errors(shared):
   config, data, root = shared
   with pytest.raises(errors.ConfigError, match="--fold"):
-    experiment.train_and_evaluate(config, root / "x", 7, data=data, progress=False)
+    loop.train_and_evaluate(config, root / "x", 7, data=data, progress=False)
   cfg = config.copy_and_resolve_references()
   cfg.train.batch_size = 6
   cfg.train.grad_accum_steps = 4
   with pytest.raises(errors.ConfigError, match="grad_accum_steps"):
-    experiment.train_and_evaluate(cfg, root / "y", 0, data=data, progress=False)
+    loop.train_and_evaluate(cfg, root / "y", 0, data=data, progress=False)
 
 
 def test_unwritable_workdir_is_a_resource_error(shared, tmp_path):
@@ -109,4 +111,4 @@ def test_unwritable_workdir_is_a_resource_error(shared, tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("not a folder")
   with pytest.raises(errors.ResourceError, match="not writable"):
-    experiment.train_and_evaluate(config, blocker / "run", 0, data=data, progress=False)
+    loop.train_and_evaluate(config, blocker / "run", 0, data=data, progress=False)

@@ -1,4 +1,4 @@
-"""Grad-CAM and attention maps (dsan_jax.explanation)."""
+"""Grad-CAM and attention maps (dsan_jax.evaluation.explanation)."""
 
 import functools
 import types
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsan_jax import explanation
+from dsan_jax.evaluation import explanation
 from dsan_jax.models import dsan as dsan_lib
 from dsan_jax.models import resnet3d
 

@@ -1,4 +1,4 @@
-"""The paper's findings (dsan_jax/findings.py), McNemar's test and the reference classifiers."""
+"""The paper's findings (dsan_jax/evaluation/findings.py), McNemar's test and the reference classifiers."""
 
 import math
 
@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from scipy import stats as sp_stats
 
-from dsan_jax import findings
-from dsan_jax import reference
-from dsan_jax import report
-from dsan_jax import stats
+from dsan_jax.evaluation import findings
+from dsan_jax.evaluation import reference
+from dsan_jax.evaluation import report
+from dsan_jax.evaluation import stats
 
 
 def test_mcnemar_exact_values():

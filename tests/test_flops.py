@@ -1,13 +1,14 @@
-"""Model FLOP counting (dsan_jax/flops.py) against hand counts and XLA's cost analysis."""
+"""Model FLOP counting (dsan_jax/models/flops.py) against hand counts and XLA's cost analysis."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsan_jax import flops
+from dsan_jax.models import flops
 from dsan_jax.models import DSAN
-from dsan_jax.models import conv as conv_lib
+from dsan_jax import runtime
+from dsan_jax.kernels import onednn
 
 DN = ("NDHWC", "DHWIO", "NDHWC")
 
@@ -82,8 +83,8 @@ def test_conv_impls_count_the_same_work():
   library: same totals, forward and for the training gradient (whose stem input gradient is
   dead code: the image is not differentiated)."""
   x = jax.ShapeDtypeStruct((1, 16, 32, 32, 1), jnp.float32)
-  impls = conv_lib.available_conv_impls()
-  assert "onednn" in impls or not conv_lib.onednn.available()
+  impls = runtime.available_conv_impls()
+  assert "onednn" in impls or not onednn.available()
   counts, grad_counts = [], []
   for impl in impls:
     model = DSAN(depth=10, width=8, conv_impl=impl)

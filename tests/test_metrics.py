@@ -1,10 +1,10 @@
-"""Tests of dsan_jax.metrics against scikit-learn and hand-computed values."""
+"""Tests of dsan_jax.evaluation.metrics against scikit-learn and hand-computed values."""
 
 import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from dsan_jax import metrics
+from dsan_jax.evaluation import metrics
 
 
 def _random_case(seed, n=97, ties=False):

@@ -66,7 +66,7 @@ WORKER = textwrap.dedent("""
     import numpy as np
     import optax
     from jax.experimental import multihost_utils
-    from dsan_jax import checkpointing, sharding, training
+    from dsan_jax.training import checkpoints, sharding, steps
     from dsan_jax.models import DSAN
     from tests.test_training import TINY, make_batch
 
@@ -94,8 +94,8 @@ WORKER = textwrap.dedent("""
                 device_count=jax.device_count(), local_device_count=jax.local_device_count())
 
     if mode == "restore":
-      ckpts = checkpointing.RunCheckpoints(sys.argv[3])
-      abstract = training.abstract_train_state(model_for(jnp.float32), tx, 0, input_shape)
+      ckpts = checkpoints.RunCheckpoints(sys.argv[3])
+      abstract = steps.abstract_train_state(model_for(jnp.float32), tx, 0, input_shape)
       state, data_state, meta = ckpts.restore("latest", abstract, mesh)
       ckpts.close()
       info.update(step=int(state.step), data_state=data_state, meta=meta)
@@ -117,7 +117,7 @@ WORKER = textwrap.dedent("""
             {k: v[p * local:(p + 1) * local] for k, v in full.items()}, mesh)
 
     def run(state, dtype, prefix):
-      step = training.make_train_step(model_for(dtype), mesh, attention_weight=0.5)
+      step = steps.make_train_step(model_for(dtype), mesh, attention_weight=0.5)
       out, losses, batch_ok = {}, [], True
       for i, (full, batch) in enumerate(batches(dtype)):
         assert batch["image"].shape == (GLOBAL_BATCH, *SHAPE), batch["image"].shape
@@ -132,7 +132,7 @@ WORKER = textwrap.dedent("""
       return state, out, losses, batch_ok
 
     state32 = sharding.replicate(
-        training.create_train_state(model_for(jnp.float32), tx, 0, input_shape), mesh)
+        steps.create_train_state(model_for(jnp.float32), tx, 0, input_shape), mesh)
     with jax.enable_x64(True):
       # The float64 run starts from the float32 initial values exactly.
       state64 = sharding.replicate(jax.tree_util.tree_map(
@@ -147,7 +147,7 @@ WORKER = textwrap.dedent("""
     np.savez(f"{out_dir}/{mode}{p}.npz", **out32, **out64)
     if mode == "multi":
       # Every process takes part in the save (Orbax synchronises them); only the primary writes.
-      ckpts = checkpointing.RunCheckpoints(f"{out_dir}/run")
+      ckpts = checkpoints.RunCheckpoints(f"{out_dir}/run")
       ckpts.save_latest(int(state32.step), state32, dict(step=int(state32.step)),
                         dict(epoch=0, note="multihost"))
       ckpts.close()

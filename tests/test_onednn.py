@@ -1,7 +1,7 @@
-"""The oneDNN convolution path (dsan_jax/models/onednn.py): build, numerics, network, refusals.
+"""The oneDNN convolution path (dsan_jax/kernels/onednn/): build, numerics, network, refusals.
 
 Per-convolution numerics against float64 for every network geometry run in tests/test_conv.py
-(which loops over ``conv.available_conv_impls()``); here: that it is available where it should
+(which loops over ``runtime.available_conv_impls()``); here: that it is available where it should
 be, the whole network against the plain path, the dtype and device rules of "auto", and the
 errors when oneDNN or the compiler is missing.
 """
@@ -20,9 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dsan_jax import runtime
+from dsan_jax.kernels import onednn
 from dsan_jax.models import DSAN
 from dsan_jax.models import conv
-from dsan_jax.models import onednn
 from tests import reduction_order
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -47,8 +48,8 @@ def test_available_where_the_dependency_is_installed():
     pytest.skip("not Linux x86-64 with onednn-devel-cpu-gomp installed")
   assert onednn.available(), onednn.unavailable_reason()
   assert onednn.version().startswith("3.")
-  assert "onednn" in conv.available_conv_impls()
-  assert conv.resolve_conv_impl("auto", "cpu") == "onednn"
+  assert "onednn" in runtime.available_conv_impls()
+  assert runtime.resolve_conv_impl("auto", "cpu") == "onednn"
 
 
 @needs_onednn
@@ -103,7 +104,7 @@ def test_dtype_rules():
   x, w = jnp.ones((1, 4, 4, 4, 2), jnp.bfloat16), jnp.ones((3, 3, 3, 2, 2), jnp.bfloat16)
   with pytest.raises(ValueError, match="float32 only"):
     conv.conv3d(x, w, (1, 1, 1), [(1, 1)] * 3, "onednn")
-  assert conv.resolve_conv_impl("auto", "cpu", jnp.bfloat16) == "folded"
+  assert runtime.resolve_conv_impl("auto", "cpu", jnp.bfloat16) == "folded"
   model = DSAN(depth=10, width=4, dtype=jnp.bfloat16)  # "auto" picks folded for bf16 compute.
   v = model.init(jax.random.key(0), jnp.ones((1, 16, 32, 32, 1)))
   logits, _ = model.apply(v, jnp.ones((1, 16, 32, 32, 1)))
@@ -127,10 +128,13 @@ def test_batch_parallel_on_eight_devices():
   convolution. ("auto" stays "folded" with several devices: see conv.py.)"""
   code = textwrap.dedent("""
       import jax, jax.numpy as jnp, numpy as np
-      from dsan_jax import sharding
+      from dsan_jax import runtime
+      from dsan_jax.training import sharding
+      from dsan_jax.kernels import onednn
       from dsan_jax.models import conv
       assert jax.device_count() == 8
-      print("AUTO", conv.resolve_conv_impl("auto"))
+      print("AUTO", runtime.resolve_conv_impl("auto"))
+      onednn.load()  # An explicit "onednn": its start-up step (runtime.resolve_config does it).
       mesh = sharding.make_mesh()
       rng = np.random.default_rng(0)
       x = jax.device_put(jnp.asarray(rng.standard_normal((8, 4, 6, 6, 3)), jnp.float32),
@@ -191,27 +195,27 @@ def test_handler_errors_reach_python():
   """Bad geometry or ranks become Python exceptions with the handler's message, not crashes."""
   x, w = jnp.ones((1, 4, 4, 4, 2)), jnp.ones((3, 3, 3, 2, 2))
   with pytest.raises(Exception, match="must have 3 entries"):
-    jax.block_until_ready(onednn._call("dsan_onednn_conv3d_fwd", (1, 4, 4, 4, 2), x, w,
+    jax.block_until_ready(onednn.ops._call("dsan_onednn_conv3d_fwd", (1, 4, 4, 4, 2), x, w,
                                        strides=(1, 1), padding=((1, 1), (1, 1))))
   with pytest.raises(Exception, match="(?i)rank"):
-    jax.block_until_ready(onednn._call("dsan_onednn_conv3d_fwd", (1, 4, 4, 2), x[0], w,
+    jax.block_until_ready(onednn.ops._call("dsan_onednn_conv3d_fwd", (1, 4, 4, 2), x[0], w,
                                        strides=(1, 1, 1), padding=((1, 1),) * 3))
 
 
 def test_auto_falls_back_with_a_warning(monkeypatch, caplog):
   monkeypatch.setattr(onednn, "available", lambda: False)
   monkeypatch.setattr(onednn, "unavailable_reason", lambda: "no C++ compiler (test)")
-  conv._warn_no_onednn.cache_clear()
+  runtime._notice_no_onednn.cache_clear()
   with caplog.at_level("WARNING"):
-    assert conv.resolve_conv_impl("auto", "cpu") == "folded"
-    assert conv.resolve_stem_conv_impl("auto", "cpu") == "folded"
+    assert runtime.resolve_conv_impl("auto", "cpu") == "folded"
+    assert runtime.resolve_stem_conv_impl("auto", "cpu") == "folded"
   assert [r for r in caplog.records if "no C++ compiler (test)" in r.getMessage()]
-  conv._warn_no_onednn.cache_clear()
+  runtime._notice_no_onednn.cache_clear()
 
 
 # What the installed ``dsan-onednn-check`` command runs.
 _CHECK = [sys.executable, "-c",
-          "from dsan_jax.models import onednn; raise SystemExit(onednn.main())"]
+          "from dsan_jax.kernels import onednn; raise SystemExit(onednn.main())"]
 
 
 def test_status_command(tmp_path):

@@ -1,11 +1,11 @@
-"""Tests of dsan_jax.plots: the figures are written as valid PNGs of a sensible size."""
+"""Tests of dsan_jax.evaluation.plots: the figures are written as valid PNGs of a sensible size."""
 
 import numpy as np
 import pytest
 from matplotlib import image as mpimg
 
-from dsan_jax import metrics
-from dsan_jax import plots
+from dsan_jax.evaluation import metrics
+from dsan_jax.evaluation import plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -207,9 +207,9 @@ def test_without_infection_mask_the_ratio_is_estimated(las_and_ras_predictions,
   res, _, ct = las_and_ras_predictions["noinf"]
   assert res["ratio_source"] == "estimate" and res["ratio_estimated"] is True
   assert "ESTIMATED" in res["ratio_note"] and res["ratio_from_mask"] is None
-  from dsan_jax import experiment
+  from dsan_jax.training import run_folder
   from dsan_jax.data import preprocess
-  config = experiment.load_config(trained_workdir / "att_rn34_us" / "fold_0" / "config.json")
+  config = run_folder.load_config(trained_workdir / "att_rn34_us" / "fold_0" / "config.json")
   pre = preprocess.load_and_preprocess(ct, ct.parent / "lung.nii.gz", None, config=config)
   assert res["ratio"] == pre.ratio_estimate
   w = 0.35 if (res["ratio"] < 0.001 or res["ratio"] > 0.030) else 0.96

@@ -31,7 +31,10 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from dsan_jax import checkpointing, errors, experiment, run_lock, sharding
+from dsan_jax import errors
+from dsan_jax.data import prepare
+from dsan_jax import run_lock
+from dsan_jax.training import checkpoints, loop, run_folder, sharding
 from dsan_jax.data import cache as cache_lib
 from dsan_jax.data import pipeline
 
@@ -59,7 +62,7 @@ def shared(tmp_path_factory):
   """Synthetic set + cache built once (in process); the runs below only read them."""
   root = tmp_path_factory.mktemp("reliability")
   shared = dict(root=root, syn=root / "syn", cache=root / "cache", jaxcache=root / "jaxcache")
-  experiment.prepare_data(_config(shared), root, progress=False)
+  prepare.prepare_data(_config(shared), root, progress=False)
   return shared
 
 
@@ -85,7 +88,7 @@ def _run(shared, cmd, timeout=RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
 
 
 def _rd(workdir) -> pathlib.Path:
-  return experiment.run_dir(workdir, "att_rn34_us", 0)
+  return run_folder.run_dir(workdir, "att_rn34_us", 0)
 
 
 def _ckpt_entries(rd: pathlib.Path) -> dict[str, set[str]]:
@@ -166,7 +169,7 @@ def _assert_same_metrics(rows_a, rows_b, rtol=1e-6):
 
 
 def _final_state(rd):
-  trained = experiment.load_trained(rd, which="latest")
+  trained = run_folder.load_trained(rd, which="latest")
   s = trained.state
   return jax.device_get(dict(params=s.params, batch_stats=s.batch_stats, opt_state=s.opt_state,
                              step=s.step, rng=s.rng, skipped=s.skipped_steps))
@@ -238,7 +241,7 @@ def test_kill_9_at_random_moments_then_rerun_equals_uninterrupted(shared, refere
     assert res["rc"] == -signal.SIGKILL, res["output"][-3000:]
     # What a kill may leave: committed step folders are complete (Orbax renames a finished tmp
     # folder), tmp folders are never listed as checkpoints, metrics.jsonl is whole JSON lines.
-    ckpts = checkpointing.RunCheckpoints(rd)
+    ckpts = checkpoints.RunCheckpoints(rd)
     try:
       for which, mngr in (("latest", ckpts.latest), ("best", ckpts.best)):
         listed = list(mngr.all_steps())
@@ -278,7 +281,7 @@ def test_half_written_checkpoint_is_ignored_and_replaced(tmp_path):
   state = _tiny_state()
   abstract = jax.eval_shape(lambda: state)
   mesh = sharding.make_mesh()
-  ckpts = checkpointing.RunCheckpoints(tmp_path)
+  ckpts = checkpoints.RunCheckpoints(tmp_path)
   ckpts.save_latest(1, state, {"step": 1}, {"epoch": 0})
   ckpts.close()
   latest = tmp_path / "checkpoints" / "latest"
@@ -290,7 +293,7 @@ def test_half_written_checkpoint_is_ignored_and_replaced(tmp_path):
   for f in (half / "state").rglob("*"):
     if f.is_file() and f.stat().st_size > 16:
       f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-  ckpts = checkpointing.RunCheckpoints(tmp_path)
+  ckpts = checkpoints.RunCheckpoints(tmp_path)
   assert ckpts.latest_step() == 1
   restored, data_state, meta = ckpts.restore("latest", abstract, mesh)
   chex.assert_trees_all_equal(jax.device_get(restored), jax.device_get(state))
@@ -310,10 +313,10 @@ def test_resaving_a_step_that_a_killed_run_already_saved(tmp_path):
   """
   state = _tiny_state()
   abstract = jax.eval_shape(lambda: state)
-  ckpts = checkpointing.RunCheckpoints(tmp_path)
+  ckpts = checkpoints.RunCheckpoints(tmp_path)
   ckpts.save_best(2, state, {"step": 2}, {"epoch": 1, "who": "killed run"})
   ckpts.close()
-  ckpts = checkpointing.RunCheckpoints(tmp_path)  # The rerun.
+  ckpts = checkpoints.RunCheckpoints(tmp_path)  # The rerun.
   new = dict(w=state["w"] * 2, step=jnp.int32(2))
   ckpts.save_best(2, new, {"step": 2}, {"epoch": 1, "who": "rerun"})
   restored, _, meta = ckpts.restore("best", abstract, sharding.make_mesh())
@@ -360,12 +363,13 @@ def test_seed_sets_the_data_order():
 
 _NAN_SCRIPT = r"""
 import json, pathlib, sys
-from dsan_jax.models import conv
-conv.apply_recommended_cpu_xla_flags()  # Same XLA flags as train.py: compilation cache hits.
+from dsan_jax import runtime
+runtime.configure_xla_flags()  # Same XLA flags as train.py: compilation cache hits.
 import jax
 import numpy as np
 from configs import smoke
-from dsan_jax import experiment
+from dsan_jax.data import prepare
+from dsan_jax.training import loop, run_folder
 from dsan_jax.data.pipeline import ArrayDataset
 
 root = pathlib.Path(sys.argv[1])
@@ -378,18 +382,18 @@ folds = np.array([0] * 4 + [1] * 8)
 NAN_CASE = 5
 
 def data(imgs):
-  return experiment.Data(dataset=ArrayDataset(imgs, labels), folds=folds,
-                         manifest_path=pathlib.Path("in-memory"), synthetic=True)
+  return prepare.Data(dataset=ArrayDataset(imgs, labels), folds=folds,
+                      manifest_path=pathlib.Path("in-memory"), synthetic=True)
 
 out = {}
 one_nan = images.copy()
 one_nan[NAN_CASE, 3, 4, 5] = np.nan
 cfg = smoke.get_config()
 cfg.train.max_nonfinite_fraction = 0.75
-res = experiment.train_and_evaluate(cfg, root / "a", 0, data=data(one_nan), progress=False)
-rd = experiment.run_dir(root / "a", cfg.variant, 0)
+res = loop.train_and_evaluate(cfg, root / "a", 0, data=data(one_nan), progress=False)
+rd = run_folder.run_dir(root / "a", cfg.variant, 0)
 rows = [json.loads(l) for l in (rd / "metrics.jsonl").read_text().splitlines()]
-t = experiment.load_trained(rd, which="latest")
+t = run_folder.load_trained(rd, which="latest")
 leaves = jax.tree_util.tree_leaves(jax.device_get((t.state.params, t.state.batch_stats,
                                                     t.state.opt_state)))
 out["a"] = dict(status=res["status"], skipped_per_epoch=[r["train_skipped_steps"] for r in rows],
@@ -404,10 +408,10 @@ for name, cfg_b, imgs in (("b", smoke.get_config(), one_nan), ("c", None, None))
     imgs = images.copy()
     imgs[folds == 1] = np.nan
   try:
-    experiment.train_and_evaluate(cfg_b, root / name, 0, data=data(imgs), progress=False)
+    loop.train_and_evaluate(cfg_b, root / name, 0, data=data(imgs), progress=False)
     out[name] = dict(raised=None)
-  except experiment.TrainingError as e:
-    rd = experiment.run_dir(root / name, cfg_b.variant, 0)
+  except loop.TrainingError as e:
+    rd = run_folder.run_dir(root / name, cfg_b.variant, 0)
     out[name] = dict(raised=str(e), done=(rd / "done.json").exists(),
                      rows=len((rd / "metrics.jsonl").read_text().splitlines()))
 print("RESULT " + json.dumps(out))
@@ -452,7 +456,7 @@ def test_disk_too_full_for_checkpoints_fails_before_anything_is_written(shared, 
   monkeypatch.setattr(shutil, "disk_usage", lambda p: _DiskUsage(1 << 40, 0, free))
   workdir = tmp_path / "work"
   with pytest.raises(errors.ResourceError, match=r"work.*only 0.00 GiB free, the run needs"):
-    experiment.train_and_evaluate(_config(shared), workdir, 0, progress=False)
+    loop.train_and_evaluate(_config(shared), workdir, 0, progress=False)
   assert list(workdir.rglob("*")) == []  # Not even the run folder.
 
 
@@ -463,7 +467,7 @@ def test_disk_too_full_for_the_cache_fails_before_preprocessing(shared, tmp_path
   config.data.cache_dir = str(tmp_path / "cache")
   with pytest.raises(errors.ResourceError,
                      match=r"cache: not enough free disk space for the cache: 16 entries"):
-    experiment.prepare_data(config, tmp_path, progress=False)
+    prepare.prepare_data(config, tmp_path, progress=False)
   assert list((tmp_path / "cache").glob("*")) == []
 
 
@@ -577,7 +581,7 @@ def test_corrupt_cache_entries_are_detected_and_rebuilt_on_rerun(shared, tmp_pat
   shutil.copytree(shared["cache"], cache)
   config = _config(shared)
   config.data.cache_dir = str(cache)
-  ds = experiment.prepare_data(config, tmp_path, progress=False).dataset
+  ds = prepare.prepare_data(config, tmp_path, progress=False).dataset
   p0 = cache_lib.entry_paths(cache, ds.keys[0])
   p1 = cache_lib.entry_paths(cache, ds.keys[1])
   originals = {p: p.read_bytes() for p in (p0["image"], p1["image"], p1["meta"])}
@@ -587,7 +591,7 @@ def test_corrupt_cache_entries_are_detected_and_rebuilt_on_rerun(shared, tmp_pat
   p1["meta"].write_text("{ truncated")
   with pytest.raises(errors.DataError, match=r"unreadable cache entry of case .*rebuild"):
     ds[0]  # Read by a running job: a clear error naming the file.
-  ds = experiment.prepare_data(config, tmp_path, progress=False).dataset
+  ds = prepare.prepare_data(config, tmp_path, progress=False).dataset
   assert p0["image"].read_bytes() == originals[p0["image"]]
   assert p1["image"].read_bytes() == originals[p1["image"]]
   assert json.loads(p1["meta"].read_text())["case_id"] == ds.case_ids[1]
@@ -629,7 +633,7 @@ def _stopped(pid: int) -> bool:
 
 def _stop_outside_checkpoint_writes(proc: subprocess.Popen, rd: pathlib.Path) -> None:
   """SIGSTOPs ``proc`` at a moment it does not hold the checkpoint writer lock."""
-  fd = os.open(rd / "checkpoints" / checkpointing.LOCK_NAME, os.O_RDONLY)
+  fd = os.open(rd / "checkpoints" / checkpoints.LOCK_NAME, os.O_RDONLY)
   try:
     while True:
       proc.send_signal(signal.SIGSTOP)
@@ -653,8 +657,8 @@ def _assert_equals_reference(rd: pathlib.Path, ref: pathlib.Path) -> None:
   s_ref, s_run = _final_state(ref), _final_state(rd)
   chex.assert_trees_all_close(s_ref, s_run, rtol=1e-6, atol=1e-7)
   print("final state bitwise equal to the uninterrupted run:", _bitwise_equal(s_ref, s_run))
-  p_ref = experiment.read_predictions(ref / "val_predictions.csv")
-  p_run = experiment.read_predictions(rd / "val_predictions.csv")
+  p_ref = run_folder.read_predictions(ref / "val_predictions.csv")
+  p_run = run_folder.read_predictions(rd / "val_predictions.csv")
   assert [p["case_id"] for p in p_ref] == [p["case_id"] for p in p_run]
   np.testing.assert_allclose([p["prob"] for p in p_ref], [p["prob"] for p in p_run], rtol=1e-6)
   d_ref, d_run = (json.loads((r / "done.json").read_text()) for r in (ref, rd))
@@ -718,12 +722,12 @@ def test_second_train_py_refused_then_kill_9_of_the_owner_is_taken_over(shared, 
     _wait_until(_committed_step(rd, "latest", 1), owner, "latest/1")
     reads = []
     while 2 not in _committed(_ckpt_entries(rd)["latest"]) and owner.poll() is None:
-      reads.append(int(experiment.load_trained(rd, which="latest").state.step))
+      reads.append(int(run_folder.load_trained(rd, which="latest").state.step))
     _wait_until(_committed_step(rd, "latest", 2), owner, "latest/2")
     _stop_outside_checkpoint_writes(owner, rd)
-    note = experiment.incomplete_note("att_rn34_us", 0, rd)
+    note = run_folder.incomplete_note("att_rn34_us", 0, rd)
     assert note.startswith(f"att_rn34_us fold 0 is still being trained (pid {owner.pid} "), note
-    best = experiment.load_trained(rd, which="best")
+    best = run_folder.load_trained(rd, which="best")
     print(f"reads of latest while it trained: {len(reads)} (steps {sorted(set(reads))}); "
           f"best read while stopped: epoch {best.meta['best_epoch']}; note: {note}")
     assert reads and set(reads) <= {1, 2} and best.meta["best_epoch"] == 0
@@ -736,7 +740,7 @@ def test_second_train_py_refused_then_kill_9_of_the_owner_is_taken_over(shared, 
     owner.stdout.close()
   assert owner.returncode == -signal.SIGKILL
   assert _owner_pid(rd) == owner.pid and run_lock.run_owner(rd) is None  # Stale, free.
-  assert experiment.run_status(rd) == "interrupted"
+  assert run_folder.run_status(rd) == "interrupted"
 
   final = _run(shared, cmd)
   assert final.returncode == 0, final.stderr[-3000:]
@@ -810,7 +814,7 @@ def test_disk_full_mid_run_one_line_then_resume_equals_uninterrupted(shared, ref
   entries = _ckpt_entries(rd)
   assert _committed(entries["latest"]) == [1] and not [
       n for names in entries.values() for n in names if "tmp" in n], entries
-  assert int(experiment.load_trained(rd, which="latest").state.step) == 1
+  assert int(run_folder.load_trained(rd, which="latest").state.step) == 1
   assert not list(rd.glob(".*.tmp-*")) and not (rd / "done.json").exists()
 
   filler.unlink()
@@ -824,7 +828,8 @@ _BUILD_CHILD = """
 import json, pathlib, sys, time, logging
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 from configs import smoke
-from dsan_jax import experiment
+from dsan_jax.data import prepare
+from dsan_jax.training import loop, run_folder
 root, go = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 config = smoke.get_config()
 config.data.synthetic.num_cases = 16
@@ -835,7 +840,7 @@ config.data.cache_dir = str(root / "cache")
 while not go.exists():
   time.sleep(0.002)
 t0 = time.time()
-data = experiment.prepare_data(config, root, progress=False)
+data = prepare.prepare_data(config, root, progress=False)
 print(json.dumps(dict(t0=t0, t1=time.time(), n=len(data.dataset))))
 """
 
@@ -880,9 +885,9 @@ def test_two_processes_build_one_phantom_set_and_cache_at_once(shared, tmp_path)
     assert (both / n).read_bytes() == (single / n).read_bytes(), n
   # Cache: every entry complete (checksums) and identical to the single build's.
   config = _config(shared)
-  ds_single = experiment.prepare_data(config, shared["root"], progress=False).dataset
+  ds_single = prepare.prepare_data(config, shared["root"], progress=False).dataset
   config.data.synthetic.out_dir, config.data.cache_dir = str(both), str(tmp_path / "cache")
-  ds_both = experiment.prepare_data(config, tmp_path, progress=False).dataset
+  ds_both = prepare.prepare_data(config, tmp_path, progress=False).dataset
   assert ds_both.case_ids == ds_single.case_ids
   for k_both, k_single in zip(ds_both.keys, ds_single.keys):
     meta = cache_lib.check_entry(tmp_path / "cache", k_both, verify="checksum")

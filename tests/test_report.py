@@ -1,4 +1,4 @@
-"""Tests of dsan_jax.report: tables, paired tests and files from a small prediction table."""
+"""Tests of dsan_jax.evaluation.report: tables, paired tests and files from a small prediction table."""
 
 import csv
 import json
@@ -9,9 +9,9 @@ import pytest
 from scipy import stats as sp_stats
 from sklearn import metrics as skm
 
-from dsan_jax import ensemble
-from dsan_jax import report
-from dsan_jax import stats
+from dsan_jax.evaluation import ensemble
+from dsan_jax.evaluation import report
+from dsan_jax.evaluation import stats
 
 MODELS = ("rn34_us", "att_rn34_us", "att_rn34_ss")
 

@@ -5,7 +5,7 @@ import pytest
 from scipy import stats as sp_stats
 from sklearn import metrics as skm
 
-from dsan_jax import stats
+from dsan_jax.evaluation import stats
 
 
 def _psi(x, y):

@@ -13,8 +13,9 @@ import numpy as np
 import optax
 import pytest
 
-from dsan_jax import errors, optim, sharding, training
-from dsan_jax.models import DSAN, conv
+from dsan_jax import errors, runtime
+from dsan_jax.training import optim, sharding, steps
+from dsan_jax.models import DSAN
 from tests import reduction_order
 
 TINY = dict(width=4, stage_sizes=(1, 1, 1, 1))
@@ -68,9 +69,9 @@ def test_adam_with_l2_matches_pytorch_semantics():
 def _setup(batch_size=4, accum=1, model=None, tx=None):
   model = model or DSAN(**TINY)
   tx = tx or optim.make_optimizer(optim_config(learning_rate=3e-3), steps_per_epoch=100)
-  state = training.create_train_state(model, tx, seed=0, input_shape=(batch_size, 16, 32, 32))
+  state = steps.create_train_state(model, tx, seed=0, input_shape=(batch_size, 16, 32, 32))
   mesh = sharding.make_mesh(jax.devices()[:1])
-  step = training.make_train_step(model, mesh, attention_weight=0.5, grad_accum_steps=accum)
+  step = steps.make_train_step(model, mesh, attention_weight=0.5, grad_accum_steps=accum)
   return model, mesh, state, step
 
 
@@ -117,7 +118,7 @@ def test_gradient_accumulation_averages_micro_batch_gradients():
     new_state, _ = step2(state, sharding.shard_batch(batch, mesh))
     # Reference without scan: micro-batch i = rows i, i + 2.
     fresh = _setup(accum=2, model=model, tx=optax.sgd(1.0))[2]
-    loss_fn = lambda p, s, mb: training._forward_loss(model, 0.5, p, s, mb)
+    loss_fn = lambda p, s, mb: steps._forward_loss(model, 0.5, p, s, mb)
     grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))  # Eager: op by op, slow.
     keys = ("image", "infection_mask", "label", "has_mask", "weight")
     stats, gsum = fresh.batch_stats, None
@@ -144,7 +145,7 @@ def test_baseline_without_attention_trains():
 
 def test_eval_step_outputs():
   model, mesh, state, _ = _setup()
-  ev = training.make_eval_step(model, mesh, 0.5)
+  ev = steps.make_eval_step(model, mesh, 0.5)
   out = ev(state, sharding.shard_batch(make_batch(), mesh))
   chex.assert_shape([out["prob"], out["logit"], out["cls_loss"], out["att_loss"]], (4,))
   np.testing.assert_allclose(out["prob"], jax.nn.sigmoid(out["logit"]), rtol=1e-6)
@@ -164,7 +165,7 @@ def test_batch_not_divisible_by_devices_is_a_clear_error():
 
 MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np, optax
-    from dsan_jax import sharding, training
+    from dsan_jax.training import sharding, steps
     from dsan_jax.models import DSAN
     from tests.test_training import make_batch, TINY
     from tests import reduction_order as ro
@@ -174,11 +175,11 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     # SGD, not Adam: Adam turns rounding-level gradient differences into +-lr steps. After step 1
     # the momentum trace is the gradient.
     tx = optax.sgd(0.01, momentum=0.9)
-    init = training.create_train_state(model(jnp.float32), tx, seed=0, input_shape=(8, 16, 32, 32))
+    init = steps.create_train_state(model(jnp.float32), tx, seed=0, input_shape=(8, 16, 32, 32))
 
     def run(state, dtype, devices, steps):
       mesh = sharding.make_mesh(devices)
-      step = training.make_train_step(model(dtype), mesh, attention_weight=0.5)
+      step = steps.make_train_step(model(dtype), mesh, attention_weight=0.5)
       state = sharding.replicate(jax.device_get(state), mesh)  # A fresh copy: steps donate it.
       for i in range(steps):
         batch = make_batch(b=8, seed=i)
@@ -205,7 +206,7 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
 
 
 def test_one_device_and_eight_devices_give_the_same_step(repo_root):
-  flags = "--xla_force_host_platform_device_count=8 " + conv.recommended_cpu_xla_flags()
+  flags = "--xla_force_host_platform_device_count=8 " + runtime.recommended_cpu_xla_flags()
   env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-c", MULTI_DEVICE_SCRIPT], cwd=repo_root, env=env,
                         capture_output=True, text=True, timeout=600)

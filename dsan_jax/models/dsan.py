@@ -105,10 +105,10 @@ class DSAN(nn.Module):
   cam_use_bias: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  conv_impl: str = "auto"
+  conv_impl: str = "xla"
   remat: str = ""
   stem_pool: str = "slices"
-  stem_conv_impl: str = "auto"
+  stem_conv_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
@@ -142,7 +142,15 @@ class DSAN(nn.Module):
 
 
 def model_from_config(model_config) -> DSAN:
-  """Builds ``DSAN`` from a ``config.model`` ConfigDict (see ``configs/default.py``)."""
+  """Builds ``DSAN`` from a ``config.model`` ConfigDict (see ``configs/default.py``) whose
+  implementations ``dsan_jax.runtime.resolve_config`` has made concrete.
+
+  Raises:
+    ValueError: ``conv_impl`` or ``stem_conv_impl`` is still "auto".
+  """
+  if "auto" in (model_config.conv_impl, model_config.get("stem_conv_impl")):
+    raise ValueError("model.conv_impl/stem_conv_impl 'auto' must be resolved first: "
+                     "dsan_jax.runtime.resolve_config(config)")
   dtype = jnp.dtype(model_config.dtype)
   stage_sizes = model_config.get("stage_sizes", None)
   return DSAN(
@@ -153,4 +161,4 @@ def model_from_config(model_config) -> DSAN:
       attention_beta=model_config.attention_beta, cam_use_bias=model_config.cam_use_bias,
       dtype=dtype, conv_impl=model_config.conv_impl, remat=model_config.remat,
       stem_pool=model_config.get("stem_pool", "slices"),
-      stem_conv_impl=model_config.get("stem_conv_impl", "auto"))
+      stem_conv_impl=model_config.get("stem_conv_impl", model_config.conv_impl))

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dsan_jax.models.conv import Conv3D, resolve_stem_conv_impl
+from dsan_jax.models.conv import Conv3D
 
 ModuleDef = Any
 
@@ -221,13 +221,13 @@ class ResNet3D(nn.Module):
     width: channels of the first stage (doubled at every stage).
     stage_strides: stride of each stage's first block (same on all three axes).
     dtype: compute dtype (``jnp.bfloat16`` for mixed precision); parameters stay ``param_dtype``.
-    conv_impl: convolution implementation (see ``dsan_jax.models.conv``).
+    conv_impl: convolution implementation, one of ``conv.CONV_IMPLS`` (``dsan_jax.models.conv``;
+      a config's "auto" is resolved by ``dsan_jax.runtime`` before the model is built).
     remat: "" (none), "stem", "blocks" or "all": recompute these activations in the backward pass.
     stem_pool: the stem max-pool implementation, one of ``STEM_POOL_OPTIONS`` (same values).
-    stem_conv_impl: convolution implementation of the stem's 7x7x7 convolution; "auto" is
-      ``conv.resolve_stem_conv_impl`` (on CPU "onednn" where available, else "folded"; "folded"
-      on GPU, also when ``conv_impl="xla"``: with one input channel cuDNN falls back to a slow
-      generic kernel, docs/benchmarks.md).
+    stem_conv_impl: implementation of the stem's 7x7x7 convolution (one input channel), one of
+      ``conv.CONV_IMPLS``; its own switch because its best choice can differ (on GPU cuDNN runs
+      it on a slow generic kernel: ``dsan_jax.runtime``, docs/benchmarks.md).
     bn_momentum: running-average decay (0.9 == PyTorch's momentum 0.1).
   """
   stage_sizes: Sequence[int]
@@ -236,10 +236,10 @@ class ResNet3D(nn.Module):
   stage_strides: Sequence[int] = (1, 2, 2, 1)
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  conv_impl: str = "auto"
+  conv_impl: str = "xla"
   remat: str = ""
   stem_pool: str = "slices"
-  stem_conv_impl: str = "auto"
+  stem_conv_impl: str = "xla"
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
 
@@ -260,7 +260,7 @@ class ResNet3D(nn.Module):
     stem_cls = nn.remat(Stem) if self.remat in ("stem", "all") else Stem
     block_cls = nn.remat(self.block_cls) if self.remat in ("blocks", "all") else self.block_cls
     stem_conv = functools.partial(
-        Conv3D, impl=resolve_stem_conv_impl(self.stem_conv_impl, dtype=self.dtype),
+        Conv3D, impl=self.stem_conv_impl,
         dtype=self.dtype, param_dtype=self.param_dtype)
     x = stem_cls(self.width, conv=stem_conv, norm=norm, pool=self.stem_pool,
                  name="stem")(x.astype(self.dtype))

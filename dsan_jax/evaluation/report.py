@@ -36,10 +36,11 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from dsan_jax import ensemble
-from dsan_jax import metrics
-from dsan_jax import plots
-from dsan_jax import stats
+from dsan_jax import files
+from dsan_jax.evaluation import ensemble
+from dsan_jax.evaluation import metrics
+from dsan_jax.evaluation import plots
+from dsan_jax.evaluation import stats
 
 VAL = "val"
 TEST = "test"
@@ -50,7 +51,7 @@ MODEL_TITLES = {
     "att_rn34_us": "Attention RN34 + US",
     "att_rn34_ss": "Attention RN34 + SS",
     "att_rn34_ds": "Attention RN34 + DS",
-    # Calibration rows (dsan_jax/reference.py).
+    # Calibration rows (dsan_jax/evaluation/reference.py).
     "size_only": "Reference: infection ratio only",
     "density_features": "Reference: lung-density features",
 }
@@ -424,23 +425,6 @@ def _md_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]
   return lines + [""]
 
 
-def jsonable(x: Any) -> Any:
-  """Nested dicts/lists/arrays/NumPy scalars/paths -> strict-JSON values (NaN and inf -> None)."""
-  if isinstance(x, Mapping):
-    return {str(k): jsonable(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [jsonable(v) for v in x]
-  if isinstance(x, np.ndarray):
-    return [jsonable(v) for v in x.tolist()]
-  if isinstance(x, np.generic):
-    x = x.item()
-  if isinstance(x, os.PathLike):
-    return os.fspath(x)
-  if isinstance(x, float) and not math.isfinite(x):
-    return None  # Strict JSON has no NaN / inf.
-  return x
-
-
 def _write_csv(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
   fields = list(dict.fromkeys(k for r in rows for k in r))
   with open(path, "w", newline="") as f:
@@ -677,22 +661,22 @@ def write_report(predictions: Any, out_dir, models: Sequence[str] | None = None,
     att_models = [m for m in models if any(str(r["model"]) == m for r in attention)]
     result["attention"] = attention_summary(attention, att_models, baseline)
   result["figures"] = _roc_figures(cols, models, str(out_dir)) if roc_figures else []
-  files = {name: os.path.join(str(out_dir), name) for name in (
+  out_files = {name: os.path.join(str(out_dir), name) for name in (
       "report.md", "metrics.json", "table2.csv", "table3.csv", "ttests.csv", "delong.csv",
       "predictions.csv")}
   if attention is not None:
-    files["attention.csv"] = os.path.join(str(out_dir), "attention.csv")
-    _write_csv(files["attention.csv"], [
+    out_files["attention.csv"] = os.path.join(str(out_dir), "attention.csv")
+    _write_csv(out_files["attention.csv"], [
         dict(model=e["model"], metric=k, **e[k]) for e in result["attention"]
         for k in ATTENTION_METRICS])
-  result["files"] = sorted(list(files.values()) + result["figures"])
-  _write_csv(files["table2.csv"], _flat_table2(result["table2"]))
-  _write_csv(files["table3.csv"], _flat_table3(result["table3"]))
-  _write_csv(files["ttests.csv"], result["comparisons"]["ttest"])
-  _write_csv(files["delong.csv"], result["comparisons"]["delong"])
-  _write_csv(files["predictions.csv"], _rows_of(cols))
-  with open(files["report.md"], "w") as f:
+  result["files"] = sorted(list(out_files.values()) + result["figures"])
+  _write_csv(out_files["table2.csv"], _flat_table2(result["table2"]))
+  _write_csv(out_files["table3.csv"], _flat_table3(result["table3"]))
+  _write_csv(out_files["ttests.csv"], result["comparisons"]["ttest"])
+  _write_csv(out_files["delong.csv"], result["comparisons"]["delong"])
+  _write_csv(out_files["predictions.csv"], _rows_of(cols))
+  with open(out_files["report.md"], "w") as f:
     f.write(_markdown(result))
-  with open(files["metrics.json"], "w") as f:
-    json.dump(jsonable(result), f, indent=1, allow_nan=False)
+  with open(out_files["metrics.json"], "w") as f:
+    json.dump(files.jsonable(result), f, indent=1, allow_nan=False)
   return result

@@ -43,7 +43,7 @@ def _dot_flops(eqn) -> float:
 
 
 def _onednn_conv_flops(eqn) -> float:
-  """2 * multiply-adds of one of ``dsan_jax.models.onednn``'s convolution calls.
+  """2 * multiply-adds of one of ``dsan_jax.kernels.onednn``'s convolution calls.
 
   Forward, input gradient and kernel gradient of a convolution each do the forward's
   multiply-adds: 2 * |y| * C * kd * kh * kw, with y [B, D', H', W', O] the convolution's output

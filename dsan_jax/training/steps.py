@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from dsan_jax import losses
 from dsan_jax.models.dsan import DSAN
-from dsan_jax import sharding as sharding_lib
+from dsan_jax.training import losses
+from dsan_jax.training import sharding as sharding_lib
 
 
 class TrainState(struct.PyTreeNode):

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy import stats as sp_stats
 
-from dsan_jax import metrics
+from dsan_jax.evaluation import metrics
 
 
 class TTestResult(NamedTuple):

@@ -2,7 +2,7 @@
 //
 // XLA:CPU runs 3D convolutions through slow generic code and 2D ones 1.6-2.4x slower than
 // oneDNN's conv3d (benchmarks/README.md). These handlers hand DSAN's channels-last 3D
-// convolutions to oneDNN instead; dsan_jax/models/onednn.py builds this file on first use,
+// convolutions to oneDNN instead; dsan_jax/kernels/onednn/builder.py compiles this file (an explicit step),
 // registers the handlers and gives them a JAX VJP.
 //
 // Layouts (JAX's): x, y [N, D, H, W, C] (oneDNN "ndhwc"); kernel [kd, kh, kw, C, O] ("dhwio").

@@ -7,7 +7,7 @@ import pathlib
 from typing import Any, Mapping
 
 from dsan_jax import files
-from dsan_jax.report import jsonable
+from dsan_jax.files import jsonable
 
 
 class RunLog:

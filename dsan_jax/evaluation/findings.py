@@ -40,9 +40,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dsan_jax import metrics
-from dsan_jax import report
-from dsan_jax import stats
+from dsan_jax.evaluation import metrics
+from dsan_jax.evaluation import report
+from dsan_jax.evaluation import stats
 
 ALPHA = 0.05
 REPRODUCES, NOT_REPRODUCED, INCONCLUSIVE = "reproduces", "does not reproduce", "inconclusive"
@@ -219,7 +219,7 @@ def markdown(result: dict[str, Any], edges: Sequence[float] = metrics.DEFAULT_RA
   lines = ["## The paper's findings", "",
            "Per effect: pooled validation (per-case test: DeLong for AUC, McNemar for rates), "
            "paired t-test over the folds, and the test split (fold-mean probability per case, "
-           "per-case test). Verdict rule: dsan_jax/findings.py.", "",
+           "per-case test). Verdict rule: dsan_jax/evaluation/findings.py.", "",
            "| Finding | Effect | A vs B | Group | Val A | Val B | n | p (case) | p (t, folds) "
            "| Test A | Test B | n | p (case) | Verdict |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -10,7 +10,7 @@ writes ``<workdir>/evaluation/``:
   metrics.json           everything in report.md as numbers (NaN as null), plus the runs, the
                          ensemble weights, the consistency check and the attention summaries
   table2.csv, table3.csv, ttests.csv, delong.csv, predictions.csv, attention.csv
-                         (written by ``dsan_jax.report.write_report``)
+                         (written by ``dsan_jax.evaluation.report.write_report``)
   attention_cases.csv    per (map kind, model, case) attention numbers
   ensemble.json          the ensemble weights used (paper's or searched) and the search result
   runs.csv               one row per run: variant, fold, best epoch, validation AUC, consistency
@@ -40,7 +40,6 @@ infection ratio, a uniform map over the whole input volume its volume fraction.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import logging
 import math
@@ -56,65 +55,28 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from dsan_jax import ensemble as ensemble_lib
-from dsan_jax import experiment, explanation, findings, metrics, plots, reference, report
-from dsan_jax import run_lock, sharding, training
-from dsan_jax import variants
+from dsan_jax import files, run_lock, variants
 from dsan_jax.data import cache as cache_lib
 from dsan_jax.data import pipeline
+from dsan_jax.data import prepare
 from dsan_jax.data import preprocess
 from dsan_jax.errors import ConfigError, DsanError
+from dsan_jax.evaluation import ensemble as ensemble_lib
+from dsan_jax.evaluation import explanation, findings, metrics, plots, reference, report
+from dsan_jax.training import loop, run_folder, sharding, steps
 
 log = logging.getLogger("dsan_jax")
 
-OUT_DIR_NAME = "evaluation"
+OUT_DIR_NAME = run_folder.EVALUATION_DIR
 MAP_KINDS = ("display", "cam", "t_of_cam")
 MAP_KIND_TITLES = {
     "display": "Fig. 5 maps: Grad-CAM (baseline) / T(A) (attention models)",
     "cam": "min-max normalised CAM of every model (baseline: its Grad-CAM)",
     "t_of_cam": "T(A) of every model's CAM (Eq. 2; the baseline never trained it)",
 }
-_FOLD_RE = re.compile(r"^fold_(\d+)$")
 
 
 # ------------------------------------------------------------------------------------ runs.
-
-
-@dataclasses.dataclass(frozen=True)
-class RunInfo:
-  variant: str
-  fold: int
-  run_dir: pathlib.Path
-
-
-def _has_best(rd: pathlib.Path) -> bool:
-  best = rd / "checkpoints" / "best"
-  return (rd / "config.json").exists() and best.is_dir() and any(
-      p.is_dir() and p.name.isdigit() for p in best.iterdir())
-
-
-def _variant_order(name: str) -> tuple[int, str]:
-  order = list(variants.VARIANTS)
-  return (order.index(name) if name in order else len(order), name)
-
-
-def find_runs(workdir: str | os.PathLike) -> list[RunInfo]:
-  """Every ``<workdir>/<variant>/fold_<k>`` that has a config and a best checkpoint.
-
-  Returns:
-    RunInfo list sorted by variant (Table II order first) and fold.
-  """
-  root = pathlib.Path(workdir)
-  runs = []
-  if root.is_dir():
-    for vdir in root.iterdir():
-      if not vdir.is_dir() or vdir.name == OUT_DIR_NAME:
-        continue
-      for fdir in vdir.iterdir():
-        m = _FOLD_RE.match(fdir.name)
-        if m and fdir.is_dir() and _has_best(fdir):
-          runs.append(RunInfo(vdir.name, int(m.group(1)), fdir))
-  return sorted(runs, key=lambda r: (_variant_order(r.variant), r.fold))
 
 
 def _settings(config: ml_collections.ConfigDict, overrides: Any) -> ml_collections.ConfigDict:
@@ -149,7 +111,7 @@ def _data_key(config) -> str:
 # ----------------------------------------------------------------------------- prediction.
 
 
-def _eval_indices(data: experiment.Data, fold: int) -> dict[str, np.ndarray]:
+def _eval_indices(data: prepare.Data, fold: int) -> dict[str, np.ndarray]:
   out = {report.VAL: np.flatnonzero(data.folds == fold)}
   test = np.flatnonzero(data.folds == -1)
   if test.size:
@@ -157,7 +119,7 @@ def _eval_indices(data: experiment.Data, fold: int) -> dict[str, np.ndarray]:
   return out
 
 
-def _predict_rows(trained: experiment.TrainedModel, data: experiment.Data, fold: int, mesh,
+def _predict_rows(trained: run_folder.TrainedModel, data: prepare.Data, fold: int, mesh,
                   eval_step, batch_size: int) -> list[dict[str, Any]]:
   rows = []
   for split, idx in _eval_indices(data, fold).items():
@@ -167,8 +129,8 @@ def _predict_rows(trained: experiment.TrainedModel, data: experiment.Data, fold:
                                           process_index=jax.process_index(),
                                           process_count=jax.process_count(),
                                           num_workers=trained.config.data.num_workers)
-    pred = experiment.predict(trained.state, eval_step, batches, mesh)
-    for r in experiment.prediction_rows(data.dataset, pred):
+    pred = loop.predict(trained.state, eval_step, batches, mesh)
+    for r in run_folder.prediction_rows(data.dataset, pred):
       rows.append(dict(model=trained.config.variant, fold=fold, split=split, **r))
   return rows
 
@@ -178,7 +140,7 @@ def _consistency(rd: pathlib.Path, rows: Sequence[Mapping[str, Any]]) -> float |
   path = rd / "val_predictions.csv"
   if not path.exists():
     return None
-  saved = {r["case_id"]: r["prob"] for r in experiment.read_predictions(path)}
+  saved = {r["case_id"]: r["prob"] for r in run_folder.read_predictions(path)}
   diffs = [abs(r["prob"] - saved[r["case_id"]]) for r in rows
            if r["split"] == report.VAL and r["case_id"] in saved]
   return float(max(diffs)) if diffs else None
@@ -197,7 +159,7 @@ def _map_of_kind(maps: Mapping[str, np.ndarray], kind: str, attention_model: boo
   raise ValueError(kind)
 
 
-def _attention_pass(trained: experiment.TrainedModel, data: experiment.Data,
+def _attention_pass(trained: run_folder.TrainedModel, data: prepare.Data,
                     indices: Sequence[int], batch_size: int, keep: set[int], measure: set[int],
                     ) -> tuple[list[dict[str, Any]], dict[int, dict[str, np.ndarray]]]:
   """Maps of ``indices`` under one model.
@@ -248,7 +210,7 @@ def _attention_pass(trained: experiment.TrainedModel, data: experiment.Data,
   return rows, kept
 
 
-def choose_figure_cases(data: experiment.Data, folds: Sequence[int], case_ids: Sequence[str] = (),
+def choose_figure_cases(data: prepare.Data, folds: Sequence[int], case_ids: Sequence[str] = (),
                         visible: Callable[[int], bool] | None = None) -> list[tuple[int, str]]:
   """Validation cases for the Fig. 5-like panels.
 
@@ -297,7 +259,7 @@ def choose_figure_cases(data: experiment.Data, folds: Sequence[int], case_ids: S
   return out
 
 
-def _display_volumes(data: experiment.Data, index: int, config) -> dict[str, Any]:
+def _display_volumes(data: prepare.Data, index: int, config) -> dict[str, Any]:
   """CT (windowed, not lung-masked), lung and infection masks on the network's grid.
 
   Falls back to the cached (lung-masked) image without a lung mask when the source files
@@ -480,15 +442,6 @@ def _extra_markdown(ev: Mapping[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def _replace_dir(tmp: pathlib.Path, final: pathlib.Path) -> None:
-  old = final.with_name(final.name + f".old-{os.getpid()}")
-  if final.exists():
-    os.replace(final, old)
-  os.replace(tmp, final)
-  if old.exists():
-    shutil.rmtree(old, ignore_errors=True)
-
-
 # ---------------------------------------------------------------------------------- the run.
 
 
@@ -518,14 +471,14 @@ def evaluate_workdir(workdir: str | os.PathLike, config_overrides: Any = None,
   """
   t0 = time.perf_counter()
   workdir = pathlib.Path(workdir)
-  runs = find_runs(workdir)
+  runs = run_folder.find_runs(workdir)
   if not runs:
     raise DsanError(f"{workdir}: no trained runs (expected <variant>/fold_<k>/checkpoints/best)")
-  notes = {r: experiment.incomplete_note(r.variant, r.fold, r.run_dir) for r in runs}
+  notes = {r: run_folder.incomplete_note(r.variant, r.fold, r.run_dir) for r in runs}
   for note in filter(None, notes.values()):
     print(f"[dsan_jax] note: {note}", flush=True)
   mesh = sharding.make_mesh()
-  first = experiment.load_config(runs[0].run_dir / "config.json")
+  first = run_folder.load_config(runs[0].run_dir / "config.json")
   settings = _settings(first, config_overrides)
   ev_cfg, ens_cfg = settings.eval, settings.ensemble
   threshold = float(ev_cfg.threshold)
@@ -537,12 +490,12 @@ def evaluate_workdir(workdir: str | os.PathLike, config_overrides: Any = None,
   figure_ids = tuple(_get(ev_cfg, "figure_case_ids", ()) or ())
   search = bool(search_ensemble or _get(ens_cfg, "search", False))
 
-  datasets: dict[str, experiment.Data] = {}
+  datasets: dict[str, prepare.Data] = {}
 
-  def data_for(config) -> experiment.Data:
+  def data_for(config) -> prepare.Data:
     key = _data_key(config)
     if key not in datasets:
-      datasets[key] = experiment.prepare_data(config, workdir, progress)
+      datasets[key] = prepare.prepare_data(config, workdir, progress)
     return datasets[key]
 
   # Folds with every variant trained: the attention figures compare the three models of one fold.
@@ -569,7 +522,7 @@ def evaluate_workdir(workdir: str | os.PathLike, config_overrides: Any = None,
   (tmp / "attention").mkdir()
   try:
     for run in tqdm(runs, desc="evaluating runs", unit="run", disable=not progress):
-      trained = experiment.load_trained(run.run_dir, mesh, "best")
+      trained = run_folder.load_trained(run.run_dir, mesh, "best")
       cfg = trained.config
       data = data_for(cfg)
       # The ratios' sources (masks / ESTIMATED / manifest) head the report: Table III's groups
@@ -581,7 +534,7 @@ def evaluate_workdir(workdir: str | os.PathLike, config_overrides: Any = None,
             visible=lambda i, ds=data.dataset: bool(np.any(ds[i]["infection_mask"])))
       key = (trained.model, float(cfg.loss.attention_weight))
       if key not in eval_steps:
-        eval_steps[key] = training.make_eval_step(trained.model, mesh, key[1])
+        eval_steps[key] = steps.make_eval_step(trained.model, mesh, key[1])
       run_pred = _predict_rows(trained, data, run.fold, mesh, eval_steps[key], batch_size)
       rows += run_pred
       # A run in progress may have saved val_predictions.csv of a newer best epoch meanwhile.
@@ -592,7 +545,7 @@ def evaluate_workdir(workdir: str | os.PathLike, config_overrides: Any = None,
       run_rows.append(dict(
           variant=run.variant, fold=run.fold, best_epoch=trained.meta.get("best_epoch"),
           best_val_auc=val_auc, complete=done.exists(),
-          status=experiment.run_status(run.run_dir) if notes[run] else "complete",
+          status=run_folder.run_status(run.run_dir) if notes[run] else "complete",
           n_val=sum(r["split"] == report.VAL for r in run_pred),
           n_test=sum(r["split"] == report.TEST for r in run_pred),
           max_abs_prob_diff=diff, run_dir=str(run.run_dir)))
@@ -621,7 +574,7 @@ def evaluate_workdir(workdir: str | os.PathLike, config_overrides: Any = None,
     rows, ens_info = _ensemble(rows, ens_cfg, threshold, search)
     paper = findings.paper_findings(rows, threshold, edges)
     ref_models = tuple(_get(ev_cfg, "reference_models", reference.REFERENCE_MODELS) or ())
-    if ref_models:  # Calibration rows beside the networks' (dsan_jax/reference.py).
+    if ref_models:  # Calibration rows beside the networks' (dsan_jax/evaluation/reference.py).
       ref_data = next(iter(datasets.values()))
       rows += reference.reference_rows(ref_data.dataset, ref_data.folds,
                                        first.data.hu_window, ref_models,
@@ -664,7 +617,7 @@ def evaluate_workdir(workdir: str | os.PathLike, config_overrides: Any = None,
                                                  else float("nan"))
     _write_csv(tmp / "attention_cases.csv", att_rows)
     _write_csv(tmp / "runs.csv", run_rows)
-    (tmp / "ensemble.json").write_text(json.dumps(report.jsonable(ens_info), indent=1))
+    (tmp / "ensemble.json").write_text(json.dumps(files.jsonable(ens_info), indent=1))
 
     fig_info = []
     ds_any = next(iter(datasets.values()))
@@ -674,7 +627,7 @@ def evaluate_workdir(workdir: str | os.PathLike, config_overrides: Any = None,
       if not per_model:
         continue
       case_id = ds_any.dataset.case_ids[i]
-      cfg = experiment.load_config(run_cfg[next(iter(per_model))].run_dir / "config.json")
+      cfg = run_folder.load_config(run_cfg[next(iter(per_model))].run_dir / "config.json")
       vols = _display_volumes(ds_any, i, cfg)
       maps = {}
       for variant in variants.VARIANTS:
@@ -708,10 +661,10 @@ def evaluate_workdir(workdir: str | os.PathLike, config_overrides: Any = None,
                               for p in list(result["files"]) + extra_files})
     result["out_dir"] = str(out_dir)
     result["figures"] = [os.path.relpath(p, tmp) for p in result.get("figures", [])]
-    (tmp / "metrics.json").write_text(json.dumps(report.jsonable(result), indent=1, allow_nan=False))
+    (tmp / "metrics.json").write_text(json.dumps(files.jsonable(result), indent=1, allow_nan=False))
     if jax.process_index() == 0:  # Two evaluations of one workdir may finish at once.
       with run_lock.locked(out_dir.parent / f".{out_dir.name}.lock"):
-        _replace_dir(tmp, out_dir)
+        files.replace_dir(tmp, out_dir)
   finally:
     if tmp.exists():
       shutil.rmtree(tmp, ignore_errors=True)

@@ -11,8 +11,10 @@ complete set of runs (the evaluation folder is replaced whole, one writer at a t
 import logging
 import os
 
-from dsan_jax import experiment, run_lock, variants
+from dsan_jax import run_lock, variants
+from dsan_jax.data import prepare
 from dsan_jax.errors import RunInProgressError
+from dsan_jax.training import loop, run_folder
 
 log = logging.getLogger("dsan_jax")
 
@@ -36,13 +38,13 @@ def run_protocol(config, workdir: str | os.PathLike, variant_names=None, folds=N
   while pending:
     busy = []
     for name, fold in pending:
-      if experiment.is_complete(workdir, name, fold):
+      if run_folder.is_complete(workdir, name, fold):
         log.info("%s fold %d: complete, skipped", name, fold)
         continue
-      data = data or experiment.prepare_data(configs[name], workdir, progress)
+      data = data or prepare.prepare_data(configs[name], workdir, progress)
       try:
-        results[(name, fold)] = experiment.train_and_evaluate(configs[name], workdir, fold,
-                                                              data=data, progress=progress)
+        results[(name, fold)] = loop.train_and_evaluate(configs[name], workdir, fold,
+                                                        data=data, progress=progress)
       except RunInProgressError as e:
         log.info("%s fold %d: left to its owner (%s)", name, fold, e)
         busy.append((name, fold))
@@ -50,7 +52,8 @@ def run_protocol(config, workdir: str | os.PathLike, variant_names=None, folds=N
       _wait_for_one(workdir, busy)
     pending = busy
   if evaluate:
-    from dsan_jax import evaluation  # Deferred: plotting and statistics are only needed here.
+    # Deferred: matplotlib and the statistics are only needed here, not while training.
+    from dsan_jax.evaluation import evaluate as evaluation  # pylint: disable=g-import-not-at-top
     results["report"] = evaluation.evaluate_workdir(workdir, progress=progress)
   return results
 
@@ -64,4 +67,4 @@ def _wait_for_one(workdir, busy: list[tuple[str, int]]) -> None:
           f"{name} fold {fold} ({owner.describe() if owner else 'owner unknown'})"
           f"{' and more' if len(busy) > 1 else ''}", flush=True)
 
-  run_lock.wait_for_run(experiment.run_dir(workdir, name, fold), say)
+  run_lock.wait_for_run(run_folder.run_dir(workdir, name, fold), say)

@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from dsan_jax import metrics
+from dsan_jax.evaluation import metrics
 
 PAPER_W_EXTREME = 0.35
 PAPER_W_MIDDLE = 0.96

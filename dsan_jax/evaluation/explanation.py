@@ -155,7 +155,7 @@ def attention_maps(trained: Any, image: np.ndarray) -> dict[str, Any]:
   """All maps of one preprocessed volume under one trained model.
 
   Args:
-    trained: ``experiment.TrainedModel`` (config, model, state).
+    trained: ``runs.TrainedModel`` (config, model, state).
     image: [D, H, W] preprocessed volume (``load_and_preprocess(...).image``).
 
   Returns:

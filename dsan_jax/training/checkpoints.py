@@ -40,7 +40,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from dsan_jax import files, run_lock
-from dsan_jax import sharding as sharding_lib
+from dsan_jax.training import sharding as sharding_lib
 
 LOCK_NAME = ".rw.lock"
 

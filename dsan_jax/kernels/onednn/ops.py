@@ -8,18 +8,14 @@ gradient, kernel gradient); ``conv3d`` calls them with ``jax.ffi.ffi_call`` insi
 ``jax.custom_vjp``, so they run inside the jitted XLA program like any other op, and XLA still
 fuses everything around them (BatchNorm, ReLU, the optimizer).
 
-Where oneDNN comes from: the ``onednn-devel-cpu-gomp`` wheel (headers and ``libdnnl.so``, GNU
-OpenMP runtime; a dependency of this package on Linux x86-64), or a oneDNN 3.x install named by
-the environment variable ``DSAN_ONEDNN_ROOT`` (with ``include/`` and ``lib/``). The handlers are
-compiled on first use with the system C++ compiler (``$CXX`` or ``g++``, 2-3 s here) against
-jaxlib's FFI headers, into ``$DSAN_JAX_CACHE`` (default ``~/.cache/dsan_jax``), keyed by the
-source, jaxlib and oneDNN; later processes load the cached library. Nothing is downloaded.
-
-If any of this is missing, ``available()`` is False and ``unavailable_reason()`` says why;
-``conv_impl="auto"`` then falls back to ``"folded"`` (with a warning), and
-the ``dsan-onednn-check`` command prints the reason. Limits: float32 only (this CPU has no
-bf16 instructions, and XLA:CPU computes bf16 convolutions in fp32 anyway); reverse-mode autodiff
-only (``custom_vjp``: no ``jax.jvp``).
+``load()`` builds the handlers (``builder.py``, cached) and registers them, once per process; it
+is the explicit start-up step (``dsan_jax.runtime`` calls it when it chooses "onednn"). Tracing a
+oneDNN convolution before ``load()`` raises ``OnednnUnavailableError``: nothing compiles while
+tracing. If oneDNN or a compiler is missing, ``available()`` is False and
+``unavailable_reason()`` says why; the runtime then chooses XLA's ``"folded"`` convolutions (one
+notice line), and the ``dsan-onednn-check`` command prints the reason. Limits: float32 only
+(this CPU has no bf16 instructions, and XLA:CPU computes bf16 convolutions in fp32 anyway);
+reverse-mode autodiff only (``custom_vjp``: no ``jax.jvp``).
 
 Several devices (the library's data parallelism: batch sharded over a ``('data',)`` mesh): XLA
 cannot look into a custom call and would gather its operands onto every device, so with more
@@ -27,8 +23,8 @@ than one device each call is wrapped in ``custom_partitioning`` as batch-paralle
 convolves its own slice of the batch, and the kernel gradient is summed over the batch axes
 (one all-reduce, like XLA's own convolutions). Only the batch may be sharded; ``vmap`` is then
 not supported (``custom_partitioning`` has no batching rule; on one device it is).
-``conv_impl="auto"`` still picks ``"folded"`` with several devices (see ``conv.py``): ask for
-``"onednn"`` explicitly there.
+``conv_impl="auto"`` still picks ``"folded"`` with several devices (``dsan_jax.runtime``): ask
+for ``"onednn"`` explicitly there.
 
 Numerics: forward and both gradients are checked against a float64 reference for every
 geometry of the network, within the same tolerances as XLA's own convolution (tests/test_conv.py),
@@ -43,14 +39,6 @@ scratchpad) after its first call, outside XLA's memory analysis (``workspace_byt
 
 import ctypes
 import functools
-import hashlib
-import importlib.metadata
-import os
-import pathlib
-import shutil
-import subprocess
-import sys
-import tempfile
 import threading
 from typing import Sequence
 
@@ -61,124 +49,28 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
-_SOURCE = pathlib.Path(__file__).with_name("onednn_conv3d.cc")
+from dsan_jax.kernels.onednn.builder import OnednnUnavailableError, build
+
 _TARGETS = {  # FFI target name -> symbol in the compiled library.
     "dsan_onednn_conv3d_fwd": "DsanConv3dForward",
     "dsan_onednn_conv3d_bwd_data": "DsanConv3dBackwardData",
     "dsan_onednn_conv3d_bwd_weights": "DsanConv3dBackwardWeights",
 }
-_WHEEL_HEADERS = "onednn-devel-cpu-gomp"
-_WHEEL_LIBRARY = "onednn-cpu-gomp"
 
 _lock = threading.Lock()
 _state: dict = {}  # "lib" (ctypes.CDLL) or "error" (str), set once per process.
 
 
-class OnednnUnavailableError(RuntimeError):
-  """oneDNN convolutions were asked for but cannot be built or loaded here."""
-
-
-def cache_dir() -> pathlib.Path:
-  """Where compiled handler libraries are kept ($DSAN_JAX_CACHE or ~/.cache/dsan_jax)."""
-  root = os.environ.get("DSAN_JAX_CACHE")
-  if root:
-    return pathlib.Path(root)
-  return pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache")) / "dsan_jax"
-
-
-def _find_in_distribution(dist_name: str, suffix: str) -> pathlib.Path | None:
-  try:
-    dist = importlib.metadata.distribution(dist_name)
-  except importlib.metadata.PackageNotFoundError:
-    return None
-  for f in dist.files or ():
-    if str(f).replace("\\", "/").endswith(suffix):
-      path = pathlib.Path(dist.locate_file(f)).resolve()
-      if path.exists():
-        return path
-  return None
-
-
-def find_onednn() -> tuple[pathlib.Path, pathlib.Path]:
-  """Locates oneDNN's headers and library.
+def load() -> ctypes.CDLL:
+  """Builds (if needed, cached), loads and registers the handlers, once per process.
 
   Returns:
-    (include directory holding ``oneapi/dnnl/dnnl.hpp``, directory holding ``libdnnl.so``).
+    The loaded library.
 
   Raises:
-    OnednnUnavailableError: naming what is missing.
+    OnednnUnavailableError: oneDNN, a compiler or a CPU backend is missing (the reason is kept:
+      later calls raise the same error without trying again).
   """
-  root = os.environ.get("DSAN_ONEDNN_ROOT")
-  if root:
-    inc, lib = pathlib.Path(root) / "include", pathlib.Path(root) / "lib"
-    if not (inc / "oneapi" / "dnnl" / "dnnl.hpp").exists():
-      raise OnednnUnavailableError(f"DSAN_ONEDNN_ROOT={root}: no include/oneapi/dnnl/dnnl.hpp")
-    if not any(lib.glob("libdnnl.so*")):
-      raise OnednnUnavailableError(f"DSAN_ONEDNN_ROOT={root}: no lib/libdnnl.so*")
-    return inc, lib
-  header = _find_in_distribution(_WHEEL_HEADERS, "oneapi/dnnl/dnnl.hpp")
-  library = _find_in_distribution(_WHEEL_LIBRARY, "libdnnl.so")
-  if header is None or library is None:
-    raise OnednnUnavailableError(
-        f"oneDNN not found: install the '{_WHEEL_HEADERS}' wheel (pip install "
-        f"{_WHEEL_HEADERS}) or set DSAN_ONEDNN_ROOT to a oneDNN 3.x install")
-  return header.parents[2], library.parent
-
-
-def _library_path(include: pathlib.Path, libdir: pathlib.Path, cxx: str) -> pathlib.Path:
-  import jaxlib  # pylint: disable=g-import-not-at-top
-  key = hashlib.sha256()
-  version_header = include / "oneapi" / "dnnl" / "dnnl_version.h"  # An upgrade in place.
-  for part in (_SOURCE.read_bytes(), jaxlib.__version__.encode(), str(include).encode(),
-               version_header.read_bytes(), str(libdir).encode(), cxx.encode(),
-               sys.platform.encode()):
-    key.update(part)
-    key.update(b"\0")
-  return cache_dir() / "onednn" / key.hexdigest()[:16] / "libdsan_onednn_conv3d.so"
-
-
-def build(verbose: bool = False) -> pathlib.Path:
-  """Compiles ``onednn_conv3d.cc`` into the cache (once; later calls return the cached file).
-
-  Args:
-    verbose: print the compiler command.
-
-  Returns:
-    Path of the shared library.
-
-  Raises:
-    OnednnUnavailableError: no oneDNN, no compiler, or the compiler failed (its last lines are
-      in the message). Nothing half-written is left in the cache: the library is compiled to a
-      temporary name and renamed into place.
-  """
-  include, libdir = find_onednn()
-  cxx = os.environ.get("CXX", "g++")
-  out = _library_path(include, libdir, cxx)
-  if out.exists():
-    return out
-  if shutil.which(cxx) is None:
-    raise OnednnUnavailableError(f"no C++ compiler: {cxx!r} not found (set CXX)")
-  out.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=out.parent)
-  os.close(fd)
-  cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}",
-         f"-I{include}", str(_SOURCE), f"-L{libdir}", f"-Wl,-rpath,{libdir}", "-ldnnl", "-o", tmp]
-  if verbose:
-    print(" ".join(cmd), file=sys.stderr)
-  try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=600)
-    if proc.returncode != 0:
-      tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-      raise OnednnUnavailableError(f"compiling {_SOURCE.name} failed ({cxx}):\n{tail}")
-    os.replace(tmp, out)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-  return out
-
-
-def _load() -> ctypes.CDLL:
-  """Builds (if needed), loads and registers the handlers once per process."""
   with _lock:
     if "lib" in _state:
       return _state["lib"]
@@ -202,7 +94,7 @@ def _load() -> ctypes.CDLL:
 def available() -> bool:
   """Whether the oneDNN handlers can be built and loaded in this process (cached)."""
   try:
-    _load()
+    load()
   except OnednnUnavailableError:
     return False
   return True
@@ -215,7 +107,7 @@ def unavailable_reason() -> str | None:
 
 def version() -> str:
   """The version of the oneDNN library the handlers run on, e.g. "3.2.0"."""
-  v = _load().DsanOnednnVersion()
+  v = load().DsanOnednnVersion()
   return f"{v // 10000}.{v // 100 % 100}.{v % 100}"
 
 
@@ -225,7 +117,7 @@ def workspace_bytes() -> int:
   Each distinct convolution (shape, stride, direction) keeps one workspace after its first call,
   so that later calls do not allocate. XLA's memory analysis does not include it.
   """
-  return int(_load().DsanOnednnWorkspaceBytes())
+  return int(load().DsanOnednnWorkspaceBytes())
 
 
 def _attrs(strides, padding) -> dict:
@@ -239,8 +131,17 @@ def _target(kind: str) -> str:
   return f"dsan_onednn_conv3d_{kind}"
 
 
+def _loaded() -> None:
+  """Raises unless ``load()`` has run: tracing must not build or probe anything."""
+  if "lib" not in _state:
+    raise OnednnUnavailableError(
+        _state.get("error") or "the oneDNN handlers are not loaded: call "
+        "dsan_jax.kernels.onednn.load() at start-up (dsan_jax.runtime.resolve does) before "
+        "tracing a conv_impl='onednn' convolution")
+
+
 def _call(target, out_shape, *args, strides, padding):
-  _load()
+  _loaded()
   return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, jnp.float32),
                           vmap_method="sequential")(*args, **_attrs(strides, padding))
 
