@@ -704,8 +704,15 @@ def test_second_train_py_refused_then_kill_9_of_the_owner_is_taken_over(shared, 
                            stderr=subprocess.STDOUT, text=True)
   try:
     _wait_until(lambda: _owner_pid(rd) == owner.pid, owner, "owner lock taken")
+    # Held still while the second command runs: with a warm compilation cache the owner could
+    # otherwise finish its four steps before the second command has even started up.
+    owner.send_signal(signal.SIGSTOP)
+    _wait_until(lambda: _stopped(owner.pid), owner, "owner stopped")
     t0 = time.perf_counter()
-    second = _run(shared, cmd)
+    try:
+      second = _run(shared, cmd)
+    finally:
+      owner.send_signal(signal.SIGCONT)
     seconds = time.perf_counter() - t0
     print(f"\nsecond train.py stopped after {seconds:.1f} s (rc {second.returncode})")
     assert second.returncode == 75, second.stderr[-3000:]

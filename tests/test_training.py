@@ -177,11 +177,11 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     tx = optax.sgd(0.01, momentum=0.9)
     init = steps.create_train_state(model(jnp.float32), tx, seed=0, input_shape=(8, 16, 32, 32))
 
-    def run(state, dtype, devices, steps):
+    def run(state, dtype, devices, n_steps):
       mesh = sharding.make_mesh(devices)
       step = steps.make_train_step(model(dtype), mesh, attention_weight=0.5)
       state = sharding.replicate(jax.device_get(state), mesh)  # A fresh copy: steps donate it.
-      for i in range(steps):
+      for i in range(n_steps):
         batch = make_batch(b=8, seed=i)
         batch["image"] = batch["image"].astype(dtype)
         batch = sharding.shard_batch(batch, mesh)
