@@ -445,6 +445,16 @@ def _extra_markdown(ev: Mapping[str, Any]) -> str:
 # ---------------------------------------------------------------------------------- the run.
 
 
+def _reference_rows(rows: Sequence[Mapping[str, Any]], data: prepare.Data, ev_cfg,
+                    hu_window) -> list[dict[str, Any]]:
+  """Calibration rows beside the networks' (``reference.py``) for the folds in ``rows``."""
+  models = tuple(_get(ev_cfg, "reference_models", reference.REFERENCE_MODELS) or ())
+  if not models:
+    return []
+  return reference.reference_rows(data.dataset, data.folds, hu_window, models,
+                                  eval_folds={int(r["fold"]) for r in rows})
+
+
 def evaluate_workdir(workdir: str | os.PathLike, config_overrides: Any = None,
                      search_ensemble: bool = False, progress: bool = True,
                      out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -573,12 +583,7 @@ def evaluate_workdir(workdir: str | os.PathLike, config_overrides: Any = None,
 
     rows, ens_info = _ensemble(rows, ens_cfg, threshold, search)
     paper = findings.paper_findings(rows, threshold, edges)
-    ref_models = tuple(_get(ev_cfg, "reference_models", reference.REFERENCE_MODELS) or ())
-    if ref_models:  # Calibration rows beside the networks' (dsan_jax/evaluation/reference.py).
-      ref_data = next(iter(datasets.values()))
-      rows += reference.reference_rows(ref_data.dataset, ref_data.folds,
-                                       first.data.hu_window, ref_models,
-                                       eval_folds={int(r["fold"]) for r in rows})
+    rows += _reference_rows(rows, next(iter(datasets.values())), ev_cfg, first.data.hu_window)
     baseline = "rn34_us"
     display_rows = [dict(model=r["model"], case_id=r["case_id"], mass_inside=r["mass_inside"],
                          soft_dice=r["soft_dice"]) for r in att_rows if r["kind"] == "display"]
