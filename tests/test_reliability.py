@@ -854,36 +854,50 @@ print(json.dumps(dict(t0=t0, t1=time.time(), n=len(data.dataset))))
 
 @pytest.mark.slow
 def test_two_processes_build_one_phantom_set_and_cache_at_once(shared, tmp_path):
-  """Two real processes prepare the same synthetic set and cache at the same moment: every
-  phantom and cache entry is valid and identical to a single build (``shared``)."""
-  go = tmp_path / "go"
+  """Two real processes prepare the same synthetic set and cache at the same moment: one writes
+  the phantoms while the other waits and keeps them; every phantom and cache entry is valid and
+  identical to a single build (``shared``).
+
+  The test holds the set's generation lock until both children are waiting on it, so that both
+  reach the lock whatever the machine's load (without it, a child scheduled late finds the
+  finished manifest and never waits).
+  """
+  go, syn = tmp_path / "go", tmp_path / "syn"
+  syn.mkdir()
+  gate = run_lock.OwnerLock(syn / ".generate.lock")
+  assert gate.acquire()
+  errs = [tmp_path / f"child-{i}.err" for i in range(2)]
   procs = [subprocess.Popen([sys.executable, "-c", _BUILD_CHILD, str(tmp_path), str(go), str(i)],
                             cwd=REPO, env=_env(shared), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+                            stderr=errs[i].open("w"), text=True) for i in range(2)]
   try:
     for i, p in enumerate(procs):
       _wait_until(lambda i=i: (tmp_path / f"ready-{i}").exists(), p, f"child {i} ready", 120)
     go.touch()
-    outs = [p.communicate(timeout=RUN_TIMEOUT_S) for p in procs]
+    for i, p in enumerate(procs):
+      _wait_until(lambda i=i: "waiting for" in errs[i].read_text(), p, f"child {i} waits", 120)
+    gate.release()
+    outs = [p.communicate(timeout=RUN_TIMEOUT_S)[0] for p in procs]
   finally:
+    gate.release()
     for p in procs:
       if p.poll() is None:
         p.kill()
         p.wait()
-  for p, (out, err) in zip(procs, outs):
+  err_texts = [e.read_text() for e in errs]
+  for p, err in zip(procs, err_texts):
     assert p.returncode == 0, err[-3000:]
-  times = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
-  waited = [err for _, err in outs if "waiting for pid" in err]
+  times = [json.loads(out.strip().splitlines()[-1]) for out in outs]
   windows = [(round(t["t0"] - times[0]["t0"], 2), round(t["t1"] - times[0]["t0"], 2))
              for t in times]
-  print(f"\nbuild windows (s after go): {windows}; {len(waited)} of 2 waited for the other's "
-        "phantoms")
+  kept = [err for err in err_texts if "kept the phantom set" in err]
+  print(f"\nbuild windows (s after go): {windows}; {len(kept)} of 2 kept the other's phantoms")
   assert all(t["n"] == 16 for t in times)
   assert max(t["t0"] for t in times) < min(t["t1"] for t in times)  # They overlapped.
-  assert len(waited) == 1  # One wrote the phantoms, the other waited and kept them.
+  assert len(kept) == 1  # One wrote the phantoms, the other waited and kept them.
 
   # Phantoms: byte-identical to a single generation (the set is a function of the seed).
-  single, both = shared["syn"], tmp_path / "syn"
+  single, both = shared["syn"], syn
   names = sorted(p.relative_to(single).as_posix() for p in single.rglob("*.nii.gz"))
   assert len(names) == 48 and names == sorted(
       p.relative_to(both).as_posix() for p in both.rglob("*.nii.gz"))

@@ -803,6 +803,7 @@ def generate(out_dir: str | os.PathLike, num_cases: int, seed: int, size_scale: 
                 test_fraction=test_fraction)
   with _generation(out, params) as finished:
     if finished:
+      log.info("kept the phantom set that the other process wrote in %s", out)
       return out / "manifest.csv"
     specs = plan_cases(num_cases, seed, size_scale, covid_fraction, repeat_fraction,
                        test_fraction)
