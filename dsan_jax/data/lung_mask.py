@@ -54,9 +54,9 @@ lung (its chord runs deep) stay out; docs/data.md gives the measured figures.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
+from absl import app, flags
 import numpy as np
 from scipy import ndimage
 
@@ -705,21 +705,28 @@ def save_overlay_png(hu: np.ndarray, mask: np.ndarray, spacing_zyx, path: str,
   plt.close(fig)
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m dsan_jax.data.lung_mask",
-      description="Segment the lungs of a chest CT (classical fallback method).")
-  parser.add_argument("image", help="CT in HU, NIfTI")
-  parser.add_argument("--out", help="write the mask here (NIfTI, the input's grid)")
-  parser.add_argument("--png", help="write an axial+coronal overlay picture here")
-  args = parser.parse_args(argv)
+def define_flags() -> None:
+  """The CLI's flags (defined only when the module runs as a program: importing the library
+  defines none)."""
+  flags.DEFINE_string("out", None, "Write the mask here (NIfTI, the input's grid).")
+  flags.DEFINE_string("png", None, "Write an axial + coronal overlay picture here.")
 
+
+def main(argv) -> int:
+  """``python -m dsan_jax.data.lung_mask IMAGE [--out mask.nii.gz] [--png overlay.png]``.
+
+  IMAGE: a CT in HU (NIfTI file or DICOM series folder). Prints the lung volumes and the
+  segmentation time; an expected problem prints one line and exits 1.
+  """
   import time
 
   from dsan_jax.data import io
   from dsan_jax.errors import DsanError
+  if len(argv) != 2:
+    raise app.UsageError("expected one IMAGE (a NIfTI file or a DICOM series folder)")
+  image, flag_values = argv[1], flags.FLAGS
   try:
-    vol = io.read_volume(args.image)
+    vol = io.read_volume(image)
     t0 = time.perf_counter()
     mask = segment_lungs(vol.array, vol.spacing_zyx)
     seconds = time.perf_counter() - t0
@@ -728,15 +735,16 @@ def main(argv=None) -> int:
     return 1
   total = lung_volume_litres(mask, vol.spacing_zyx)
   parts = ", ".join(f"{side} {v:.2f} L" for side, v in left_right_volumes(mask, vol.spacing_zyx))
-  print(f"{args.image}: lungs {total:.2f} L ({parts}); segmentation {seconds:.2f} s")
-  if args.out:
-    io.write_nifti(args.out, io.to_original_orientation(mask, vol.original_affine),
+  print(f"{image}: lungs {total:.2f} L ({parts}); segmentation {seconds:.2f} s")
+  if flag_values.out:
+    io.write_nifti(flag_values.out, io.to_original_orientation(mask, vol.original_affine),
                    vol.original_affine)
-  if args.png:
-    save_overlay_png(vol.array, mask, vol.spacing_zyx, args.png,
-                     title=f"{args.image}: {total:.2f} L")
+  if flag_values.png:
+    save_overlay_png(vol.array, mask, vol.spacing_zyx, flag_values.png,
+                     title=f"{image}: {total:.2f} L")
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  define_flags()
+  app.run(main)
