@@ -5,7 +5,10 @@
 1. Work on a grid no finer than ``WORK_SPACING_MM`` (resampled linearly when the input is
    clearly finer); the mask is mapped back to the input grid at the end, each lung on its
    own so that the cut between them survives. On the preprocessing grid (1.43 x 1.43 x 2.5
-   mm) nothing is resampled.
+   mm) nothing is resampled. Steps 2-7 then run on a grid 2x coarser in-plane (2x2 block
+   means of the HU) wherever that grid is no coarser than ``COARSE_SPACING_MM`` (the
+   preprocessing grid of an adult chest: 2.87 mm), 4x fewer voxels; step 8 redraws the
+   boundary on the finer grid.
 2. Body: the largest 3D component of ``hu >= threshold`` (soft tissue and bone), holes filled
    slice by slice. Air outside the body (and the table) is thereby excluded, even where the
    trachea or a lung touches the top or bottom slice.
@@ -40,12 +43,20 @@
    part of the consolidation at the lung's outermost extent, which no chord covers.
    Bays whose chord runs deep into the body are the mediastinum, the heart's notch, the hila
    and the liver or spleen under a diaphragm dome: they stay out.
+8. Boundary on the finer grid (``_refine``, only after the coarse grid of step 1): each
+   coarse voxel becomes its 2x2 fine voxels; fine tissue voxels on the mask's rim inside a
+   coarse voxel of air (the chest wall's share of a partial-volume voxel) are dropped; fine
+   air voxels beside the mask are added, and one fine voxel (below ``BAY_MAX_HU``) beside
+   the mask's tissue (consolidation and vessels: the rim the coarse grid rounded off);
+   added voxels touching the other lung are dropped. The closing of step 5 keeps its length
+   in mm (``_closing_element``): 2x longer in-plane, it would bridge the mediastinum.
 
 Every length and volume above is for an adult chest; for a field of view narrower than
 ``REFERENCE_FOV_MM`` (phantoms, small children) they shrink with it (except
 ``BAY_MAX_GROWTH_MM``). The depths and nearest cores of steps 4 and 6 are computed on a 2x
-coarser in-plane grid where that grid still resolves the cores (``_coarse_factor``: the
-1.43 mm preprocessing grid of an adult chest), 4x fewer voxels for the slowest steps.
+coarser in-plane grid where that grid still resolves the cores (``_coarse_factor``: grids
+of 1.5 mm and finer when the coarse grid of step 1 is not used); step 6 reuses step 4's
+depths.
 
 Known limitations: a consolidation that lines the whole costal contour of a slice (no bay,
 the remaining aerated lung is itself convex) and consolidation on the mediastinal side of a
