@@ -37,6 +37,7 @@ The rules (docs/data.md "DICOM series", pinned by tests/data/test_dicom.py):
 from __future__ import annotations
 
 import collections
+from concurrent import futures
 import contextlib
 import dataclasses
 import hashlib
@@ -74,6 +75,9 @@ _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # it is installed (``pip install imagecodecs``; about 3x faster than pylibjpeg's libjpeg).
 FAST_SYNTAXES = (pydicom.uid.JPEGLossless, pydicom.uid.JPEGLosslessSV1)
 USE_IMAGECODECS = True  # False: always pydicom's decoders (the reference; tests use both).
+# Slices are decoded by this many threads (imagecodecs and NumPy release the GIL; pydicom's
+# decoders mostly do not, so they gain little). 1: in the calling thread.
+DECODE_THREADS = min(4, os.cpu_count() or 1)
 
 log = logging.getLogger("dsan_jax")
 
@@ -435,29 +439,48 @@ def _decode(ims: list[_Image], rows: int, columns: int) -> np.ndarray:
 
   With imagecodecs installed, lossless JPEG is decoded by it (about 3x faster than libjpeg);
   its first slice is checked against pydicom's decoder, and any disagreement sends the whole
-  series back to pydicom's decoder.
+  series back to pydicom's decoder. The other slices are decoded by ``DECODE_THREADS``
+  threads; a failure names the first failing slice in slice order.
   """
   out = np.empty((len(ims), rows, columns), np.float32)
   fast = _fast_decoder()
-  for k, im in enumerate(ims):
-    pixels = None if fast is None else _fast_pixels(im, fast)
-    if pixels is not None and k == 0:
-      reference = _pydicom_pixels(im)
+  start = 0
+  if ims and fast is not None:
+    pixels = _fast_pixels(ims[0], fast)
+    if pixels is not None:
+      reference = _pydicom_pixels(ims[0])
       if pixels.shape != reference.shape or not np.array_equal(pixels, reference):
         log.warning("%s: imagecodecs and pydicom decode %s differently; using pydicom",
-                    im.path.parent, im.path.name)
-        fast, pixels = None, reference
-    if pixels is None:
-      pixels = _pydicom_pixels(im)
-    if pixels.shape != (rows, columns):
-      raise DataError(im.path, f"pixel data of shape {pixels.shape}, the header says "
-                      f"{rows}x{columns}")
-    out[k] = pixels[::-1, ::-1]  # Reversed (see read_volume): axial scans need no reordering.
-    if im.slope not in (None, 1.0):
-      out[k] *= np.float32(im.slope)
-    if im.intercept not in (None, 0.0):
-      out[k] += np.float32(im.intercept)
+                    ims[0].path.parent, ims[0].path.name)
+        fast = None
+      _store(out, 0, ims[0], reference)
+      start = 1
+
+  def one(k: int) -> None:
+    pixels = None if fast is None else _fast_pixels(ims[k], fast)
+    _store(out, k, ims[k], _pydicom_pixels(ims[k]) if pixels is None else pixels)
+
+  todo = range(start, len(ims))
+  if DECODE_THREADS > 1 and len(todo) > 1:
+    with futures.ThreadPoolExecutor(DECODE_THREADS) as pool:
+      list(pool.map(one, todo))  # Re-raises the first failure in slice order.
+  else:
+    for k in todo:
+      one(k)
   return out
+
+
+def _store(out: np.ndarray, k: int, im: _Image, pixels: np.ndarray) -> None:
+  """Slice k of ``out`` = ``pixels`` reversed (see read_volume), rescaled to HU."""
+  rows, columns = out.shape[1:]
+  if pixels.shape != (rows, columns):
+    raise DataError(im.path, f"pixel data of shape {pixels.shape}, the header says "
+                    f"{rows}x{columns}")
+  out[k] = pixels[::-1, ::-1]  # Reversed (see read_volume): axial scans need no reordering.
+  if im.slope not in (None, 1.0):
+    out[k] *= np.float32(im.slope)
+  if im.intercept not in (None, 0.0):
+    out[k] += np.float32(im.intercept)
 
 
 def read_volume(path: str | os.PathLike, *, is_mask: bool = False) -> io.Volume:

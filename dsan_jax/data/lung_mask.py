@@ -5,7 +5,10 @@
 1. Work on a grid no finer than ``WORK_SPACING_MM`` (resampled linearly when the input is
    clearly finer); the mask is mapped back to the input grid at the end, each lung on its
    own so that the cut between them survives. On the preprocessing grid (1.43 x 1.43 x 2.5
-   mm) nothing is resampled.
+   mm) nothing is resampled. Steps 2-7 then run on a grid 2x coarser in-plane (2x2 block
+   means of the HU) wherever that grid is no coarser than ``COARSE_SPACING_MM`` (the
+   preprocessing grid of an adult chest: 2.87 mm), 4x fewer voxels; step 8 redraws the
+   boundary on the finer grid.
 2. Body: the largest 3D component of ``hu >= threshold`` (soft tissue and bone), holes filled
    slice by slice. Air outside the body (and the table) is thereby excluded, even where the
    trachea or a lung touches the top or bottom slice.
@@ -40,12 +43,20 @@
    part of the consolidation at the lung's outermost extent, which no chord covers.
    Bays whose chord runs deep into the body are the mediastinum, the heart's notch, the hila
    and the liver or spleen under a diaphragm dome: they stay out.
+8. Boundary on the finer grid (``_refine``, only after the coarse grid of step 1): each
+   coarse voxel becomes its 2x2 fine voxels; fine tissue voxels on the mask's rim inside a
+   coarse voxel of air (the chest wall's share of a partial-volume voxel) are dropped; fine
+   air voxels beside the mask are added, and one fine voxel (below ``BAY_MAX_HU``) beside
+   the mask's tissue (consolidation and vessels: the rim the coarse grid rounded off);
+   added voxels touching the other lung are dropped. The closing of step 5 keeps its length
+   in mm (``_closing_element``): 2x longer in-plane, it would bridge the mediastinum.
 
 Every length and volume above is for an adult chest; for a field of view narrower than
 ``REFERENCE_FOV_MM`` (phantoms, small children) they shrink with it (except
 ``BAY_MAX_GROWTH_MM``). The depths and nearest cores of steps 4 and 6 are computed on a 2x
-coarser in-plane grid where that grid still resolves the cores (``_coarse_factor``: the
-1.43 mm preprocessing grid of an adult chest), 4x fewer voxels for the slowest steps.
+coarser in-plane grid where that grid still resolves the cores (``_coarse_factor``: grids
+of 1.5 mm and finer when the coarse grid of step 1 is not used); step 6 reuses step 4's
+depths.
 
 Known limitations: a consolidation that lines the whole costal contour of a slice (no bay,
 the remaining aerated lung is itself convex) and consolidation on the mediastinal side of a
@@ -54,9 +65,9 @@ lung (its chord runs deep) stay out; docs/data.md gives the measured figures.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
+from absl import app, flags
 import numpy as np
 from scipy import ndimage
 
@@ -78,6 +89,7 @@ BAY_MAX_HU = 200.0  # Bays take no bone.
 # chord 75-110 mm (0.65-0.9).
 WALL_DEPTH_FRACTION = 0.55
 BAY_MAX_GROWTH_MM = 9.0  # A bay grows at most this far past its chord (step 7).
+COARSE_SPACING_MM = 3.0  # Steps 2-7 run on an in-plane grid up to this coarse (step 8).
 
 _INPLANE = np.zeros((3, 3, 3), bool)
 _INPLANE[1] = ndimage.generate_binary_structure(2, 1)
@@ -121,7 +133,7 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 def _segment(hu: np.ndarray, spacing: np.ndarray, threshold: float, scale: float,
-             pleural_bays: bool = True) -> np.ndarray:
+             pleural_bays: bool = True, inplane_factor: int = 1) -> np.ndarray:
   voxel_ml = float(np.prod(spacing)) / 1000.0
   min_ml = MIN_COMPONENT_ML * scale ** 3
   tissue = hu >= threshold
@@ -150,8 +162,85 @@ def _segment(hu: np.ndarray, spacing: np.ndarray, threshold: float, scale: float
   mid_x = (body_x.min() + body_x.max()) / 2 - box[2].start
   out = np.zeros(hu.shape, bool)
   lungs = _lungs_from_candidates(candidates[box], body[box], spacing, voxel_ml, mid_x,
-                                 width_x, scale)
+                                 width_x, scale, inplane_factor)
   out[box] = fill_pleural_bays(lungs, hu[box], body[box], spacing, scale) if pleural_bays else lungs
+  return out
+
+
+def _refine_factor(spacing, scale: float) -> int:
+  """In-plane factor of the coarse grid of steps 2-7 (1: no coarse grid, step 8)."""
+  return 2 if 2 * float(min(spacing[1], spacing[2])) <= COARSE_SPACING_MM * scale else 1
+
+
+def _block_mean(hu: np.ndarray, f: int) -> np.ndarray:
+  """float32 [D, ceil(H/f), ceil(W/f)]: mean of each f x f in-plane block (edges replicated)."""
+  d, h, w = hu.shape
+  padded = np.pad(np.asarray(hu, np.float32), ((0, 0), (0, -h % f), (0, -w % f)), mode="edge")
+  blocks = padded.reshape(d, padded.shape[1] // f, f, padded.shape[2] // f, f)
+  return blocks.mean(axis=(2, 4), dtype=np.float32)
+
+
+def _segment_refined(hu: np.ndarray, spacing: np.ndarray, threshold: float, scale: float,
+                     pleural_bays: bool) -> np.ndarray:
+  """Steps 2-7 on the coarse grid, the boundary refined on the input grid (step 8). bool."""
+  f = _refine_factor(spacing, scale)
+  if f == 1:
+    return _segment(hu, spacing, threshold, scale, pleural_bays)
+  hu_c = _block_mean(hu, f)
+  labels_c, _ = ndimage.label(_segment(hu_c, spacing * np.array([1, f, f]), threshold, scale,
+                                       pleural_bays, inplane_factor=f))
+  hu = np.asarray(hu)
+  return _refine(labels_c, hu_c < threshold, hu < threshold, hu < BAY_MAX_HU, f)
+
+
+def _refine(labels_c: np.ndarray, air_c: np.ndarray, air: np.ndarray, tissue_ok: np.ndarray,
+            f: int) -> np.ndarray:
+  """Step 8: a coarse lung mask on the fine grid, its boundary redrawn by the threshold.
+
+  Args:
+    labels_c: int [D, h, w] lungs on the coarse grid (one label per lung).
+    air_c: bool [D, h, w] coarse voxels below the threshold.
+    air: bool [D, H, W] fine voxels below the threshold.
+    f: in-plane factor between the grids.
+
+  Returns:
+    bool [D, H, W]. Fine voxels of the coarse mask's rim that are tissue inside a coarse voxel
+    of air (the chest wall's share of a partial-volume voxel) are dropped; fine air voxels
+    beside the mask are added; everything the coarse mask holds that is not air there (vessels,
+    closing, juxtapleural consolidation) is kept. Voxels added beside one lung that touch the
+    other are dropped (the cut survives).
+  """
+  out = np.zeros(air.shape, bool)
+  if not labels_c.any():
+    return out
+  # Inside the mask's box (+1 coarse voxel in-plane): the rest stays empty.
+  box_c = (slice(None),) + tuple(
+      slice(max(int(i.min()) - 1, 0), int(i.max()) + 2)
+      for i in np.nonzero(labels_c.any(axis=0)))
+  box = (slice(None),) + tuple(slice(b.start * f, min(b.stop * f, n))
+                               for b, n in zip(box_c[1:], air.shape[1:]))
+  shape = air[box].shape
+  up = _fine(labels_c[box_c], shape, f)
+  air_up = _fine(air_c[box_c], shape, f)
+  air, tissue_ok = air[box], tissue_ok[box]
+  inside = up > 0
+  rim = inside & ~ndimage.binary_erosion(inside, structure=_INPLANE, border_value=1)
+  keep = inside & ~(rim & ~air & air_up)
+  # New voxels: fine air beside the mask, and one fine voxel of tissue (no bone) beside the
+  # mask's tissue (consolidation, vessels: the coarse grid's share of their rim).
+  dense = keep & ~air_up
+  new = ~inside & ((air & ndimage.binary_dilation(inside, structure=_INPLANE))
+                   | (tissue_ok & ndimage.binary_dilation(dense, structure=_INPLANE)))
+  labels = np.where(keep, up, 0)
+  zz, yy, xx = np.nonzero(new)
+  # Each new voxel takes the label of an in-plane neighbour in the coarse mask; one with
+  # neighbours of two lungs, or a 6-neighbour of the other lung, is dropped.
+  padded = np.pad(up, 1)
+  near = [padded[zz + 1, yy + 1 + dy, xx + 1 + dx] for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0))]
+  lab = np.max(near, axis=0)
+  ok = np.all([(n == 0) | (n == lab) for n in near], axis=0)
+  labels[zz[ok], yy[ok], xx[ok]] = lab[ok]
+  out[box] = (labels > 0) & ~_touching_other_label(labels, keep)
   return out
 
 
@@ -178,28 +267,36 @@ def _slice_bays(lung2d: np.ndarray, ext2d: np.ndarray, allowed2d: np.ndarray,
   out = np.zeros_like(lung2d)
   if not bays.any():
     return out
-  labels, _ = ndimage.label(bays)
+  labels, n = ndimage.label(bays)
   # Chord: bay pixels on the hull's edge (a 4-neighbour outside the hull, or the crop's border).
   outside = ~np.pad(hull, 1)
   edge = (outside[:-2, 1:-1] | outside[2:, 1:-1] | outside[1:-1, :-2] | outside[1:-1, 2:])
   max_chord_depth = WALL_DEPTH_FRACTION * float(depth2d.max())
   depth = depth2d[y0:y1, x0:x1]
-  for lab, sl in enumerate(ndimage.find_objects(labels), start=1):
+  # Per bay at once: chord size, deepest and mean chord depth, mean bay depth.
+  chord_labels = np.where(edge, labels, 0).ravel()
+  n_chord = np.bincount(chord_labels, minlength=n + 1)
+  chord_max = np.zeros(n + 1)
+  np.maximum.at(chord_max, chord_labels, depth.ravel())
+  chord_mean = np.bincount(chord_labels, depth.ravel(), n + 1) / np.maximum(n_chord, 1)
+  bay_mean = (np.bincount(labels.ravel(), depth.ravel(), n + 1)
+              / np.maximum(np.bincount(labels.ravel(), minlength=n + 1), 1))
+  # A bay against the chest wall has its chord along the wall: shallow, and nearer the body's
+  # surface than the bay itself. The mediastinum, the heart's notch, the hila and a diaphragm
+  # dome have a chord that runs deep into the body.
+  candidates = (n_chord > 0) & (chord_max <= max_chord_depth) & (chord_mean < bay_mean)
+  candidates[0] = False
+  objects = ndimage.find_objects(labels) if candidates.any() else []
+  for lab in np.nonzero(candidates)[0]:
+    sl = objects[lab - 1]
+    if x0 + sl[1].start <= mid_x <= x0 + sl[1].stop - 1:
+      continue  # Across the midline: the mediastinum or the spine.
     part = labels[sl] == lab
-    chord = part & edge[sl]
-    # A bay against the chest wall has its chord along the wall: shallow, and nearer the body's
-    # surface than the bay itself. The mediastinum, the heart's notch, the hila and a diaphragm
-    # dome have a chord that runs deep into the body.
-    if not chord.any() or x0 + sl[1].start <= mid_x <= x0 + sl[1].stop - 1:
-      continue
-    chord_depth = depth[sl][chord]
-    if (chord_depth.max() <= max_chord_depth
-        and chord_depth.mean() < depth[sl][part].mean()
-        and ndimage.distance_transform_edt(np.pad(part, 1)).max() >= min_depth_px):
+    if ndimage.distance_transform_edt(np.pad(part, 1)).max() >= min_depth_px:
       accepted = np.zeros_like(lung2d)
       accepted[y0:y1, x0:x1][sl] = part
-      out |= _beyond_chord(accepted, lung2d, allowed2d, depth2d, float(chord_depth.min()),
-                           pixel_mm)
+      pleura = float(depth[sl][part & edge[sl]].min())
+      out |= _beyond_chord(accepted, lung2d, allowed2d, depth2d, pleura, pixel_mm)
   return out
 
 
@@ -220,13 +317,11 @@ def convex_hull_2d(mask: np.ndarray) -> np.ndarray:
   from scipy.spatial import ConvexHull, QhullError
   h, w = mask.shape
   rows = np.nonzero(mask.any(axis=1))[0]
-  cols = np.nonzero(mask.any(axis=0))[0]
-  m_rows, m_cols = mask[rows], mask[:, cols]
+  m_rows = mask[rows]
+  # The row ends suffice: in any direction, a row's farthest pixel is one of its ends.
   ends = np.concatenate([
       np.stack([rows, np.argmax(m_rows, axis=1)], 1),
-      np.stack([rows, w - 1 - np.argmax(m_rows[:, ::-1], axis=1)], 1),
-      np.stack([np.argmax(m_cols, axis=0), cols], 1),
-      np.stack([h - 1 - np.argmax(m_cols[::-1], axis=0), cols], 1)]).astype(np.float64)
+      np.stack([rows, w - 1 - np.argmax(m_rows[:, ::-1], axis=1)], 1)]).astype(np.float64)
   diamond = np.array([[-0.5, 0.0], [0.5, 0.0], [0.0, -0.5], [0.0, 0.5]])
   # Unique points (qhull may fail on repeated ones), keyed on the half-pixel grid.
   pts2 = np.rint(2 * (ends[:, None, :] + diamond).reshape(-1, 2)).astype(np.int64) + 1
@@ -337,7 +432,7 @@ def _slice_depth(body2d: np.ndarray, spacing_yx) -> np.ndarray:
 
   Computed on a 2x coarser grid (it only ranks a bay's chord against the bay, step 7).
   """
-  f = 2 if min(body2d.shape) >= 64 else 1
+  f = 2 if min(body2d.shape) >= 64 and max(spacing_yx) < 2.0 else 1
   coarse = np.pad(_coarse(body2d[None], f)[0], 1)
   depth = ndimage.distance_transform_edt(coarse, sampling=np.asarray(spacing_yx) * f)
   return _fine(depth[None, 1:-1, 1:-1], (1,) + body2d.shape, f)[0]
@@ -356,7 +451,8 @@ def _touching_other_label(labels: np.ndarray, keep: np.ndarray) -> np.ndarray:
   return out & (labels > 0) & ~keep
 
 
-def _lungs_from_candidates(candidates, body, spacing, voxel_ml, mid_x, width_x, scale):
+def _lungs_from_candidates(candidates, body, spacing, voxel_ml, mid_x, width_x, scale,
+                           inplane_factor=1):
   """Steps 4-5 of the module docstring on a cropped box; ``mid_x`` is the body's midline."""
   # Which candidate components are lungs: the largest, and a plausible second one.
   cand_labels, n_cand = ndimage.label(candidates)
@@ -396,16 +492,26 @@ def _lungs_from_candidates(candidates, body, spacing, voxel_ml, mid_x, width_x, 
     drop = airway[cell]
     lungs[zz[drop], yy[drop], xx[drop]] = False
 
-  six = ndimage.generate_binary_structure(3, 1)
-  lungs = ndimage.binary_closing(np.pad(lungs, 2), structure=six, iterations=2)[2:-2, 2:-2, 2:-2]
+  lungs = ndimage.binary_closing(np.pad(lungs, 2), structure=_closing_element(inplane_factor),
+                                 iterations=1 if inplane_factor > 1 else 2)[2:-2, 2:-2, 2:-2]
   lungs = fill_holes_per_slice(lungs) & body
-  lungs = _split_left_right(lungs, spacing, scale)
+  lungs = _split_left_right(lungs, spacing, scale, depth)
   # Drop specks left by the closing and the cut.
   labels, _ = ndimage.label(lungs)
   sizes = np.bincount(labels.ravel()) * voxel_ml
   keep = sizes >= MIN_COMPONENT_ML * scale ** 3
   keep[0] = False
   return keep[labels]
+
+
+def _closing_element(f: int) -> np.ndarray:
+  """Step 5's closing: two 6-connected steps on the input grid, the same length in mm on a grid
+  ``f`` times coarser in-plane (one element {|dz| / 2 + f (|dy| + |dx|) / 2 <= 1})."""
+  if f == 1:
+    return ndimage.generate_binary_structure(3, 1)
+  r = 2 // f
+  dz, dy, dx = np.ogrid[-2:3, -r:r + 1, -r:r + 1]
+  return np.abs(dz) / 2 + f * (np.abs(dy) + np.abs(dx)) / 2 <= 1
 
 
 def _coarse_factor(spacing, scale: float) -> int:
@@ -443,13 +549,15 @@ def _nearest_seed(seeds: np.ndarray, spacing) -> np.ndarray:
   return seeds[tuple(idx)]
 
 
-def _split_left_right(lungs: np.ndarray, spacing: np.ndarray, scale: float) -> np.ndarray:
+def _split_left_right(lungs: np.ndarray, spacing: np.ndarray, scale: float,
+                      depth: np.ndarray | None = None) -> np.ndarray:
   """Cuts lungs joined at the anterior/posterior junction into a left and a right component.
 
   On a ~1.5 mm grid the junction line (about 1 mm of tissue) averages to air, joining the
   lungs. When the mask is one component, cores of increasing depth are tried until two large
   ones lie on opposite sides; voxels go to the nearest core and the one-voxel boundary
-  between the two is removed.
+  between the two is removed. ``depth`` (on the coarse grid of ``_coarse_factor``) may come
+  from before the closing (step 4's): the cores then lie where both masks are.
   """
   labels, n = ndimage.label(lungs)
   if n == 0:
@@ -461,7 +569,10 @@ def _split_left_right(lungs: np.ndarray, spacing: np.ndarray, scale: float) -> n
     return lungs  # Already two lungs.
   f = _coarse_factor(spacing, scale)
   coarse, coarse_spacing = _coarse(lungs, f), spacing * np.array([1, f, f])
-  depth = ndimage.distance_transform_edt(coarse, sampling=coarse_spacing)
+  if depth is None:
+    depth = ndimage.distance_transform_edt(coarse, sampling=coarse_spacing)
+  else:
+    depth = np.where(coarse, depth, 0.0)
   x_mid = np.nonzero(coarse)[2].mean()
   for radius in (8.0, 10.0, 12.0, 15.0, 20.0, 25.0):
     cores, n_cores = ndimage.label(depth > radius * scale)
@@ -511,10 +622,10 @@ def segment_lungs(hu: np.ndarray, spacing_zyx, *, threshold_hu: float = THRESHOL
   work_spacing = np.where(spacing >= 0.8 * work, spacing, work)
   work_shape = np.maximum(np.round(hu.shape * spacing / work_spacing).astype(int), 1)
   if np.array_equal(work_shape, hu.shape):
-    return _segment(hu, spacing, threshold_hu, scale, pleural_bays).astype(np.uint8)
+    return _segment_refined(hu, spacing, threshold_hu, scale, pleural_bays).astype(np.uint8)
   work_spacing = hu.shape * spacing / work_shape
-  small = _segment(_resample(hu, work_shape), work_spacing, threshold_hu, scale,
-                   pleural_bays)
+  small = _segment_refined(_resample(hu, work_shape), work_spacing, threshold_hu, scale,
+                           pleural_bays)
   # Upsample each component on its own (inside its bounding box) so that the cut between the
   # two lungs survives interpolation; voxels of a later component touching an earlier one are
   # dropped.
@@ -605,21 +716,28 @@ def save_overlay_png(hu: np.ndarray, mask: np.ndarray, spacing_zyx, path: str,
   plt.close(fig)
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m dsan_jax.data.lung_mask",
-      description="Segment the lungs of a chest CT (classical fallback method).")
-  parser.add_argument("image", help="CT in HU, NIfTI")
-  parser.add_argument("--out", help="write the mask here (NIfTI, the input's grid)")
-  parser.add_argument("--png", help="write an axial+coronal overlay picture here")
-  args = parser.parse_args(argv)
+def define_flags() -> None:
+  """The CLI's flags (defined only when the module runs as a program: importing the library
+  defines none)."""
+  flags.DEFINE_string("out", None, "Write the mask here (NIfTI, the input's grid).")
+  flags.DEFINE_string("png", None, "Write an axial + coronal overlay picture here.")
 
+
+def main(argv) -> int:
+  """``python -m dsan_jax.data.lung_mask IMAGE [--out mask.nii.gz] [--png overlay.png]``.
+
+  IMAGE: a CT in HU (NIfTI file or DICOM series folder). Prints the lung volumes and the
+  segmentation time; an expected problem prints one line and exits 1.
+  """
   import time
 
   from dsan_jax.data import io
   from dsan_jax.errors import DsanError
+  if len(argv) != 2:
+    raise app.UsageError("expected one IMAGE (a NIfTI file or a DICOM series folder)")
+  image, flag_values = argv[1], flags.FLAGS
   try:
-    vol = io.read_volume(args.image)
+    vol = io.read_volume(image)
     t0 = time.perf_counter()
     mask = segment_lungs(vol.array, vol.spacing_zyx)
     seconds = time.perf_counter() - t0
@@ -628,15 +746,16 @@ def main(argv=None) -> int:
     return 1
   total = lung_volume_litres(mask, vol.spacing_zyx)
   parts = ", ".join(f"{side} {v:.2f} L" for side, v in left_right_volumes(mask, vol.spacing_zyx))
-  print(f"{args.image}: lungs {total:.2f} L ({parts}); segmentation {seconds:.2f} s")
-  if args.out:
-    io.write_nifti(args.out, io.to_original_orientation(mask, vol.original_affine),
+  print(f"{image}: lungs {total:.2f} L ({parts}); segmentation {seconds:.2f} s")
+  if flag_values.out:
+    io.write_nifti(flag_values.out, io.to_original_orientation(mask, vol.original_affine),
                    vol.original_affine)
-  if args.png:
-    save_overlay_png(vol.array, mask, vol.spacing_zyx, args.png,
-                     title=f"{args.image}: {total:.2f} L")
+  if flag_values.png:
+    save_overlay_png(vol.array, mask, vol.spacing_zyx, flag_values.png,
+                     title=f"{image}: {total:.2f} L")
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  define_flags()
+  app.run(main)

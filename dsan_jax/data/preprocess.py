@@ -220,10 +220,15 @@ def plan_geometry(volume: io.Volume, settings: PreprocessSettings) -> Geometry:
 def resample_to_output(array: np.ndarray, geometry: Geometry, *, order: int = 1) -> np.ndarray:
   """Resamples a canonical [D, H, W] input-grid array to the (unpadded) output grid.
 
+  Trilinear (``order=1``) runs as three 1D linear interpolations in float32, one axis after
+  the other (the output axes are the input's: trilinear is separable), ~3x faster than
+  ``ndimage.affine_transform`` and equal to it within float32 rounding (1.2e-4 HU on P002).
+  Edges as ``mode="nearest"``; input and output centres aligned.
+
   Args:
     array: [D, H, W] on the canonical input grid.
     geometry: from ``plan_geometry``.
-    order: spline order (1 = trilinear).
+    order: spline order (1 = trilinear; others through ``ndimage.affine_transform``).
 
   Returns:
     [d, h, w] = ``geometry.resampled_shape`` float32.
@@ -231,10 +236,40 @@ def resample_to_output(array: np.ndarray, geometry: Geometry, *, order: int = 1)
   step = geometry.step
   c_in = (np.asarray(geometry.canonical_shape) - 1) / 2
   c_out = (np.asarray(geometry.resampled_shape) - 1) / 2
+  if order == 1:
+    array = np.asarray(array, np.float32)
+    n_out = geometry.resampled_shape
+    pos = [np.clip(c_in[a] + step[a] * (np.arange(n_out[a]) - c_out[a]), 0,
+                   array.shape[a] - 1) for a in range(3)]
+    out = np.empty(n_out, np.float32)
+    # A band of output rows at a time (x, then y, then z): the temporaries stay small (no
+    # first-touch page faults of 20-60 MB arrays; 0.35 -> 0.1 s CPU on P002).
+    for y0 in range(0, n_out[1], 8):
+      rows = pos[1][y0:y0 + 8]
+      lo, hi = int(np.floor(rows[0])), min(int(np.floor(rows[-1])) + 2, array.shape[1])
+      band = _lerp_axis(array[:, lo:hi], 2, pos[2])
+      out[:, y0:y0 + 8] = _lerp_axis(_lerp_axis(band, 1, rows - lo), 0, pos[0])
+    return out
   # A diagonal matrix makes affine_transform use its fast separable path; centres are aligned.
   return ndimage.affine_transform(
       np.asarray(array, np.float32), step, offset=c_in - step * c_out,
       output_shape=geometry.resampled_shape, order=order, mode="nearest", prefilter=False)
+
+
+def _lerp_axis(x: np.ndarray, axis: int, pos: np.ndarray) -> np.ndarray:
+  """float32 ``x`` linearly interpolated along ``axis`` at positions ``pos`` [n] in [0, n - 1]."""
+  n = x.shape[axis]
+  i0 = np.minimum(np.floor(pos).astype(np.intp), max(n - 2, 0))
+  i1 = np.minimum(i0 + 1, n - 1)
+  shape = [1] * x.ndim
+  shape[axis] = pos.size
+  w = (pos - i0).astype(np.float32).reshape(shape)
+  lo = np.take(x, i0, axis=axis)
+  hi = np.take(x, i1, axis=axis)
+  hi -= lo
+  hi *= w
+  lo += hi
+  return lo
 
 
 def resample_mask(mask: np.ndarray, geometry: Geometry) -> np.ndarray:

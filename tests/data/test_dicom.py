@@ -313,6 +313,21 @@ def test_non_ct_modality_is_refused(tmp_path):
   _one_line_error(e, folder / "IM0001.dcm", "modality 'MR', expected CT")
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_threaded_decoding_equals_serial_and_names_the_first_bad_slice(tmp_path, monkeypatch,
+                                                                       threads):
+  monkeypatch.setattr(dicom, "DECODE_THREADS", threads)
+  folder, hu = _lossless_jpeg_series(tmp_path / "s")
+  np.testing.assert_array_equal(io.read_volume(folder).array, hu[:, ::-1, ::-1])
+  for k in (4, 2):  # Two damaged slices: the error names the first in slice order.
+    _write_image(folder / f"{k}.dcm", np.zeros((16, 12), np.uint16), (0.0, 0.0, 2.0 * k),
+                 transfer_syntax=pydicom.uid.JPEGLossless,
+                 pixel_bytes=b"\xff\xd8\xff\xc3" + bytes(range(256)) * 4)
+  with pytest.raises(DataError) as e:
+    io.read_volume(folder)
+  _one_line_error(e, folder / "2.dcm", "cannot decode the pixel data")
+
+
 @pytest.mark.parametrize("imagecodecs", [True, False], ids=["imagecodecs", "pydicom"])
 def test_undecodable_compressed_pixel_data_is_refused(tmp_path, monkeypatch, imagecodecs):
   monkeypatch.setattr(dicom, "USE_IMAGECODECS", imagecodecs)
