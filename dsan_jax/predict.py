@@ -102,9 +102,7 @@ def _check_out(out: pathlib.Path) -> None:
 
 
 def _ensemble_weights(workdir: pathlib.Path, config, searched: bool) -> dict[str, Any]:
-  ens = config.ensemble
-  w = dict(w_extreme=float(ens.w_extreme), w_middle=float(ens.w_middle),
-           low=float(ens.low_ratio), high=float(ens.high_ratio), source="config")
+  w = dict(ensemble_lib.config_weights(config.ensemble), source="config")
   if searched:
     path = workdir / "evaluation" / "ensemble.json"
     if not path.exists():
@@ -227,6 +225,37 @@ def _models_entry(outputs: _ModelOutputs, threshold: float) -> dict[str, Any]:
           for v in variants.VARIANTS if v in prob}
 
 
+def _result(outputs: _ModelOutputs, ens: dict[str, Any] | None, threshold: float,
+            runs: Sequence[run_folder.RunInfo], ratio_info: dict[str, Any], band: str | None,
+            pre, att_desc: str | None, inputs: Mapping[str, Any],
+            workdir: pathlib.Path) -> dict[str, Any]:
+  """prediction.json's content: the final call (the ensemble's when there is one) and how."""
+  us, ss = variants.ENSEMBLE_MEMBERS
+  all_probs = dict(outputs.prob, **({variants.ENSEMBLE: ens["prob"]} if ens else {}))
+  final_model = next(m for m in [variants.ENSEMBLE, us, ss, "rn34_us"] if m in all_probs)
+  final = all_probs[final_model]
+  return dict(
+      probability=final, label=LABEL_NAMES[int(final >= threshold)],
+      label_index=int(final >= threshold), probability_model=final_model, threshold=threshold,
+      ensemble=ens, models=_models_entry(outputs, threshold),
+      folds=sorted({r.fold for r in runs}),
+      fold_aggregation="mean of the fold models' probabilities",
+      **ratio_info,
+      ensemble_ratio_band=band,
+      lung_volume_ml=pre.lung_ml if math.isfinite(pre.lung_ml) else None,
+      lung_mask_source=pre.lung_mask_source,
+      model_weights=outputs.weights_used,
+      attention_map=att_desc,
+      inputs={k: (str(pathlib.Path(v).resolve()) if v is not None else None)
+              for k, v in inputs.items()},
+      input_shape=list(pre.geometry.original_shape),
+      input_affine=np.asarray(pre.geometry.original_affine).tolist(),
+      workdir=str(workdir.resolve()),
+      runtime=outputs.runtime,
+      note="Research software; not a medical device.",
+  )
+
+
 def predict_case(workdir: str | os.PathLike, image: str | os.PathLike,
                  lung_mask: str | os.PathLike | None = None,
                  infection_mask: str | os.PathLike | None = None,
@@ -269,31 +298,9 @@ def predict_case(workdir: str | os.PathLike, image: str | os.PathLike,
   threshold = float(config.eval.threshold)
   weights = _ensemble_weights(workdir, config, searched_weights)
   ens = _ensemble_entry(prob, ratio, weights, threshold, ratio_info["ratio_estimated"])
-  us, ss = variants.ENSEMBLE_MEMBERS
-  all_probs = dict(prob, **({variants.ENSEMBLE: ens["prob"]} if ens else {}))
-  final_model = next(m for m in [variants.ENSEMBLE, us, ss, "rn34_us"] if m in all_probs)
-  final = all_probs[final_model]
   att, att_desc = _combined_map(ens, outputs)
-  result: dict[str, Any] = dict(
-      probability=final, label=LABEL_NAMES[int(final >= threshold)],
-      label_index=int(final >= threshold), probability_model=final_model, threshold=threshold,
-      ensemble=ens, models=_models_entry(outputs, threshold),
-      folds=sorted({r.fold for r in runs}),
-      fold_aggregation="mean of the fold models' probabilities",
-      **ratio_info,
-      ensemble_ratio_band=_band(ratio, weights),
-      lung_volume_ml=pre.lung_ml if math.isfinite(pre.lung_ml) else None,
-      lung_mask_source=pre.lung_mask_source,
-      model_weights=outputs.weights_used,
-      attention_map=att_desc,
-      inputs={k: (str(pathlib.Path(v).resolve()) if v is not None else None)
-              for k, v in inputs.items()},
-      input_shape=list(pre.geometry.original_shape),
-      input_affine=np.asarray(pre.geometry.original_affine).tolist(),
-      workdir=str(workdir.resolve()),
-      runtime=outputs.runtime,
-      note="Research software; not a medical device.",
-  )
+  result = _result(outputs, ens, threshold, runs, ratio_info, _band(ratio, weights), pre,
+                   att_desc, inputs, workdir)
   if unfinished:
     result["incomplete_runs"] = unfinished
   if out_path is not None and jax.process_index() == 0:

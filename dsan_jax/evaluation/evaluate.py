@@ -314,7 +314,8 @@ def _ensemble(rows: list[dict[str, Any]], ens: ml_collections.ConfigDict, thresh
     res = ensemble_lib.search_weights(
         [p[us]["label"] for p in val], [p[us]["prob"] for p in val], [p[ss]["prob"] for p in val],
         [p[us]["ratio"] for p in val], grid_step=float(ens.search_grid_step),
-        objective=str(ens.search_objective), threshold=threshold, low=low, high=high)
+        objective=str(ens.search_objective), threshold=threshold, low=low, high=high,
+        reference=(float(ens.w_extreme), float(ens.w_middle)))
     info.update(w_extreme=res.w_extreme, w_middle=res.w_middle,
                 source=f"searched on {len(val)} pooled validation predictions",
                 search=dict(objective=str(ens.search_objective),

@@ -145,8 +145,8 @@ def add_ensemble(predictions: Any, us: str = "att_rn34_us", ss: str = "att_rn34_
     predictions: the prediction table (see the module docstring).
     us, ss: names of the uniform- and size-balanced-sampling models.
     name: name of the ensemble model.
-    **weight_kwargs: ``w_extreme``, ``w_middle``, ``low``, ``high``, ``nan_weight`` of
-      ``ensemble.combine`` (the paper's values by default).
+    **weight_kwargs: ``w_extreme``, ``w_middle``, ``low``, ``high`` (required; e.g.
+      ``ensemble.config_weights(config.ensemble)``) and ``nan_weight`` of ``ensemble.combine``.
 
   Returns:
     The table (as columns) with the ensemble's rows added.
