@@ -50,7 +50,6 @@ Errors (missing or unreadable file, no trained runs, ...) print one line
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -60,11 +59,12 @@ import shutil
 import sys
 from typing import Any, Mapping, NamedTuple, Sequence
 
+from absl import flags
 import jax
 import ml_collections
 import numpy as np
 
-from dsan_jax import files, runtime, variants
+from dsan_jax import cli_flags, files, runtime, variants
 from dsan_jax.data import infection_ratio as ratio_lib
 from dsan_jax.data import io
 from dsan_jax.data import preprocess
@@ -428,33 +428,35 @@ def _write_summary_png(path: pathlib.Path, pre, att: np.ndarray, result: dict[st
                                map_name=map_name)
 
 
-def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
-      prog="python -m dsan_jax.predict",
-      description="COVID-19 vs CAP for one chest CT, with attention maps (see the module doc).")
-  p.add_argument("--workdir", required=True, help="Work directory with the trained runs.")
-  p.add_argument("--image", required=True,
-                 help="Chest CT in HU: a NIfTI file, or a folder holding one DICOM series "
-                 "(FOLDER#SeriesInstanceUID picks one of several).")
-  p.add_argument("--lung-mask", "--lung_mask", dest="lung_mask", default=None,
-                 help="Lung mask on the CT's grid (default: classical segmentation).")
-  p.add_argument("--infection-mask", "--infection_mask", dest="infection_mask", default=None,
-                 help="Infection mask on the CT's grid (gives the infection ratio).")
-  p.add_argument("--infection-ratio", "--infection_ratio", dest="infection_ratio", type=float,
-                 default=None, help="A known infection ratio in [0, 1] (default: from the "
-                 "infection mask, else estimated from the CT).")
-  p.add_argument("--out", required=True, help="Output folder.")
-  p.add_argument("--fold", type=int, default=None,
-                 help="Use only this fold's models (default: all folds, probabilities averaged).")
-  p.add_argument("--searched-weights", "--searched_weights", dest="searched_weights",
-                 action="store_true",
-                 help="Ensemble weights from <workdir>/evaluation/ensemble.json.")
-  p.add_argument("--verbose", action="store_true", help="Log progress.")
-  return p
+FLAGS = flags.FlagValues()  # This command's own (see dsan_jax/cli_flags.py).
+flags.DEFINE_string("workdir", None, "Work directory with the trained runs.", flag_values=FLAGS)
+flags.DEFINE_string("image", None, "Chest CT in HU: a NIfTI file, or a folder holding one DICOM "
+                    "series (FOLDER#SeriesInstanceUID picks one of several).", flag_values=FLAGS)
+flags.DEFINE_string("lung_mask", None, "Lung mask on the CT's grid (default: classical "
+                    "segmentation).", flag_values=FLAGS)
+flags.DEFINE_string("infection_mask", None, "Infection mask on the CT's grid (gives the infection "
+                    "ratio).", flag_values=FLAGS)
+flags.DEFINE_float("infection_ratio", None, "A known infection ratio in [0, 1] (default: from the "
+                   "infection mask, else estimated from the CT).", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "Output folder.", flag_values=FLAGS)
+flags.DEFINE_integer("fold", None, "Use only this fold's models (default: all folds, "
+                     "probabilities averaged).", flag_values=FLAGS)
+flags.DEFINE_bool("searched_weights", False, "Ensemble weights from "
+                  "<workdir>/evaluation/ensemble.json.", flag_values=FLAGS)
+flags.DEFINE_bool("verbose", False, "Log progress.", flag_values=FLAGS)
+for _name in ("lung_mask", "infection_mask", "infection_ratio", "searched_weights"):
+  cli_flags.dashed_alias(_name, FLAGS)
+for _name in ("workdir", "image", "out"):
+  flags.mark_flag_as_required(_name, flag_values=FLAGS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  args = _parser().parse_args(argv)
+  status = cli_flags.parse(FLAGS, argv, "python -m dsan_jax.predict",
+                           "COVID-19 vs CAP for one chest CT, with attention maps (see the "
+                           "module doc).")
+  if status is not None:
+    return status
+  args = FLAGS
   logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                       format="[%(name)s] %(message)s")
   logging.getLogger("absl").setLevel(logging.INFO if args.verbose else logging.ERROR)
