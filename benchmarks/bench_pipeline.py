@@ -62,7 +62,8 @@ def time_pipeline(dataset, train_idx, config, workers: int, batches: int, warmup
 
 def time_step(config, mesh, reps: int) -> dict[str, float]:
   """Median seconds of the quick-start train step on a fixed device batch."""
-  model = model_from_config(runtime.resolve_config(config).model)
+  resolved = runtime.resolve_config(config)
+  model = model_from_config(resolved.model, resolved.runtime.device_count)
   tx = optim.make_optimizer(config.optim, steps_per_epoch=100)
   b = config.train.batch_size
   shape = tuple(config.data.target_shape)

@@ -113,4 +113,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Calibration rows in Tables II/III (dsan_jax/evaluation/reference.py): "size_only" (log infection
   # ratio), "density_features" (seven crude lung-density features); () -> none.
   evaluation.reference_models = ("size_only", "density_features")
+  # The evaluators run in this order (dsan_jax/evaluation/evaluate.py:EVALUATORS): re-predictions
+  # (first), consistency with training's saved predictions, attention quality, Fig. 5-like
+  # figures, training curves, the dual-sampling ensemble, the paper's findings, reference rows.
+  evaluation.evaluators = ("predictions", "consistency", "attention", "figures", "curves",
+                           "ensemble", "findings", "reference")
   return config

@@ -14,6 +14,7 @@ it) into the project's one-line ``ResourceError``.
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
 import math
 import os
@@ -23,7 +24,7 @@ import shutil
 import socket
 import time
 import uuid
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -169,3 +170,22 @@ def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
   os.replace(tmp, final)
   if old.exists():
     shutil.rmtree(old, ignore_errors=True)
+
+
+def write_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
+              empty_field: str | None = None) -> None:
+  """Writes dict rows as a CSV: the columns in order of first appearance, NaN as an empty cell.
+
+  Args:
+    path: the CSV file (written in place: callers write into a folder renamed when complete).
+    rows: the rows; a key missing from a row gives an empty cell.
+    empty_field: header of a table without rows (None -> an empty header line).
+  """
+  fields = list(dict.fromkeys(k for r in rows for k in r))
+  if not fields and empty_field is not None:
+    fields = [empty_field]
+  with open(path, "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=fields)
+    w.writeheader()
+    for r in rows:
+      w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()})

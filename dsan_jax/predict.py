@@ -50,7 +50,6 @@ Errors (missing or unreadable file, no trained runs, ...) print one line
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -58,13 +57,14 @@ import os
 import pathlib
 import shutil
 import sys
-from typing import Any, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
+from absl import flags
 import jax
 import ml_collections
 import numpy as np
 
-from dsan_jax import files, runtime, variants
+from dsan_jax import cli_flags, files, runtime, variants
 from dsan_jax.data import infection_ratio as ratio_lib
 from dsan_jax.data import io
 from dsan_jax.data import preprocess
@@ -102,9 +102,7 @@ def _check_out(out: pathlib.Path) -> None:
 
 
 def _ensemble_weights(workdir: pathlib.Path, config, searched: bool) -> dict[str, Any]:
-  ens = config.ensemble
-  w = dict(w_extreme=float(ens.w_extreme), w_middle=float(ens.w_middle),
-           low=float(ens.low_ratio), high=float(ens.high_ratio), source="config")
+  w = dict(ensemble_lib.config_weights(config.ensemble), source="config")
   if searched:
     path = workdir / "evaluation" / "ensemble.json"
     if not path.exists():
@@ -117,6 +115,145 @@ def _ensemble_weights(workdir: pathlib.Path, config, searched: bool) -> dict[str
     except (ValueError, KeyError, TypeError) as e:
       raise DataError(path, f"unreadable ensemble weights ({e})") from None
   return w
+
+
+class _ModelOutputs(NamedTuple):
+  """Every run's probability and display map on one CT (``_predict_runs``)."""
+  probs: dict[str, dict[int, float]]  # {variant: {fold: P(COVID)}}.
+  mean_map: dict[str, np.ndarray]  # {variant: fold-averaged display map [D, H, W]}.
+  is_attention: dict[str, bool]  # {variant: has the attention module}.
+  weights_used: list[dict[str, Any]]  # One entry per run: folder, checkpoint, step.
+  runtime: dict[str, Any]  # How it was computed (the same for every run: runtime.resolve).
+
+  @property
+  def prob(self) -> dict[str, float]:
+    """{variant: mean of its fold models' probabilities}."""
+    return {v: float(np.mean(list(p.values()))) for v, p in self.probs.items()}
+
+
+def _check_inputs(inputs: Mapping[str, Any], infection_ratio: float | None,
+                  out_path: pathlib.Path | None) -> None:
+  """Fails fast, naming the file, before any model is loaded."""
+  if infection_ratio is not None and not 0.0 <= float(infection_ratio) <= 1.0:
+    raise ConfigError(f"--infection-ratio must be in [0, 1], got {infection_ratio}")
+  for name, p in inputs.items():
+    if p is not None:
+      io.read_header(p, is_mask=name != "image")
+  if out_path is not None:
+    _check_out(out_path)
+
+
+def _runs_and_config(workdir: pathlib.Path, fold: int | None
+                     ) -> tuple[list[run_folder.RunInfo], list[str], ml_collections.ConfigDict]:
+  """The runs to use, the notes of unfinished ones (printed) and their common config."""
+  runs = _runs(workdir, fold)
+  unfinished = [n for n in (run_folder.incomplete_note(r.variant, r.fold, r.run_dir)
+                            for r in runs) if n]  # A run in progress: its best checkpoint so far.
+  for note in unfinished:
+    print(f"note: {note}", file=sys.stderr, flush=True)
+  configs = {r: run_folder.load_config(r.run_dir / "config.json") for r in runs}
+  settings = {r: preprocess.PreprocessSettings.from_config(c) for r, c in configs.items()}
+  if len(set(settings.values())) > 1:
+    raise ConfigError(f"{workdir}: the runs use different preprocessing settings; pass --fold "
+                      "or keep one kind of run per work directory")
+  return runs, unfinished, configs[runs[0]]
+
+
+def _predict_runs(runs: Sequence[run_folder.RunInfo], net_image: np.ndarray) -> _ModelOutputs:
+  """Loads each run's best checkpoint in turn and explains ``net_image`` [D, H, W] with it."""
+  mesh = sharding.make_mesh()
+  probs: dict[str, dict[int, float]] = {}
+  maps: dict[str, list[np.ndarray]] = {}
+  is_attention: dict[str, bool] = {}
+  weights_used = []
+  computed_with: dict[str, Any] = {}
+  for r in runs:
+    trained = run_folder.load_trained(r.run_dir, mesh, "best")
+    weights_used.append(dict(variant=r.variant, fold=r.fold, run_dir=str(r.run_dir.resolve()),
+                             checkpoint="best", step=int(trained.state.step),
+                             epoch=(trained.meta or {}).get("epoch")))
+    m = explanation.attention_maps(trained, net_image)
+    probs.setdefault(r.variant, {})[r.fold] = m["prob"]
+    maps.setdefault(r.variant, []).append(m["display"])
+    is_attention[r.variant] = bool(trained.model.attention)
+    computed_with = trained.config.runtime.to_dict()
+    del trained
+  mean_map = {v: np.mean(np.stack(ms), axis=0).astype(np.float32) for v, ms in maps.items()}
+  return _ModelOutputs(probs, mean_map, is_attention, weights_used, computed_with)
+
+
+def _ensemble_entry(prob: Mapping[str, float], ratio: float, weights: dict[str, Any],
+                    threshold: float, ratio_estimated: bool) -> dict[str, Any] | None:
+  """prediction.json's ``ensemble`` (Eq. 5); None without both members."""
+  us, ss = variants.ENSEMBLE_MEMBERS
+  if us not in prob or ss not in prob:
+    return None
+  rule = (weights["w_extreme"], weights["w_middle"], weights["low"], weights["high"])
+  w = float(ensemble_lib.ensemble_weight([ratio], *rule)[0])
+  p = float(ensemble_lib.combine([prob[us]], [prob[ss]], [ratio], *rule)[0])  # Eq. 5.
+  return dict(name=variants.ENSEMBLE, prob=float(p), label=LABEL_NAMES[int(p >= threshold)],
+              w_us=w, weights=weights,
+              weight_rule=("ratio outside [low, high] -> w_extreme, inside -> w_middle"
+                           + (" (the ratio is ESTIMATED)" if ratio_estimated
+                              else "") if math.isfinite(ratio) else
+                           "ratio unavailable -> w_middle (Eq. 5 literally: an unknown ratio is "
+                           "one of 'the rest cases')"))
+
+
+def _combined_map(ens: Mapping[str, Any] | None, outputs: _ModelOutputs
+                  ) -> tuple[np.ndarray | None, str | None]:
+  """attention.nii.gz's map and its description (see the module docstring)."""
+  us, ss = variants.ENSEMBLE_MEMBERS
+  mean_map = outputs.mean_map
+  att_variants = [v for v in variants.VARIANTS if outputs.is_attention.get(v)]
+  if ens is not None:
+    att = ens["w_us"] * mean_map[us] + (1.0 - ens["w_us"]) * mean_map[ss]
+    return att, f"w T(A)[{us}] + (1 - w) T(A)[{ss}], w = {ens['w_us']:.2f}"
+  if att_variants:
+    return (np.mean(np.stack([mean_map[v] for v in att_variants]), axis=0),
+            "mean of T(A) of " + ", ".join(att_variants))
+  return None, None
+
+
+def _models_entry(outputs: _ModelOutputs, threshold: float) -> dict[str, Any]:
+  """prediction.json's ``models``: each variant's fold-averaged probability and map kind."""
+  prob, probs, is_attention = outputs.prob, outputs.probs, outputs.is_attention
+  return {v: dict(prob=prob[v], label=LABEL_NAMES[int(prob[v] >= threshold)],
+                  prob_per_fold={str(k): p for k, p in sorted(probs[v].items())},
+                  attention_module=is_attention[v],
+                  map=("T(A)" if is_attention[v] else "Grad-CAM (up-sampled, min-max)"))
+          for v in variants.VARIANTS if v in prob}
+
+
+def _result(outputs: _ModelOutputs, ens: dict[str, Any] | None, threshold: float,
+            runs: Sequence[run_folder.RunInfo], ratio_info: dict[str, Any], band: str | None,
+            pre, att_desc: str | None, inputs: Mapping[str, Any],
+            workdir: pathlib.Path) -> dict[str, Any]:
+  """prediction.json's content: the final call (the ensemble's when there is one) and how."""
+  us, ss = variants.ENSEMBLE_MEMBERS
+  all_probs = dict(outputs.prob, **({variants.ENSEMBLE: ens["prob"]} if ens else {}))
+  final_model = next(m for m in [variants.ENSEMBLE, us, ss, "rn34_us"] if m in all_probs)
+  final = all_probs[final_model]
+  return dict(
+      probability=final, label=LABEL_NAMES[int(final >= threshold)],
+      label_index=int(final >= threshold), probability_model=final_model, threshold=threshold,
+      ensemble=ens, models=_models_entry(outputs, threshold),
+      folds=sorted({r.fold for r in runs}),
+      fold_aggregation="mean of the fold models' probabilities",
+      **ratio_info,
+      ensemble_ratio_band=band,
+      lung_volume_ml=pre.lung_ml if math.isfinite(pre.lung_ml) else None,
+      lung_mask_source=pre.lung_mask_source,
+      model_weights=outputs.weights_used,
+      attention_map=att_desc,
+      inputs={k: (str(pathlib.Path(v).resolve()) if v is not None else None)
+              for k, v in inputs.items()},
+      input_shape=list(pre.geometry.original_shape),
+      input_affine=np.asarray(pre.geometry.original_affine).tolist(),
+      workdir=str(workdir.resolve()),
+      runtime=outputs.runtime,
+      note="Research software; not a medical device.",
+  )
 
 
 def predict_case(workdir: str | os.PathLike, image: str | os.PathLike,
@@ -143,30 +280,11 @@ def predict_case(workdir: str | os.PathLike, image: str | os.PathLike,
   Raises:
     DataError / ConfigError: unreadable inputs, no trained runs, inconsistent runs.
   """
-
   workdir = pathlib.Path(workdir)
-  if infection_ratio is not None and not 0.0 <= float(infection_ratio) <= 1.0:
-    raise ConfigError(f"--infection-ratio must be in [0, 1], got {infection_ratio}")
   inputs = {"image": image, "lung_mask": lung_mask, "infection_mask": infection_mask}
-  for name, p in inputs.items():
-    if p is not None:  # Fails fast, naming the file, before any model is loaded.
-      io.read_header(p, is_mask=name != "image")
   out_path = pathlib.Path(out) if out is not None else None
-  if out_path is not None:
-    _check_out(out_path)
-  runs = _runs(workdir, fold)
-  unfinished = [n for n in (run_folder.incomplete_note(r.variant, r.fold, r.run_dir)
-                            for r in runs) if n]  # A run in progress: its best checkpoint so far.
-  for note in unfinished:
-    print(f"note: {note}", file=sys.stderr, flush=True)
-  configs = {r: run_folder.load_config(r.run_dir / "config.json") for r in runs}
-  settings = {r: preprocess.PreprocessSettings.from_config(c) for r, c in configs.items()}
-  first = runs[0]
-  if len(set(settings.values())) > 1:
-    raise ConfigError(f"{workdir}: the runs use different preprocessing settings; pass --fold "
-                      "or keep one kind of run per work directory")
-  config = configs[first]
-
+  _check_inputs(inputs, infection_ratio, out_path)
+  runs, unfinished, config = _runs_and_config(workdir, fold)
   # Preprocess once without the lung multiplication, so the overview shows the CT itself; the
   # network input is the same product load_and_preprocess would form (padding is zero in both).
   cfg = ml_collections.ConfigDict(config.to_dict())
@@ -175,121 +293,49 @@ def predict_case(workdir: str | os.PathLike, image: str | os.PathLike,
   net_image = pre.image * pre.lung_mask if config.data.apply_lung_mask else pre.image
   ratio_info = _ratio_info(pre, infection_ratio, config)
   ratio = ratio_info["ratio"] if ratio_info["ratio"] is not None else float("nan")
-
-  mesh = sharding.make_mesh()
-  probs: dict[str, dict[int, float]] = {}
-  maps: dict[str, list[np.ndarray]] = {}
-  is_attention: dict[str, bool] = {}
-  weights_used = []
-  for r in runs:
-    trained = run_folder.load_trained(r.run_dir, mesh, "best")
-    weights_used.append(dict(variant=r.variant, fold=r.fold, run_dir=str(r.run_dir.resolve()),
-                             checkpoint="best", step=int(trained.state.step),
-                             epoch=(trained.meta or {}).get("epoch")))
-    m = explanation.attention_maps(trained, net_image)
-    probs.setdefault(r.variant, {})[r.fold] = m["prob"]
-    maps.setdefault(r.variant, []).append(m["display"])
-    is_attention[r.variant] = bool(trained.model.attention)
-    computed_with = trained.config.runtime.to_dict()  # The same for every run (runtime.resolve).
-    del trained
-  prob = {v: float(np.mean(list(p.values()))) for v, p in probs.items()}
-  mean_map = {v: np.mean(np.stack(ms), axis=0).astype(np.float32) for v, ms in maps.items()}
-
+  outputs = _predict_runs(runs, net_image)
+  prob = outputs.prob
   threshold = float(config.eval.threshold)
   weights = _ensemble_weights(workdir, config, searched_weights)
-  us, ss = variants.ENSEMBLE_MEMBERS
-  ens: dict[str, Any] | None = None
-  if us in prob and ss in prob:
-    rule = (weights["w_extreme"], weights["w_middle"], weights["low"], weights["high"])
-    w = float(ensemble_lib.ensemble_weight([ratio], *rule)[0])
-    p = float(ensemble_lib.combine([prob[us]], [prob[ss]], [ratio], *rule)[0])  # Eq. 5.
-    ens = dict(name=variants.ENSEMBLE, prob=float(p), label=LABEL_NAMES[int(p >= threshold)],
-               w_us=w, weights=weights,
-               weight_rule=("ratio outside [low, high] -> w_extreme, inside -> w_middle"
-                            + (" (the ratio is ESTIMATED)" if ratio_info["ratio_estimated"]
-                               else "") if math.isfinite(ratio) else
-                            "ratio unavailable -> w_middle (Eq. 5 literally: an unknown ratio is "
-                            "one of 'the rest cases')"))
-  order = [variants.ENSEMBLE, us, ss, "rn34_us"]
-  all_probs = dict(prob, **({variants.ENSEMBLE: ens["prob"]} if ens else {}))
-  final_model = next(m for m in order if m in all_probs)
-  final = all_probs[final_model]
-
-  att_variants = [v for v in variants.VARIANTS if is_attention.get(v)]
-  if ens is not None:
-    att = ens["w_us"] * mean_map[us] + (1.0 - ens["w_us"]) * mean_map[ss]
-    att_desc = f"w T(A)[{us}] + (1 - w) T(A)[{ss}], w = {ens['w_us']:.2f}"
-  elif att_variants:
-    att = np.mean(np.stack([mean_map[v] for v in att_variants]), axis=0)
-    att_desc = "mean of T(A) of " + ", ".join(att_variants)
-  else:
-    att, att_desc = None, None
-
-  result: dict[str, Any] = dict(
-      probability=final, label=LABEL_NAMES[int(final >= threshold)],
-      label_index=int(final >= threshold), probability_model=final_model, threshold=threshold,
-      ensemble=ens,
-      models={v: dict(prob=prob[v], label=LABEL_NAMES[int(prob[v] >= threshold)],
-                      prob_per_fold={str(k): p for k, p in sorted(probs[v].items())},
-                      attention_module=is_attention[v],
-                      map=("T(A)" if is_attention[v] else "Grad-CAM (up-sampled, min-max)"))
-              for v in variants.VARIANTS if v in prob},
-      folds=sorted({r.fold for r in runs}),
-      fold_aggregation="mean of the fold models' probabilities",
-      **ratio_info,
-      ensemble_ratio_band=_band(ratio, weights),
-      lung_volume_ml=pre.lung_ml if math.isfinite(pre.lung_ml) else None,
-      lung_mask_source=pre.lung_mask_source,
-      model_weights=weights_used,
-      attention_map=att_desc,
-      inputs={k: (str(pathlib.Path(v).resolve()) if v is not None else None)
-              for k, v in inputs.items()},
-      input_shape=list(pre.geometry.original_shape),
-      input_affine=np.asarray(pre.geometry.original_affine).tolist(),
-      workdir=str(workdir.resolve()),
-      runtime=computed_with,
-      note="Research software; not a medical device.",
-  )
+  ens = _ensemble_entry(prob, ratio, weights, threshold, ratio_info["ratio_estimated"])
+  att, att_desc = _combined_map(ens, outputs)
+  result = _result(outputs, ens, threshold, runs, ratio_info, _band(ratio, weights), pre,
+                   att_desc, inputs, workdir)
   if unfinished:
     result["incomplete_runs"] = unfinished
-  if out_path is None:
-    return result
+  if out_path is not None and jax.process_index() == 0:
+    _write_outputs(out_path, pre, result, att, outputs, image, tuple(config.data.hu_window))
+  return result
 
-  if jax.process_index() != 0:
-    return result
+
+def _write_outputs(out_path: pathlib.Path, pre, result: dict[str, Any], att: np.ndarray | None,
+                   outputs: _ModelOutputs, image, hu_window) -> None:
+  """The NIfTI maps, overview.png, summary.png and prediction.json, into a folder renamed when
+  complete; adds ``files`` to ``result``."""
   tmp = files.temp_path(out_path)
   tmp.mkdir(parents=True)
   try:
     written = []
-    affine = pre.geometry.original_affine
+    mean_map, is_attention = outputs.mean_map, outputs.is_attention
 
     def write_map(name: str, vol: np.ndarray) -> None:
       io.write_nifti(tmp / name, preprocess.to_original_grid(vol, pre.geometry).astype(
-          np.float32), affine)
+          np.float32), pre.geometry.original_affine)
       written.append(name)
 
     if att is not None:
       write_map("attention.nii.gz", att)
-    for v in att_variants:
-      write_map(f"attention_{v}.nii.gz", mean_map[v])
+    for v in variants.VARIANTS:
+      if is_attention.get(v):
+        write_map(f"attention_{v}.nii.gz", mean_map[v])
     for v in variants.VARIANTS:
       if v in mean_map and not is_attention[v]:
         write_map(f"gradcam_{v}.nii.gz", mean_map[v])
-    shown = {}
-    for v in variants.VARIANTS:
-      if v in mean_map:
-        title = report.MODEL_TITLES.get(v, v)
-        kind = "T(A)" if is_attention[v] else "Grad-CAM"
-        shown[f"{title} {kind}\nP(COVID) = {prob[v]:.2f}"] = mean_map[v]
-    plots.plot_attention_figure(
-        pre.image, pre.lung_mask, pre.infection_mask, shown, tmp / "overview.png",
-        spacing=pre.geometry.output_spacing,
-        title=(f"{pathlib.Path(image).name}: {result['label']} (P = {final:.3f}, "
-               f"{final_model})"))
+    _write_overview_png(tmp / "overview.png", pre, outputs, result, image)
     written.append("overview.png")
     _write_summary_png(tmp / "summary.png", pre, att if att is not None else next(
         iter(mean_map.values())), result, "T(A)" if att is not None else "Grad-CAM",
-        image, tuple(config.data.hu_window))
+        image, hu_window)
     written.append("summary.png")
     result["files"] = ["prediction.json"] + written
     (tmp / "prediction.json").write_text(json.dumps(result, indent=1, allow_nan=False))
@@ -297,7 +343,22 @@ def predict_case(workdir: str | os.PathLike, image: str | os.PathLike,
   finally:
     if tmp.exists():
       shutil.rmtree(tmp, ignore_errors=True)
-  return result
+
+
+def _write_overview_png(path: pathlib.Path, pre, outputs: _ModelOutputs, result: dict[str, Any],
+                        image) -> None:
+  """overview.png: axial and coronal slices with the CT, masks and every model's map."""
+  shown = {}
+  for v in variants.VARIANTS:
+    if v in outputs.mean_map:
+      title = report.MODEL_TITLES.get(v, v)
+      kind = "T(A)" if outputs.is_attention[v] else "Grad-CAM"
+      shown[f"{title} {kind}\nP(COVID) = {outputs.prob[v]:.2f}"] = outputs.mean_map[v]
+  plots.plot_attention_figure(
+      pre.image, pre.lung_mask, pre.infection_mask, shown, path,
+      spacing=pre.geometry.output_spacing,
+      title=(f"{pathlib.Path(image).name}: {result['label']} (P = {result['probability']:.3f}, "
+             f"{result['probability_model']})"))
 
 
 def _ratio_info(pre, given: float | None, config) -> dict[str, Any]:
@@ -367,33 +428,35 @@ def _write_summary_png(path: pathlib.Path, pre, att: np.ndarray, result: dict[st
                                map_name=map_name)
 
 
-def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
-      prog="python -m dsan_jax.predict",
-      description="COVID-19 vs CAP for one chest CT, with attention maps (see the module doc).")
-  p.add_argument("--workdir", required=True, help="Work directory with the trained runs.")
-  p.add_argument("--image", required=True,
-                 help="Chest CT in HU: a NIfTI file, or a folder holding one DICOM series "
-                 "(FOLDER#SeriesInstanceUID picks one of several).")
-  p.add_argument("--lung-mask", "--lung_mask", dest="lung_mask", default=None,
-                 help="Lung mask on the CT's grid (default: classical segmentation).")
-  p.add_argument("--infection-mask", "--infection_mask", dest="infection_mask", default=None,
-                 help="Infection mask on the CT's grid (gives the infection ratio).")
-  p.add_argument("--infection-ratio", "--infection_ratio", dest="infection_ratio", type=float,
-                 default=None, help="A known infection ratio in [0, 1] (default: from the "
-                 "infection mask, else estimated from the CT).")
-  p.add_argument("--out", required=True, help="Output folder.")
-  p.add_argument("--fold", type=int, default=None,
-                 help="Use only this fold's models (default: all folds, probabilities averaged).")
-  p.add_argument("--searched-weights", "--searched_weights", dest="searched_weights",
-                 action="store_true",
-                 help="Ensemble weights from <workdir>/evaluation/ensemble.json.")
-  p.add_argument("--verbose", action="store_true", help="Log progress.")
-  return p
+FLAGS = flags.FlagValues()  # This command's own (see dsan_jax/cli_flags.py).
+flags.DEFINE_string("workdir", None, "Work directory with the trained runs.", flag_values=FLAGS)
+flags.DEFINE_string("image", None, "Chest CT in HU: a NIfTI file, or a folder holding one DICOM "
+                    "series (FOLDER#SeriesInstanceUID picks one of several).", flag_values=FLAGS)
+flags.DEFINE_string("lung_mask", None, "Lung mask on the CT's grid (default: classical "
+                    "segmentation).", flag_values=FLAGS)
+flags.DEFINE_string("infection_mask", None, "Infection mask on the CT's grid (gives the infection "
+                    "ratio).", flag_values=FLAGS)
+flags.DEFINE_float("infection_ratio", None, "A known infection ratio in [0, 1] (default: from the "
+                   "infection mask, else estimated from the CT).", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "Output folder.", flag_values=FLAGS)
+flags.DEFINE_integer("fold", None, "Use only this fold's models (default: all folds, "
+                     "probabilities averaged).", flag_values=FLAGS)
+flags.DEFINE_bool("searched_weights", False, "Ensemble weights from "
+                  "<workdir>/evaluation/ensemble.json.", flag_values=FLAGS)
+flags.DEFINE_bool("verbose", False, "Log progress.", flag_values=FLAGS)
+for _name in ("lung_mask", "infection_mask", "infection_ratio", "searched_weights"):
+  cli_flags.dashed_alias(_name, FLAGS)
+for _name in ("workdir", "image", "out"):
+  flags.mark_flag_as_required(_name, flag_values=FLAGS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  args = _parser().parse_args(argv)
+  status = cli_flags.parse(FLAGS, argv, "python -m dsan_jax.predict",
+                           "COVID-19 vs CAP for one chest CT, with attention maps (see the "
+                           "module doc).")
+  if status is not None:
+    return status
+  args = FLAGS
   logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                       format="[%(name)s] %(message)s")
   logging.getLogger("absl").setLevel(logging.INFO if args.verbose else logging.ERROR)

@@ -231,7 +231,7 @@ def _any_process(flag: bool) -> bool:
   import jax  # Deferred: this module is also used by jax-free tools.
   if jax.process_count() == 1:
     return flag
-  import numpy as np
+  import numpy as np  # Deferred with jax: only a multi-process run gets here.
   from jax.experimental import multihost_utils
   return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
 

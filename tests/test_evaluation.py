@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
+from configs import default
 from dsan_jax.evaluation import evaluate
 from dsan_jax.training import run_folder
 from dsan_jax.errors import ConfigError, DsanError
@@ -49,6 +50,19 @@ def test_settings_overrides_only_eval_and_ensemble():
   assert base.eval.threshold == 0.5  # Not modified in place.
   with pytest.raises(ConfigError, match="model"):
     evaluate._settings(base, {"model": {"width": 8}})
+
+
+def test_evaluators_come_from_the_config():
+  listed = tuple(default.get_config().eval.evaluators)
+  assert listed == tuple(evaluate.EVALUATORS)  # The default runs every evaluator.
+  assert evaluate._evaluator_names(ml_collections.ConfigDict({})) == listed  # Older runs.
+  assert evaluate._evaluator_names(
+      ml_collections.ConfigDict(dict(evaluators=("predictions", "ensemble")))) == (
+          "predictions", "ensemble")
+  with pytest.raises(ConfigError, match="unknown"):
+    evaluate._evaluator_names(ml_collections.ConfigDict(dict(evaluators=("predictions", "x"))))
+  with pytest.raises(ConfigError, match="start with 'predictions'"):
+    evaluate._evaluator_names(ml_collections.ConfigDict(dict(evaluators=("ensemble",))))
 
 
 def _rows(model, probs, labels, ratios, split="val", fold=0):
@@ -228,3 +242,18 @@ def test_attention_quality_numbers(evaluated, trained_workdir):
   report_md = (out / "report.md").read_text()
   assert "overlap the infections more than the baseline" in report_md
   assert len(result["evaluation"]["attention_figures"]) >= 2
+
+
+@pytest.mark.slow
+def test_only_the_listed_evaluators_run(trained_workdir, tmp_path):
+  out = tmp_path / "ev"
+  result = evaluate.evaluate_workdir(
+      trained_workdir, config_overrides={"eval": {"evaluators": ("predictions", "ensemble")}},
+      progress=False, out_dir=out)
+  assert (out / "ensemble.json").is_file() and (out / "runs.csv").is_file()
+  for name in ("attention_cases.csv", "findings.csv", "attention.csv"):
+    assert not (out / name).exists(), name
+  assert not list((out / "curves").glob("*.png")) and not list((out / "attention").glob("*"))
+  assert "findings" not in result and result["evaluation"]["attention_maps"] == {}
+  assert result["models"] == list(MODELS)  # No reference rows.
+  assert all(r["max_abs_prob_diff"] is None for r in result["evaluation"]["runs"])

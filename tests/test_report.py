@@ -9,9 +9,12 @@ import pytest
 from scipy import stats as sp_stats
 from sklearn import metrics as skm
 
+from configs import default
 from dsan_jax.evaluation import ensemble
 from dsan_jax.evaluation import report
 from dsan_jax.evaluation import stats
+
+PAPER = ensemble.config_weights(default.get_config().ensemble)
 
 MODELS = ("rn34_us", "att_rn34_us", "att_rn34_ss")
 
@@ -84,7 +87,7 @@ def test_as_columns_rejects_bad_tables(mutate, msg):
 def test_add_ensemble_equals_combine():
   rows = _table()
   shuffled = [rows[i] for i in np.random.default_rng(1).permutation(len(rows))]
-  cols = report.add_ensemble(shuffled, w_extreme=0.3, w_middle=0.9)
+  cols = report.add_ensemble(shuffled, **dict(PAPER, w_extreme=0.3, w_middle=0.9))
   ds = report._select(cols, model="att_rn34_ds")
   for i in range(ds["model"].size):
     key = (ds["fold"][i], ds["split"][i], ds["case_id"][i])
@@ -92,12 +95,13 @@ def test_add_ensemble_equals_combine():
               and (r["fold"], r["split"], r["case_id"]) == key)
     ss = next(r for r in rows if r["model"] == "att_rn34_ss"
               and (r["fold"], r["split"], r["case_id"]) == key)
-    ref = ensemble.combine([us["prob"]], [ss["prob"]], [us["ratio"]], 0.3, 0.9)[0]
+    ref = ensemble.combine([us["prob"]], [ss["prob"]], [us["ratio"]], 0.3, 0.9,
+                           PAPER["low"], PAPER["high"])[0]
     assert ds["prob"][i] == ref
   assert ds["model"].size == sum(r["model"] == "att_rn34_us" for r in rows)
   with pytest.raises(ValueError, match="same"):
     report.add_ensemble([r for r in rows if not (r["model"] == "att_rn34_ss"
-                                                 and r["case_id"] == "v3")])
+                                                 and r["case_id"] == "v3")], **PAPER)
 
 
 def test_table2_equals_sklearn_pooled_and_mean_std():
@@ -178,7 +182,7 @@ def test_default_pairs():
 
 def test_write_report_files(tmp_path):
   rows = _table()
-  cols = report.add_ensemble(rows)
+  cols = report.add_ensemble(rows, **PAPER)
   note = "synthetic phantoms - not clinical data"
   res = report.write_report(cols, tmp_path, title="Unit test", data_note=note)
   names = sorted(os.listdir(tmp_path))

@@ -58,6 +58,9 @@ def test_resolved_config_names_concrete_implementations(fresh_runtime):
   model_from_config(resolved.model)  # Concrete: builds.
   with pytest.raises(ValueError, match="resolve_config"):
     model_from_config(config.model)
+  # The runtime's device count, not a probe while tracing, makes oneDNN calls partitioned.
+  assert not model_from_config(resolved.model, 1).conv_partitioned
+  assert model_from_config(resolved.model, 8).conv_partitioned
 
 
 def test_layers_refuse_unresolved_and_unloaded_implementations(monkeypatch):

@@ -131,10 +131,8 @@ def _check_file(path: Path, what: str, problems: list[str]):
     return None
 
 
-def _parse_row(row_no: int, rec: dict[str, str], root: Path, check_files: bool):
-  """Returns (Case or None, list of problems) for one CSV row."""
-  problems: list[str] = []
-  get = lambda k: (rec.get(k) or "").strip()
+def _parse_fields(get, problems: list[str]) -> tuple[str, str, int | None, float, str, str]:
+  """(case_id, patient_id, label, ratio, the ratio's text, split) of a row; appends problems."""
   case_id, patient_id = get("case_id"), get("patient_id")
   if not case_id:
     problems.append("empty case_id")
@@ -158,7 +156,13 @@ def _parse_row(row_no: int, rec: dict[str, str], root: Path, check_files: bool):
   split = get("split").lower()
   if split not in SPLITS:
     problems.append(f"unknown split {get('split')!r} (expected one of {list(SPLITS)})")
+  return case_id, patient_id, label, ratio, ratio_raw, split
 
+
+def _parse_paths(get, root: Path, check_files: bool, problems: list[str]
+                 ) -> dict[str, Path | None]:
+  """The row's image and mask paths; checks they exist (and, with ``check_files``, that the
+  masks' grids match the image's); appends problems."""
   paths: dict[str, Path | None] = {}
   headers = {}
   for col in ("image", "lung_mask", "infection_mask"):
@@ -188,13 +192,68 @@ def _parse_row(row_no: int, rec: dict[str, str], root: Path, check_files: bool):
       problems.append(
           f"{col.replace('_', ' ')} {paths[col]} does not match its image in {what} "
           f"(mask shape {h.shape}, image shape {image_header.shape})")
+  return paths
 
+
+def _parse_row(row_no: int, rec: dict[str, str], root: Path, check_files: bool):
+  """Returns (Case or None, list of problems) for one CSV row."""
+  problems: list[str] = []
+  get = lambda k: (rec.get(k) or "").strip()
+  case_id, patient_id, label, ratio, ratio_raw, split = _parse_fields(get, problems)
+  paths = _parse_paths(get, root, check_files, problems)
   if problems:
     return None, problems
   return Case(case_id=case_id, patient_id=patient_id, label=label, image=paths["image"],
               lung_mask=paths["lung_mask"], infection_mask=paths["infection_mask"],
               infection_ratio=ratio, split=split, row=row_no,
               ratio_source="manifest" if ratio_raw and not problems else ""), []
+
+
+def _read_rows(path: Path) -> list[dict[str, str]]:
+  """The CSV's rows (header names stripped); ManifestError for an unreadable or empty file or
+  missing required columns."""
+  try:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+      reader = csv.DictReader(f)
+      fieldnames = [c.strip() for c in (reader.fieldnames or [])]
+      reader.fieldnames = fieldnames
+      rows = list(reader)
+  except (UnicodeDecodeError, csv.Error) as e:
+    raise ManifestError(path, [f"not a readable CSV file ({e})"]) from None
+  if not fieldnames:
+    raise ManifestError(path, ["empty file (expected a header row with columns "
+                               f"{', '.join(REQUIRED_COLUMNS)})"])
+  missing = [c for c in REQUIRED_COLUMNS if c not in fieldnames]
+  if missing:
+    raise ManifestError(path, [f"missing required column(s): {', '.join(missing)} "
+                               f"(found: {', '.join(fieldnames)})"])
+  return rows
+
+
+def _parse_rows(rows: list[dict[str, str]], root: Path, check_files: bool
+                ) -> tuple[list[Case], list[str], list[tuple[str, str]]]:
+  """(good cases, every problem as "row N (id): ...", skipped (id, why)) of the CSV's rows."""
+  problems: list[str] = []
+  skipped: list[tuple[str, str]] = []
+  cases: list[Case] = []
+  first_row: dict[str, int] = {}
+  for i, rec in enumerate(rows):
+    row_no = i + 2  # Line in the file; the header is line 1.
+    case, row_problems = _parse_row(row_no, rec, root, check_files)
+    case_id = (rec.get("case_id") or "").strip()
+    if case_id:
+      if case_id in first_row:
+        row_problems.append(f"duplicate case_id {case_id!r} (first at row {first_row[case_id]})")
+        case = None
+      else:
+        first_row[case_id] = row_no
+    if row_problems:
+      name = f"row {row_no}" + (f" ({case_id})" if case_id else "")
+      problems.extend(f"{name}: {p}" for p in row_problems)
+      skipped.append((case_id or f"row {row_no}", "; ".join(row_problems)))
+      continue
+    cases.append(case)
+  return cases, problems, skipped
 
 
 def load_manifest(path: str | os.PathLike, check_files: bool = True,
@@ -218,43 +277,7 @@ def load_manifest(path: str | os.PathLike, check_files: bool = True,
   if not path.is_file():
     raise ManifestError(path, ["manifest file not found"])
   root = path.resolve().parent
-  try:
-    with open(path, newline="", encoding="utf-8-sig") as f:
-      reader = csv.DictReader(f)
-      fieldnames = [c.strip() for c in (reader.fieldnames or [])]
-      reader.fieldnames = fieldnames
-      rows = list(reader)
-  except (UnicodeDecodeError, csv.Error) as e:
-    raise ManifestError(path, [f"not a readable CSV file ({e})"]) from None
-  if not fieldnames:
-    raise ManifestError(path, ["empty file (expected a header row with columns "
-                               f"{', '.join(REQUIRED_COLUMNS)})"])
-  missing = [c for c in REQUIRED_COLUMNS if c not in fieldnames]
-  if missing:
-    raise ManifestError(path, [f"missing required column(s): {', '.join(missing)} "
-                               f"(found: {', '.join(fieldnames)})"])
-
-  problems: list[str] = []
-  skipped: list[tuple[str, str]] = []
-  cases: list[Case] = []
-  first_row: dict[str, int] = {}
-  for i, rec in enumerate(rows):
-    row_no = i + 2  # Line in the file; the header is line 1.
-    case, row_problems = _parse_row(row_no, rec, root, check_files)
-    case_id = (rec.get("case_id") or "").strip()
-    if case_id:
-      if case_id in first_row:
-        row_problems.append(f"duplicate case_id {case_id!r} (first at row {first_row[case_id]})")
-        case = None
-      else:
-        first_row[case_id] = row_no
-    if row_problems:
-      name = f"row {row_no}" + (f" ({case_id})" if case_id else "")
-      problems.extend(f"{name}: {p}" for p in row_problems)
-      skipped.append((case_id or f"row {row_no}", "; ".join(row_problems)))
-      continue
-    cases.append(case)
-
+  cases, problems, skipped = _parse_rows(_read_rows(path), root, check_files)
   if problems and not skip_bad:
     raise ManifestError(path, problems)
   if not cases:

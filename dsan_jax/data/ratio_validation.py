@@ -16,6 +16,9 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage, stats
 
+from dsan_jax.data import sampling
+from dsan_jax.evaluation import metrics
+
 
 def add_pleural_consolidation(hu: np.ndarray, lung: np.ndarray, infection: np.ndarray,
                               spacing_zyx, rng: np.random.Generator, side: str = "lateral",
@@ -76,7 +79,6 @@ def spearman(a, b) -> float:
 
 def auc(labels, scores) -> float:
   """ROC AUC of ``scores`` [N] for binary ``labels`` [N] (Mann-Whitney, mid-ranks)."""
-  from dsan_jax.evaluation import metrics
   return float(metrics.auc_score(np.asarray(labels), np.asarray(scores, np.float64)))
 
 
@@ -95,8 +97,6 @@ def group_agreement(labels, true_ratios, est_ratios, covid_small: float = 0.030,
     Table III groups, size_confusion=[4, 4] counts (true group x estimated group),
     table3_confusion=[3, 3] counts).
   """
-  from dsan_jax.evaluation import metrics
-  from dsan_jax.data import sampling
   labels = np.asarray(labels)
   gt = sampling.size_groups(labels, true_ratios, covid_small, cap_small)
   ge = sampling.size_groups(labels, est_ratios, covid_small, cap_small)

@@ -21,7 +21,6 @@ CLI::
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import dataclasses
@@ -34,10 +33,11 @@ from pathlib import Path
 import time
 from typing import Sequence
 
+from absl import flags
 import nibabel as nib
 import numpy as np
 
-from dsan_jax import files, run_lock
+from dsan_jax import cli_flags, files, run_lock
 
 log = logging.getLogger("dsan_jax")
 
@@ -935,23 +935,34 @@ def preview(manifest: str | os.PathLike, png: str | os.PathLike, max_cases: int 
   return png
 
 
+def _cli_flags() -> flags.FlagValues:
+  """The command line's flags (a FlagValues of its own: see dsan_jax/cli_flags.py)."""
+  fv = flags.FlagValues()
+  flags.DEFINE_string("out", None, "output folder", flag_values=fv)
+  flags.DEFINE_integer("cases", 200, "number of scans", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "random seed", flag_values=fv)
+  flags.DEFINE_float("size_scale", 1.0, "multiplies voxel counts (1.0: 48-80 x 96-128 x 96-128)",
+                     flag_values=fv)
+  flags.DEFINE_float("covid_fraction", COVID_FRACTION, "fraction of COVID scans", flag_values=fv)
+  flags.DEFINE_float("repeat_fraction", REPEAT_FRACTION, "fraction of repeat scans",
+                     flag_values=fv)
+  flags.DEFINE_float("test_fraction", 0.0, "patients held out as the test split", flag_values=fv)
+  flags.DEFINE_integer("workers", None, "processes (default: all CPUs)", flag_values=fv)
+  flags.DEFINE_string("preview", None, "also write a montage of the first 8 cases to this PNG",
+                      flag_values=fv)
+  for name in ("size_scale", "covid_fraction", "repeat_fraction", "test_fraction"):
+    cli_flags.dashed_alias(name, fv)
+  flags.mark_flag_as_required("out", flag_values=fv)
+  return fv
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m dsan_jax.data.synthetic",
-      description="Write synthetic chest-CT phantoms (NIfTI) with lung/infection masks and a "
-                  "manifest.csv.")
-  parser.add_argument("--out", required=True, help="output folder")
-  parser.add_argument("--cases", type=int, default=200, help="number of scans")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--size-scale", type=float, default=1.0,
-                      help="multiplies voxel counts (1.0: 48-80 x 96-128 x 96-128)")
-  parser.add_argument("--covid-fraction", type=float, default=COVID_FRACTION)
-  parser.add_argument("--repeat-fraction", type=float, default=REPEAT_FRACTION)
-  parser.add_argument("--test-fraction", type=float, default=0.0)
-  parser.add_argument("--workers", type=int, default=None, help="processes (default: all CPUs)")
-  parser.add_argument("--preview", default=None, metavar="PNG",
-                      help="also write a montage of the first 8 cases")
-  args = parser.parse_args(argv)
+  args = _cli_flags()
+  status = cli_flags.parse(args, argv, "python -m dsan_jax.data.synthetic",
+                           "Write synthetic chest-CT phantoms (NIfTI) with lung/infection masks "
+                           "and a manifest.csv.")
+  if status is not None:
+    return status
   t0 = time.perf_counter()
   manifest = generate(args.out, args.cases, args.seed, args.size_scale,
                       covid_fraction=args.covid_fraction, repeat_fraction=args.repeat_fraction,

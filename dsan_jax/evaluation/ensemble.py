@@ -13,6 +13,9 @@ choose another value (e.g. 0.5).
 
 The paper picked its two weights "with a hyperparameter search on the TV set";
 ``search_weights`` is that search, on the pooled validation predictions of the 5 folds.
+
+Every function takes the weights and edges as arguments; the paper's values are the config's
+(``configs/default.py``, ``ensemble.*``; ``config_weights`` reads them).
 """
 
 from __future__ import annotations
@@ -23,10 +26,16 @@ import numpy as np
 
 from dsan_jax.evaluation import metrics
 
-PAPER_W_EXTREME = 0.35
-PAPER_W_MIDDLE = 0.96
-PAPER_LOW_RATIO = 0.001
-PAPER_HIGH_RATIO = 0.030
+
+
+def config_weights(ensemble_config) -> dict[str, float]:
+  """``w_extreme``, ``w_middle``, ``low``, ``high`` from a config's ``ensemble`` section.
+
+  The paper's values (0.35, 0.96, 0.001, 0.030) live in ``configs/default.py`` only.
+  """
+  e = ensemble_config
+  return dict(w_extreme=float(e.w_extreme), w_middle=float(e.w_middle), low=float(e.low_ratio),
+              high=float(e.high_ratio))
 
 
 def _as_1d(name: str, x, n: int | None = None) -> np.ndarray:
@@ -36,16 +45,14 @@ def _as_1d(name: str, x, n: int | None = None) -> np.ndarray:
   return x
 
 
-def is_extreme(ratios, low: float = PAPER_LOW_RATIO, high: float = PAPER_HIGH_RATIO) -> np.ndarray:
+def is_extreme(ratios, low: float, high: float) -> np.ndarray:
   """[N] bool: r < low or r > high (False for NaN ratios)."""
   r = np.asarray(ratios, dtype=np.float64)
   with np.errstate(invalid="ignore"):
     return (r < low) | (r > high)
 
 
-def ensemble_weight(ratios, w_extreme: float = PAPER_W_EXTREME,
-                    w_middle: float = PAPER_W_MIDDLE, low: float = PAPER_LOW_RATIO,
-                    high: float = PAPER_HIGH_RATIO,
+def ensemble_weight(ratios, w_extreme: float, w_middle: float, low: float, high: float,
                     nan_weight: float | None = None) -> np.ndarray:
   """Weight w of the uniform-sampling model for each case.
 
@@ -74,9 +81,8 @@ def _mix(w, p_us: np.ndarray, p_ss: np.ndarray) -> np.ndarray:
   return w * p_us + (1.0 - w) * p_ss
 
 
-def combine(p_us, p_ss, ratios, w_extreme: float = PAPER_W_EXTREME,
-            w_middle: float = PAPER_W_MIDDLE, low: float = PAPER_LOW_RATIO,
-            high: float = PAPER_HIGH_RATIO, nan_weight: float | None = None) -> np.ndarray:
+def combine(p_us, p_ss, ratios, w_extreme: float, w_middle: float, low: float, high: float,
+            nan_weight: float | None = None) -> np.ndarray:
   """Eq. 5: P = w P_US + (1 - w) P_SS with the ratio-dependent w of ``ensemble_weight``.
 
   Args:
@@ -119,18 +125,18 @@ def _batched_auc(labels: np.ndarray, p: np.ndarray) -> np.ndarray:
   return (r_pos - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
 
 
-def search_weights(labels, p_us, p_ss, ratios, grid_step: float = 0.01,
+def search_weights(labels, p_us, p_ss, ratios, *, low: float, high: float,
+                   reference: tuple[float, float], grid_step: float = 0.01,
                    objective: str = "accuracy", threshold: float = 0.5,
-                   low: float = PAPER_LOW_RATIO, high: float = PAPER_HIGH_RATIO,
                    nan_weight: float | None = None,
-                   reference: tuple[float, float] = (PAPER_W_EXTREME, PAPER_W_MIDDLE),
                    ) -> SearchResult:
   """Grid search of (w_extreme, w_middle) on pooled validation predictions.
 
   Objective (documented choice; the paper does not say which it maximised):
     * ``"accuracy"`` (default): accuracy at ``threshold`` of the ensemble. Ties are broken by
-      the larger AUC, then by the smaller Euclidean distance to ``reference`` (the paper's
-      (0.35, 0.96)), then by the smaller (w_extreme, w_middle) lexicographically.
+      the larger AUC, then by the smaller Euclidean distance to ``reference`` (the configured
+      weights: the paper's (0.35, 0.96) by default), then by the smaller (w_extreme, w_middle)
+      lexicographically.
     * ``"auc"``: AUC of the ensemble; ties broken by accuracy at ``threshold``, then as above.
 
   Accuracy is a sum over the two ratio groups, each depending on one weight only, so it is
@@ -164,59 +170,81 @@ def search_weights(labels, p_us, p_ss, ratios, grid_step: float = 0.01,
   if n == 0:
     raise ValueError("search_weights needs at least one case")
   grid = weight_grid(grid_step)
-  g = grid.size
-
-  unknown = np.isnan(r)
   ext = is_extreme(r, low, high)
-  fixed = unknown if nan_weight is not None else np.zeros(n, bool)
-  mid = ~ext & ~fixed
-  is_pos = labels == 1
+  fixed = np.isnan(r) if nan_weight is not None else np.zeros(n, bool)
+  groups = _Groups(labels, p_us, p_ss, ext, fixed, ~ext & ~fixed, nan_weight)
+  return _best_on_grid(groups, grid, _accuracy_grid(groups, grid, threshold), objective,
+                       reference)
+
+
+def _best_on_grid(groups: "_Groups", grid: np.ndarray, acc: np.ndarray, objective: str,
+                  reference: tuple[float, float]) -> SearchResult:
+  """The grid point of the best objective, ties broken as ``search_weights`` documents."""
+  g = grid.size
+  ii, jj = np.meshgrid(np.arange(g), np.arange(g), indexing="ij")
+  ii, jj = ii.ravel(), jj.ravel()
+  if objective == "accuracy":
+    raw = acc.ravel()
+    primary = _comparable(raw)
+    cand = np.flatnonzero(primary == primary.max())
+    secondary = _comparable(_auc_at(groups, grid, ii[cand], jj[cand]))
+  else:
+    raw = _auc_at(groups, grid, ii, jj)
+    primary = _comparable(raw)
+    cand = np.flatnonzero(primary == primary.max())
+    secondary = _comparable(acc.ravel()[cand])
+  dist = np.round(np.hypot(grid[ii[cand]] - reference[0], grid[jj[cand]] - reference[1]), 12)
+  # np.lexsort sorts by the last key first: best secondary, then nearest, then smallest weights.
+  best = cand[np.lexsort((grid[jj[cand]], grid[ii[cand]], dist, -secondary))[0]]
+  return SearchResult(float(grid[ii[best]]), float(grid[jj[best]]), float(raw[best]))
+
+
+class _Groups(NamedTuple):
+  """The search's cases: [N] arrays and which weight each case takes."""
+  labels: np.ndarray  # 0/1.
+  p_us: np.ndarray
+  p_ss: np.ndarray
+  ext: np.ndarray  # bool: takes w_extreme.
+  fixed: np.ndarray  # bool: takes the fixed nan_weight.
+  mid: np.ndarray  # bool: takes w_middle.
+  nan_weight: float | None
+
+
+def _accuracy_grid(c: _Groups, grid: np.ndarray, threshold: float) -> np.ndarray:
+  """[G, G] accuracy with w_extreme = grid[i], w_middle = grid[j], exactly in O(G N)."""
+  is_pos = c.labels == 1
+  g = grid.size
 
   def correct_counts(sel: np.ndarray) -> np.ndarray:
     """[G] number of correct decisions among ``sel`` for each grid weight."""
     if not sel.any():
       return np.zeros(g, np.int64)
-    p = _mix(grid[:, None], p_us[sel][None, :], p_ss[sel][None, :])
+    p = _mix(grid[:, None], c.p_us[sel][None, :], c.p_ss[sel][None, :])
     return np.sum((p >= threshold) == is_pos[sel][None, :], axis=1)
 
   fixed_correct = 0
-  if fixed.any():
-    p_fixed = _mix(float(nan_weight), p_us[fixed], p_ss[fixed])
-    fixed_correct = int(np.sum((p_fixed >= threshold) == is_pos[fixed]))
-  # acc[i, j]: accuracy with w_extreme = grid[i], w_middle = grid[j].
-  correct = correct_counts(ext)[:, None] + correct_counts(mid)[None, :] + fixed_correct
-  acc = correct / n
+  if c.fixed.any():
+    p_fixed = _mix(float(c.nan_weight), c.p_us[c.fixed], c.p_ss[c.fixed])
+    fixed_correct = int(np.sum((p_fixed >= threshold) == is_pos[c.fixed]))
+  correct = correct_counts(c.ext)[:, None] + correct_counts(c.mid)[None, :] + fixed_correct
+  return correct / c.labels.shape[0]
 
-  def auc_at(ii: np.ndarray, jj: np.ndarray) -> np.ndarray:
-    """AUCs of the ensembles (grid[ii], grid[jj]), in chunks to bound memory."""
-    out = np.empty(ii.size)
-    chunk = max(1, 2_000_000 // max(n, 1))
-    for s in range(0, ii.size, chunk):
-      w = np.empty((min(chunk, ii.size - s), n))
-      w[:] = grid[jj[s:s + chunk], None]
-      w[:, ext] = grid[ii[s:s + chunk], None]
-      if fixed.any():
-        w[:, fixed] = float(nan_weight)
-      out[s:s + chunk] = _batched_auc(labels, _mix(w, p_us[None], p_ss[None]))
-    return out
 
-  ii, jj = np.meshgrid(np.arange(g), np.arange(g), indexing="ij")
-  ii, jj = ii.ravel(), jj.ravel()
+def _auc_at(c: _Groups, grid: np.ndarray, ii: np.ndarray, jj: np.ndarray) -> np.ndarray:
+  """AUCs of the ensembles (grid[ii], grid[jj]), in chunks to bound memory."""
+  n = c.labels.shape[0]
+  out = np.empty(ii.size)
+  chunk = max(1, 2_000_000 // max(n, 1))
+  for s in range(0, ii.size, chunk):
+    w = np.empty((min(chunk, ii.size - s), n))
+    w[:] = grid[jj[s:s + chunk], None]
+    w[:, c.ext] = grid[ii[s:s + chunk], None]
+    if c.fixed.any():
+      w[:, c.fixed] = float(c.nan_weight)
+    out[s:s + chunk] = _batched_auc(c.labels, _mix(w, c.p_us[None], c.p_ss[None]))
+  return out
 
-  def comparable(x: np.ndarray) -> np.ndarray:
-    return np.where(np.isnan(x), -np.inf, np.round(x, 12))
 
-  if objective == "accuracy":
-    raw = acc.ravel()
-    primary = comparable(raw)
-    cand = np.flatnonzero(primary == primary.max())
-    secondary = comparable(auc_at(ii[cand], jj[cand]))
-  else:
-    raw = auc_at(ii, jj)
-    primary = comparable(raw)
-    cand = np.flatnonzero(primary == primary.max())
-    secondary = comparable(acc.ravel()[cand])
-  dist = np.round(np.hypot(grid[ii[cand]] - reference[0], grid[jj[cand]] - reference[1]), 12)
-  # np.lexsort sorts by the last key first: best secondary, then nearest, then smallest weights.
-  best = cand[np.lexsort((grid[jj[cand]], grid[ii[cand]], dist, -secondary))[0]]
-  return SearchResult(float(grid[ii[best]]), float(grid[jj[best]]), float(raw[best]))
+def _comparable(x: np.ndarray) -> np.ndarray:
+  """Scores rounded to 12 decimals (float noise does not decide ties), NaN lowest."""
+  return np.where(np.isnan(x), -np.inf, np.round(x, 12))

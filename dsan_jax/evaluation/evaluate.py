@@ -39,16 +39,15 @@ infection ratio, a uniform map over the whole input volume its volume fraction.
 
 from __future__ import annotations
 
-import csv
+import dataclasses
 import json
 import logging
-import math
 import os
 import pathlib
 import re
 import shutil
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import ml_collections
@@ -63,11 +62,13 @@ from dsan_jax.data import preprocess
 from dsan_jax.errors import ConfigError, DsanError
 from dsan_jax.evaluation import ensemble as ensemble_lib
 from dsan_jax.evaluation import explanation, findings, metrics, plots, reference, report
+from dsan_jax.evaluation.text import fmt, fmt_p
 from dsan_jax.training import loop, run_folder, sharding, steps
 
 log = logging.getLogger("dsan_jax")
 
 OUT_DIR_NAME = run_folder.EVALUATION_DIR
+BASELINE = "rn34_us"  # The model the others are compared with.
 MAP_KINDS = ("display", "cam", "t_of_cam")
 MAP_KIND_TITLES = {
     "display": "Fig. 5 maps: Grad-CAM (baseline) / T(A) (attention models)",
@@ -313,7 +314,8 @@ def _ensemble(rows: list[dict[str, Any]], ens: ml_collections.ConfigDict, thresh
     res = ensemble_lib.search_weights(
         [p[us]["label"] for p in val], [p[us]["prob"] for p in val], [p[ss]["prob"] for p in val],
         [p[us]["ratio"] for p in val], grid_step=float(ens.search_grid_step),
-        objective=str(ens.search_objective), threshold=threshold, low=low, high=high)
+        objective=str(ens.search_objective), threshold=threshold, low=low, high=high,
+        reference=(float(ens.w_extreme), float(ens.w_middle)))
     info.update(w_extreme=res.w_extreme, w_middle=res.w_middle,
                 source=f"searched on {len(val)} pooled validation predictions",
                 search=dict(objective=str(ens.search_objective),
@@ -333,27 +335,6 @@ def _ensemble(rows: list[dict[str, Any]], ens: ml_collections.ConfigDict, thresh
 # ----------------------------------------------------------------------------------- writing.
 
 
-def _write_csv(path: pathlib.Path, rows: Sequence[Mapping[str, Any]]) -> None:
-  fields = list(dict.fromkeys(k for r in rows for k in r)) or ["empty"]
-  with open(path, "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=fields)
-    w.writeheader()
-    for r in rows:
-      w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()})
-
-
-def _fmt(x, digits: int = 3) -> str:
-  if x is None or (isinstance(x, float) and not math.isfinite(x)):
-    return "n/a"
-  return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
-
-
-def _fmt_p(p) -> str:
-  if p is None or not math.isfinite(p):
-    return "n/a"
-  return "< 0.001" if p < 0.001 else f"{p:.3f}"
-
-
 def _attention_answer(summary: Sequence[Mapping[str, Any]], baseline: str) -> list[str]:
   """One sentence per attention model: does its map overlap the infection more than Grad-CAM?"""
   lines = []
@@ -369,67 +350,78 @@ def _attention_answer(summary: Sequence[Mapping[str, Any]], baseline: str) -> li
       verdict = "higher" if s["mean_diff"] > 0 else "not higher"
       parts.append(f"{name} {verdict} than the baseline's Grad-CAM by {s['mean_diff']:+.3f} "
                    f"on average (higher in {100 * s['frac_higher']:.0f} % of {s['n_paired']} "
-                   f"cases, paired t-test p {_fmt_p(s['p'])})")
+                   f"cases, paired t-test p {fmt_p(s['p'])})")
     lines.append(f"- **{report.MODEL_TITLES.get(e['model'], e['model'])}**: " + "; ".join(parts)
                  + ".")
   return lines
 
 
-def _extra_markdown(ev: Mapping[str, Any]) -> str:
-  lines = ["", "## Evaluation details", ""]
-  ens = ev["ensemble"]
-  if ens.get("available"):
-    lines += [f"Dual-sampling ensemble `{ens['name']}` (Eq. 5): P = w P_US + (1 - w) P_SS with "
-              f"w = {ens['w_extreme']:.2f} when r < {ens['low_ratio']} or r > "
-              f"{ens['high_ratio']}, w = {ens['w_middle']:.2f} otherwise; unknown ratio: "
-              f"{ens['nan_ratio_weight']}. Weights: {ens['source']}."]
-    if "search" in ens:
-      s = ens["search"]
-      lines += [f"Search objective: {s['objective']} at the threshold (ties: the other metric, "
-                f"then nearest to the paper's weights), grid step {s['grid_step']}, best "
-                f"{s['objective']} {_fmt(s['score'])} on the pooled validation predictions. "
-                "The searched weights are applied to the validation rows they were fitted on "
-                "(in-sample, as the paper's TV-set search) and to the test rows (out-of-sample)."]
-    lines += [""]
-  else:
-    lines += [f"No ensemble: {ens.get('reason')}.", ""]
-  lines += ["Runs (best checkpoint; `max |dp|` compares the re-predicted validation "
-            "probabilities with those saved by training):", ""]
+def _ensemble_markdown(ens: Mapping[str, Any]) -> list[str]:
+  if not ens.get("available"):
+    return [f"No ensemble: {ens.get('reason')}.", ""]
+  lines = [f"Dual-sampling ensemble `{ens['name']}` (Eq. 5): P = w P_US + (1 - w) P_SS with "
+           f"w = {ens['w_extreme']:.2f} when r < {ens['low_ratio']} or r > "
+           f"{ens['high_ratio']}, w = {ens['w_middle']:.2f} otherwise; unknown ratio: "
+           f"{ens['nan_ratio_weight']}. Weights: {ens['source']}."]
+  if "search" in ens:
+    s = ens["search"]
+    lines += [f"Search objective: {s['objective']} at the threshold (ties: the other metric, "
+              f"then nearest to the paper's weights), grid step {s['grid_step']}, best "
+              f"{s['objective']} {fmt(s['score'])} on the pooled validation predictions. "
+              "The searched weights are applied to the validation rows they were fitted on "
+              "(in-sample, as the paper's TV-set search) and to the test rows (out-of-sample)."]
+  return lines + [""]
+
+
+def _runs_markdown(runs: Sequence[Mapping[str, Any]]) -> list[str]:
+  lines = ["Runs (best checkpoint; `max |dp|` compares the re-predicted validation "
+           "probabilities with those saved by training):", ""]
   lines += ["| Variant | Fold | Best epoch (from 0) | Val AUC (training) | max \\|dp\\| |",
             "|---|---|---|---|---|"]
-  for r in ev["runs"]:
-    lines.append(f"| {r['variant']} | {r['fold']} | {r['best_epoch']} | {_fmt(r['best_val_auc'])} "
-                 f"| {_fmt(r['max_abs_prob_diff'], 6)} |")
+  for r in runs:
+    lines.append(f"| {r['variant']} | {r['fold']} | {r['best_epoch']} | {fmt(r['best_val_auc'])} "
+                 f"| {fmt(r['max_abs_prob_diff'], 6)} |")
   lines += [""]
   unfinished = [f"- {r['variant']} fold {r['fold']}: {r['status']} when evaluated (its best "
-                "checkpoint so far; no `max |dp|`)." for r in ev["runs"]
+                "checkpoint so far; no `max |dp|`)." for r in runs
                 if r.get("status", "complete") != "complete"]
-  lines += unfinished + [""] if unfinished else []
+  return lines + (unfinished + [""] if unfinished else [])
+
+
+def _attention_maps_markdown(att: Mapping[str, Any], baseline: str) -> list[str]:
+  lines = ["### Do the attention maps overlap the infections more than the baseline's "
+           "Grad-CAM?", "",
+           f"COVID validation cases with an infection mask, each explained by the fold model "
+           f"that did not train on it. Chance levels of the mass inside: a uniform map over "
+           f"the lung gives the infection ratio, mean "
+           f"{fmt(att.get('chance_mass_inside'))} over these cases; a uniform map over the "
+           f"whole input volume gives the infection's volume fraction, mean "
+           f"{fmt(att.get('chance_mass_inside_volume'), 4)}, and a mass inside the lung "
+           f"equal to the lung's volume fraction, mean "
+           f"{fmt(att.get('chance_mass_in_lung_volume'))}.", ""]
+  lines += _attention_answer(att["display"], baseline) + [""]
+  lines += ["All map kinds (mean over cases; paired differences to the baseline in "
+            "attention_cases.csv / metrics.json):", ""]
+  lines += ["| Map kind | Model | N | Mass inside the infection | Soft Dice | "
+            "Mass inside the lung |", "|---|---|---|---|---|---|"]
+  for kind in MAP_KINDS:
+    for e in att.get(kind, []):
+      lines.append(f"| {kind} | {report.MODEL_TITLES.get(e['model'], e['model'])} | "
+                   f"{e['mass_inside']['n']} | {fmt(e['mass_inside']['mean'])} | "
+                   f"{fmt(e['soft_dice']['mean'])} | "
+                   f"{fmt(e.get('mass_in_lung', {}).get('mean'))} |")
+  return lines + ["", "Map kinds: " + "; ".join(f"`{k}`: {v}" for k, v in MAP_KIND_TITLES.items())
+                  + ".", ""]
+
+
+def _extra_markdown(ev: Mapping[str, Any]) -> str:
+  """The "Evaluation details" section appended to report.md."""
+  lines = ["", "## Evaluation details", ""]
+  lines += _ensemble_markdown(ev["ensemble"])
+  lines += _runs_markdown(ev["runs"])
   att = ev.get("attention_maps") or {}
   if att.get("display"):
-    lines += ["### Do the attention maps overlap the infections more than the baseline's "
-              "Grad-CAM?", "",
-              f"COVID validation cases with an infection mask, each explained by the fold model "
-              f"that did not train on it. Chance levels of the mass inside: a uniform map over "
-              f"the lung gives the infection ratio, mean "
-              f"{_fmt(att.get('chance_mass_inside'))} over these cases; a uniform map over the "
-              f"whole input volume gives the infection's volume fraction, mean "
-              f"{_fmt(att.get('chance_mass_inside_volume'), 4)}, and a mass inside the lung "
-              f"equal to the lung's volume fraction, mean "
-              f"{_fmt(att.get('chance_mass_in_lung_volume'))}.", ""]
-    lines += _attention_answer(att["display"], ev["baseline"]) + [""]
-    lines += ["All map kinds (mean over cases; paired differences to the baseline in "
-              "attention_cases.csv / metrics.json):", ""]
-    lines += ["| Map kind | Model | N | Mass inside the infection | Soft Dice | "
-              "Mass inside the lung |", "|---|---|---|---|---|---|"]
-    for kind in MAP_KINDS:
-      for e in att.get(kind, []):
-        lines.append(f"| {kind} | {report.MODEL_TITLES.get(e['model'], e['model'])} | "
-                     f"{e['mass_inside']['n']} | {_fmt(e['mass_inside']['mean'])} | "
-                     f"{_fmt(e['soft_dice']['mean'])} | "
-                     f"{_fmt(e.get('mass_in_lung', {}).get('mean'))} |")
-    lines += ["", "Map kinds: " + "; ".join(f"`{k}`: {v}" for k, v in MAP_KIND_TITLES.items())
-              + ".", ""]
+    lines += _attention_maps_markdown(att, ev["baseline"])
   if ev["attention_figures"]:
     lines += ["### Attention figures (like the paper's Fig. 5)", ""]
     for f in ev["attention_figures"]:
@@ -440,6 +432,293 @@ def _extra_markdown(ev: Mapping[str, Any]) -> str:
                                             for p in ev["training_curves"]] + [""]
   lines += [f"Evaluated in {ev['seconds']:.1f} s.", ""]
   return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------- evaluators.
+
+
+@dataclasses.dataclass
+class Context:
+  """What the evaluators share: the settings, the runs, the results so far, the output folder.
+
+  Attributes:
+    workdir: the protocol's root folder.
+    out: the temporary output folder (renamed to the final one when complete).
+    runs: the trained runs, in ``run_folder.find_runs`` order.
+    notes: {run: note} for runs still training (None for complete ones).
+    mesh: the device mesh.
+    settings: the ``eval`` and ``ensemble`` sections in force.
+    first: the first run's config (HU window, reference rows).
+    names: the evaluators in force, in order.
+    search: grid-search the ensemble's weights.
+    progress: show progress bars.
+  """
+  workdir: pathlib.Path
+  out: pathlib.Path
+  runs: list[run_folder.RunInfo]
+  notes: dict[run_folder.RunInfo, str | None]
+  mesh: Any
+  settings: ml_collections.ConfigDict
+  first: ml_collections.ConfigDict
+  names: tuple[str, ...]
+  search: bool
+  progress: bool
+  datasets: dict[str, prepare.Data] = dataclasses.field(default_factory=dict)
+  eval_steps: dict[Any, Any] = dataclasses.field(default_factory=dict)
+  data_note: str | None = None
+  rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # report.COLUMNS rows.
+  run_rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # runs.csv.
+  att_rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # attention_cases.csv.
+  att_summary: dict[str, Any] = dataclasses.field(default_factory=dict)
+  figure_cases: list[tuple[int, str]] = dataclasses.field(default_factory=list)
+  figure_maps: dict[int, dict[str, dict[str, Any]]] = dataclasses.field(default_factory=dict)
+  fig_info: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+  curves: list[str] = dataclasses.field(default_factory=list)
+  ens_info: dict[str, Any] = dataclasses.field(default_factory=lambda: dict(
+      available=False, reason="the ensemble evaluator is not in eval.evaluators"))
+  result_extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # -> metrics.json.
+  sections: list[str] = dataclasses.field(default_factory=list)  # Appended to report.md.
+  extra_files: list[str] = dataclasses.field(default_factory=list)
+
+  @property
+  def threshold(self) -> float:
+    return float(self.settings.eval.threshold)
+
+  @property
+  def edges(self) -> tuple[float, ...]:
+    return tuple(float(e) for e in self.settings.eval.ratio_groups)
+
+  @property
+  def batch_size(self) -> int:
+    return int(self.settings.eval.batch_size)
+
+  def data_for(self, config) -> prepare.Data:
+    """The prepared data of a run's config (shared by runs of the same data settings)."""
+    key = _data_key(config)
+    if key not in self.datasets:
+      self.datasets[key] = prepare.prepare_data(config, self.workdir, self.progress)
+    return self.datasets[key]
+
+  def any_data(self) -> prepare.Data:
+    return next(iter(self.datasets.values()))
+
+
+@dataclasses.dataclass
+class RunEval:
+  """One run under evaluation: its model, its data, its predictions and the maps asked for."""
+  run: run_folder.RunInfo
+  trained: run_folder.TrainedModel
+  data: prepare.Data
+  pred: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+  measure: set[int] = dataclasses.field(default_factory=set)  # Attention numbers of these.
+  keep: set[int] = dataclasses.field(default_factory=set)  # Maps kept for the figures.
+
+
+class Evaluator(NamedTuple):
+  """``per_run(ctx, r)`` after each run's model is loaded; ``finish(ctx)`` once after all runs."""
+  per_run: Callable[[Context, RunEval], None] | None
+  finish: Callable[[Context], None] | None
+
+
+def _predictions_per_run(ctx: Context, r: RunEval) -> None:
+  """Re-predicts the run's validation fold and the test split; one runs.csv row."""
+  cfg, run = r.trained.config, r.run
+  key = (r.trained.model, float(cfg.loss.attention_weight))
+  if key not in ctx.eval_steps:
+    ctx.eval_steps[key] = steps.make_eval_step(r.trained.model, ctx.mesh, key[1])
+  r.pred = _predict_rows(r.trained, r.data, run.fold, ctx.mesh, ctx.eval_steps[key],
+                         ctx.batch_size)
+  ctx.rows += r.pred
+  done = run.run_dir / "done.json"
+  summary = json.loads(done.read_text()) if done.exists() else {}
+  val_auc = (summary.get("best_val") or {}).get("auc", r.trained.meta.get("best_metric"))
+  ctx.run_rows.append(dict(
+      variant=run.variant, fold=run.fold, best_epoch=r.trained.meta.get("best_epoch"),
+      best_val_auc=val_auc, complete=done.exists(),
+      status=run_folder.run_status(run.run_dir) if ctx.notes[run] else "complete",
+      n_val=sum(p["split"] == report.VAL for p in r.pred),
+      n_test=sum(p["split"] == report.TEST for p in r.pred),
+      max_abs_prob_diff=None, run_dir=str(run.run_dir)))
+
+
+def _consistency_per_run(ctx: Context, r: RunEval) -> None:
+  """The re-predicted validation probabilities against training's val_predictions.csv."""
+  # A run in progress may have saved val_predictions.csv of a newer best epoch meanwhile.
+  if not ctx.notes[r.run]:
+    ctx.run_rows[-1]["max_abs_prob_diff"] = _consistency(r.run.run_dir, r.pred)
+
+
+def _attention_per_run(ctx: Context, r: RunEval) -> None:
+  """Asks for the maps of the run's masked COVID validation cases (``eval.attention_*``)."""
+  ev_cfg = ctx.settings.eval
+  if not bool(_get(ev_cfg, "attention_quality", True)):
+    return
+  max_att = int(_get(ev_cfg, "attention_max_cases", 0))
+  ds = r.data.dataset
+  masked_covid = [int(i) for i in np.flatnonzero(r.data.folds == r.run.fold)
+                  if ds.labels[i] == 1 and ds.has_masks[i]]
+  r.measure = set(masked_covid[:max_att] if max_att > 0 else masked_covid)
+
+
+def _attention_finish(ctx: Context) -> None:
+  """Summaries per map kind with the chance levels; attention_cases.csv."""
+  att_rows = ctx.att_rows
+  models = _model_order(ctx.rows)
+  att_models = [m for m in models if any(r["model"] == m for r in att_rows)]
+  summary = {kind: report.attention_summary(
+      [r for r in att_rows if r["kind"] == kind], att_models, BASELINE) for kind in MAP_KINDS}
+  for kind in MAP_KINDS:
+    for e in summary[kind]:
+      v = np.array([r["mass_in_lung"] for r in att_rows
+                    if r["kind"] == kind and r["model"] == e["model"]], np.float64)
+      v = v[np.isfinite(v)]
+      e["mass_in_lung"] = dict(n=int(v.size), mean=float(np.mean(v)) if v.size else float(
+          "nan"))
+  summary.update(_chance_levels({r["case_id"]: r for r in att_rows}))
+  ctx.att_summary = summary if att_rows else {}
+  files.write_csv(ctx.out / "attention_cases.csv", att_rows, empty_field="empty")
+  ctx.extra_files.append("attention_cases.csv")
+
+
+def _chance_levels(per_case: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+  """Mass inside / in the lung of uniform maps, averaged over the measured cases."""
+  def mean(values) -> float:
+    values = list(values)
+    return float(np.mean(values)) if values else float("nan")
+
+  return dict(
+      chance_mass_inside=mean(r["ratio"] for r in per_case.values() if np.isfinite(r["ratio"])),
+      chance_mass_inside_volume=mean(r["volume_fraction"] for r in per_case.values()),
+      chance_mass_in_lung_volume=mean(r["lung_fraction"] for r in per_case.values()
+                                      if np.isfinite(r["lung_fraction"])))
+
+
+def _full_folds(runs: Sequence[run_folder.RunInfo]) -> list[int]:
+  """Folds with every variant trained (the figures compare the three models of one fold)."""
+  by_fold: dict[int, set[str]] = {}
+  for r in runs:
+    by_fold.setdefault(r.fold, set()).add(r.variant)
+  return sorted(f for f, v in by_fold.items() if set(variants.VARIANTS) <= v) or sorted(by_fold)
+
+
+def _figures_per_run(ctx: Context, r: RunEval) -> None:
+  """Chooses the figure cases (once) and asks for the maps of this fold's ones."""
+  figure_ids = tuple(_get(ctx.settings.eval, "figure_case_ids", ()) or ())
+  full_folds = _full_folds(ctx.runs)
+  if not ctx.figure_cases and (full_folds or figure_ids):
+    ctx.figure_cases = choose_figure_cases(
+        r.data, full_folds, figure_ids,
+        visible=lambda i, ds=r.data.dataset: bool(np.any(ds[i]["infection_mask"])))
+  r.keep = {i for i, _ in ctx.figure_cases if r.data.folds[i] == r.run.fold}
+
+
+def _maps_per_run(ctx: Context, r: RunEval) -> None:
+  """One explanation pass over the cases the attention and figure evaluators asked for."""
+  todo = sorted(r.measure | r.keep)
+  if not todo or r.run.variant not in variants.VARIANTS:
+    return
+  a_rows, kept = _attention_pass(r.trained, r.data, todo, ctx.batch_size, r.keep, r.measure)
+  ctx.att_rows += [dict(row, fold=r.run.fold) for row in a_rows]
+  for i, maps in kept.items():
+    ctx.figure_maps.setdefault(i, {})[r.run.variant] = dict(
+        maps, attention_model=bool(r.trained.model.attention))
+
+
+def _figure(ctx: Context, i: int, why: str, per_model: Mapping[str, Mapping[str, Any]]
+            ) -> dict[str, Any]:
+  """Draws attention/<case>.png for dataset index ``i``; returns its figure entry."""
+  data = ctx.any_data()
+  ds = data.dataset
+  run_cfg = {r.variant: r for r in ctx.runs}
+  case_id = ds.case_ids[i]
+  cfg = run_folder.load_config(run_cfg[next(iter(per_model))].run_dir / "config.json")
+  vols = _display_volumes(data, i, cfg)
+  maps = {}
+  for variant in variants.VARIANTS:
+    if variant in per_model:
+      m = per_model[variant]
+      label = (f"{report.MODEL_TITLES[variant]} T(A)" if m["attention_model"]
+               else f"{report.MODEL_TITLES[variant]} Grad-CAM")
+      maps[f"{label}\nP(COVID) = {m['prob']:.2f}"] = explanation.display_map(
+          m, m["attention_model"])
+  name = f"attention/{_safe_name(case_id)}.png"
+  label = "COVID" if ds.labels[i] == 1 else "CAP"
+  plots.plot_attention_figure(
+      vols["ct"], vols["lung"], vols["infection"], maps, ctx.out / name,
+      spacing=vols["spacing"],
+      title=f"{case_id}: {label}, fold {int(data.folds[i])} models ({why})")
+  return dict(case_id=case_id, fold=int(data.folds[i]), why=why, file=name,
+              label=int(ds.labels[i]), ratio=float(ds.ratios[i]))
+
+
+def _figures_finish(ctx: Context) -> None:
+  """The Fig. 5-like panels, attention/<case>.png."""
+  for i, why in ctx.figure_cases:
+    per_model = ctx.figure_maps.get(i, {})
+    if per_model:
+      ctx.fig_info.append(_figure(ctx, i, why, per_model))
+  ctx.extra_files += [f["file"] for f in ctx.fig_info]
+
+
+def _curves_per_run(ctx: Context, r: RunEval) -> None:
+  """curves/<variant>_fold<k>.png from the run's metrics.jsonl."""
+  run = r.run
+  metrics_rows = _read_jsonl(run.run_dir / "metrics.jsonl")
+  if metrics_rows:
+    path = ctx.out / "curves" / f"{_safe_name(run.variant)}_fold{run.fold}.png"
+    plots.plot_training_curves(metrics_rows, path,
+                               title=f"{run.variant} fold {run.fold} (training)")
+    ctx.curves.append(os.path.join("curves", path.name))
+    ctx.extra_files.append(ctx.curves[-1])
+
+
+def _ensemble_finish(ctx: Context) -> None:
+  """The dual-sampling ensemble's rows (Eq. 5); ensemble.json."""
+  ctx.rows, ctx.ens_info = _ensemble(ctx.rows, ctx.settings.ensemble, ctx.threshold, ctx.search)
+  (ctx.out / "ensemble.json").write_text(json.dumps(files.jsonable(ctx.ens_info), indent=1))
+  ctx.extra_files.append("ensemble.json")
+
+
+def _findings_finish(ctx: Context) -> None:
+  """The paper's three findings with verdicts (``findings.py``); findings.csv."""
+  paper = findings.paper_findings(ctx.rows, ctx.threshold, ctx.edges)
+  ctx.result_extra["findings"] = paper
+  files.write_csv(ctx.out / "findings.csv", paper["effects"], empty_field="empty")
+  ctx.extra_files.append("findings.csv")
+  ctx.sections.append("\n" + findings.markdown(paper, ctx.edges))
+
+
+def _reference_finish(ctx: Context) -> None:
+  """Calibration rows beside the networks' (``reference.py``)."""
+  ctx.rows += _reference_rows(ctx.rows, ctx.any_data(), ctx.settings.eval,
+                              ctx.first.data.hu_window)
+
+
+# Run in the order ``eval.evaluators`` lists them ("predictions" first; "findings" before
+# "reference" compares the networks only). The one explanation pass per run (_maps_per_run)
+# follows the per-run steps and serves both "attention" and "figures".
+EVALUATORS: dict[str, Evaluator] = {
+    "predictions": Evaluator(_predictions_per_run, None),
+    "consistency": Evaluator(_consistency_per_run, None),
+    "attention": Evaluator(_attention_per_run, _attention_finish),
+    "figures": Evaluator(_figures_per_run, _figures_finish),
+    "curves": Evaluator(_curves_per_run, None),
+    "ensemble": Evaluator(None, _ensemble_finish),
+    "findings": Evaluator(None, _findings_finish),
+    "reference": Evaluator(None, _reference_finish),
+}
+
+
+def _evaluator_names(ev_cfg) -> tuple[str, ...]:
+  """``eval.evaluators`` (every evaluator for a run saved before the setting existed)."""
+  names = tuple(str(n) for n in (_get(ev_cfg, "evaluators", None) or tuple(EVALUATORS)))
+  unknown = [n for n in names if n not in EVALUATORS]
+  if unknown:
+    raise ConfigError(f"eval.evaluators: unknown {unknown}; known: {list(EVALUATORS)}")
+  if not names or names[0] != "predictions":
+    raise ConfigError(f"eval.evaluators must start with 'predictions' (the others use its "
+                      f"rows), got {list(names)}")
+  return names
 
 
 # ---------------------------------------------------------------------------------- the run.
@@ -455,17 +734,94 @@ def _reference_rows(rows: Sequence[Mapping[str, Any]], data: prepare.Data, ev_cf
                                   eval_folds={int(r["fold"]) for r in rows})
 
 
+def _model_order(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+  """The report's models: those of ``report.DEFAULT_MODELS`` present, then the others."""
+  present = list(dict.fromkeys(r["model"] for r in rows))
+  return [m for m in report.DEFAULT_MODELS if m in present] + [
+      m for m in present if m not in report.DEFAULT_MODELS]
+
+
+def _context(workdir: pathlib.Path, out: pathlib.Path, config_overrides: Any,
+             search_ensemble: bool, progress: bool) -> Context:
+  """Finds the runs, prints the notes of unfinished ones, resolves the settings."""
+  runs = run_folder.find_runs(workdir)
+  if not runs:
+    raise DsanError(f"{workdir}: no trained runs (expected <variant>/fold_<k>/checkpoints/best)")
+  notes = {r: run_folder.incomplete_note(r.variant, r.fold, r.run_dir) for r in runs}
+  for note in filter(None, notes.values()):
+    print(f"[dsan_jax] note: {note}", flush=True)
+  mesh = sharding.make_mesh()
+  first = run_folder.load_config(runs[0].run_dir / "config.json")
+  settings = _settings(first, config_overrides)
+  sharding.check_batch_divisible(int(settings.eval.batch_size), mesh, "eval.batch_size")
+  search = bool(search_ensemble or _get(settings.ensemble, "search", False))
+  return Context(workdir=workdir, out=out, runs=runs, notes=notes, mesh=mesh, settings=settings,
+                 first=first, names=_evaluator_names(settings.eval), search=search,
+                 progress=progress)
+
+
+def _evaluate_runs(ctx: Context) -> None:
+  """Loads each run's best checkpoint and runs the per-run steps of the evaluators."""
+  per_run = [EVALUATORS[n].per_run for n in ctx.names if EVALUATORS[n].per_run is not None]
+  for run in tqdm(ctx.runs, desc="evaluating runs", unit="run", disable=not ctx.progress):
+    trained = run_folder.load_trained(run.run_dir, ctx.mesh, "best")
+    data = ctx.data_for(trained.config)
+    # The ratios' sources (masks / ESTIMATED / manifest) head the report: Table III's groups
+    # and the ensemble's weights rest on them.
+    ctx.data_note = ctx.data_note or f"{data.note}; {cache_lib.ratio_summary(data.dataset)}"
+    r = RunEval(run=run, trained=trained, data=data)
+    for step in per_run:
+      step(ctx, r)
+    _maps_per_run(ctx, r)
+    del r, trained
+
+
+def _write_evaluation(ctx: Context, t0: float, out_dir: pathlib.Path) -> dict[str, Any]:
+  """Tables, report.md, runs.csv and metrics.json into ``ctx.out``; returns metrics.json's dict."""
+  display_rows = [dict(model=r["model"], case_id=r["case_id"], mass_inside=r["mass_inside"],
+                       soft_dice=r["soft_dice"]) for r in ctx.att_rows if r["kind"] == "display"]
+  models = _model_order(ctx.rows)
+  networks = [m for m in models if m not in reference.REFERENCE_MODELS]
+  result = report.write_report(
+      ctx.rows, ctx.out, models=models, baseline=BASELINE,
+      title=f"DSAN evaluation of {ctx.workdir}", data_note=ctx.data_note or "unknown data",
+      threshold=ctx.threshold, ratio_edges=ctx.edges, attention=display_rows or None,
+      pairs=report.default_pairs(networks, BASELINE) if BASELINE in networks else [])
+  result.update(ctx.result_extra)
+  files.write_csv(ctx.out / "runs.csv", ctx.run_rows, empty_field="empty")
+  ev = dict(runs=ctx.run_rows, ensemble=ctx.ens_info, baseline=BASELINE,
+            attention_maps=ctx.att_summary, attention_figures=ctx.fig_info,
+            training_curves=ctx.curves, seconds=time.perf_counter() - t0,
+            settings=ctx.settings.to_dict(), workdir=str(ctx.workdir))
+  with open(ctx.out / "report.md", "a") as f:
+    for section in ctx.sections:
+      f.write(section)
+    f.write(_extra_markdown(ev))
+  result = dict(result, evaluation=ev)
+  tmp = ctx.out
+  result["files"] = sorted({os.path.relpath(p, tmp) if os.path.isabs(str(p)) else str(p)
+                            for p in list(result["files"]) + ["runs.csv"] + ctx.extra_files})
+  result["out_dir"] = str(out_dir)
+  result["figures"] = [os.path.relpath(p, tmp) for p in result.get("figures", [])]
+  (tmp / "metrics.json").write_text(json.dumps(files.jsonable(result), indent=1, allow_nan=False))
+  return result
+
+
 def evaluate_workdir(workdir: str | os.PathLike, config_overrides: Any = None,
                      search_ensemble: bool = False, progress: bool = True,
                      out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
   """Evaluates every trained run of ``workdir`` and writes ``<workdir>/evaluation/``.
 
+  The evaluators named by ``eval.evaluators`` (``EVALUATORS``) run in that order: each one's
+  per-run step after a run's best checkpoint is loaded, then each one's final step; the tables,
+  report.md and metrics.json are written last.
+
   Args:
     workdir: the protocol's root folder (``<workdir>/<variant>/fold_<k>/``).
     config_overrides: optional {"eval": {...}, "ensemble": {...}} (dict or ConfigDict) applied
       over each run's own settings (e.g. the threshold, the ratio groups, the ensemble weights,
-      ``eval.attention_max_cases``, ``eval.figure_case_ids``). Other sections would change the
-      model or the data and are refused.
+      ``eval.attention_max_cases``, ``eval.figure_case_ids``, ``eval.evaluators``). Other
+      sections would change the model or the data and are refused.
     search_ensemble: grid-search the ensemble's two weights on the pooled validation
       predictions (``ensemble.search_weights``, objective ``ensemble.search_objective``) instead
       of using the configured ones; also on when ``ensemble.search`` is True.
@@ -477,196 +833,24 @@ def evaluate_workdir(workdir: str | os.PathLike, config_overrides: Any = None,
     with the runs, ensemble weights, attention summaries and figure paths) and ``out_dir``.
 
   Raises:
-    DsanError: no trained run in ``workdir``.
+    DsanError: no trained run in ``workdir``; ConfigError: a bad ``eval.evaluators``.
   """
   t0 = time.perf_counter()
   workdir = pathlib.Path(workdir)
-  runs = run_folder.find_runs(workdir)
-  if not runs:
-    raise DsanError(f"{workdir}: no trained runs (expected <variant>/fold_<k>/checkpoints/best)")
-  notes = {r: run_folder.incomplete_note(r.variant, r.fold, r.run_dir) for r in runs}
-  for note in filter(None, notes.values()):
-    print(f"[dsan_jax] note: {note}", flush=True)
-  mesh = sharding.make_mesh()
-  first = run_folder.load_config(runs[0].run_dir / "config.json")
-  settings = _settings(first, config_overrides)
-  ev_cfg, ens_cfg = settings.eval, settings.ensemble
-  threshold = float(ev_cfg.threshold)
-  edges = tuple(float(e) for e in ev_cfg.ratio_groups)
-  batch_size = int(ev_cfg.batch_size)
-  sharding.check_batch_divisible(batch_size, mesh, "eval.batch_size")
-  max_att = int(_get(ev_cfg, "attention_max_cases", 0))
-  want_att = bool(_get(ev_cfg, "attention_quality", True))
-  figure_ids = tuple(_get(ev_cfg, "figure_case_ids", ()) or ())
-  search = bool(search_ensemble or _get(ens_cfg, "search", False))
-
-  datasets: dict[str, prepare.Data] = {}
-
-  def data_for(config) -> prepare.Data:
-    key = _data_key(config)
-    if key not in datasets:
-      datasets[key] = prepare.prepare_data(config, workdir, progress)
-    return datasets[key]
-
-  # Folds with every variant trained: the attention figures compare the three models of one fold.
-  by_fold: dict[int, set[str]] = {}
-  for r in runs:
-    by_fold.setdefault(r.fold, set()).add(r.variant)
-  full_folds = sorted(f for f, v in by_fold.items() if set(variants.VARIANTS) <= v) or sorted(
-      by_fold)
-  figure_cases: list[tuple[int, str]] = []
-  figure_maps: dict[int, dict[str, dict[str, np.ndarray]]] = {}
-
-  rows: list[dict[str, Any]] = []
-  att_rows: list[dict[str, Any]] = []
-  run_rows: list[dict[str, Any]] = []
-  curves: list[str] = []
-  eval_steps: dict[Any, Any] = {}
-  data_note = None
   out_dir = pathlib.Path(out_dir) if out_dir is not None else workdir / OUT_DIR_NAME
-  out_dir.parent.mkdir(parents=True, exist_ok=True)
   tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+  ctx = _context(workdir, tmp, config_overrides, search_ensemble, progress)
+  out_dir.parent.mkdir(parents=True, exist_ok=True)
   if tmp.exists():
     shutil.rmtree(tmp)
   (tmp / "curves").mkdir(parents=True)
   (tmp / "attention").mkdir()
   try:
-    for run in tqdm(runs, desc="evaluating runs", unit="run", disable=not progress):
-      trained = run_folder.load_trained(run.run_dir, mesh, "best")
-      cfg = trained.config
-      data = data_for(cfg)
-      # The ratios' sources (masks / ESTIMATED / manifest) head the report: Table III's groups
-      # and the ensemble's weights rest on them.
-      data_note = data_note or f"{data.note}; {cache_lib.ratio_summary(data.dataset)}"
-      if not figure_cases and (full_folds or figure_ids):
-        figure_cases = choose_figure_cases(
-            data, full_folds, figure_ids,
-            visible=lambda i, ds=data.dataset: bool(np.any(ds[i]["infection_mask"])))
-      key = (trained.model, float(cfg.loss.attention_weight))
-      if key not in eval_steps:
-        eval_steps[key] = steps.make_eval_step(trained.model, mesh, key[1])
-      run_pred = _predict_rows(trained, data, run.fold, mesh, eval_steps[key], batch_size)
-      rows += run_pred
-      # A run in progress may have saved val_predictions.csv of a newer best epoch meanwhile.
-      diff = None if notes[run] else _consistency(run.run_dir, run_pred)
-      done = run.run_dir / "done.json"
-      summary = json.loads(done.read_text()) if done.exists() else {}
-      val_auc = (summary.get("best_val") or {}).get("auc", trained.meta.get("best_metric"))
-      run_rows.append(dict(
-          variant=run.variant, fold=run.fold, best_epoch=trained.meta.get("best_epoch"),
-          best_val_auc=val_auc, complete=done.exists(),
-          status=run_folder.run_status(run.run_dir) if notes[run] else "complete",
-          n_val=sum(r["split"] == report.VAL for r in run_pred),
-          n_test=sum(r["split"] == report.TEST for r in run_pred),
-          max_abs_prob_diff=diff, run_dir=str(run.run_dir)))
-      val_idx = np.flatnonzero(data.folds == run.fold)
-      keep = {i for i, _ in figure_cases if data.folds[i] == run.fold}
-      measure = set()
-      if want_att:
-        masked_covid = [int(i) for i in val_idx if data.dataset.labels[i] == 1
-                        and data.dataset.has_masks[i]]
-        measure = set(masked_covid[:max_att] if max_att > 0 else masked_covid)
-      todo = sorted(measure | keep)
-      if todo and run.variant in variants.VARIANTS:
-        a_rows, kept = _attention_pass(trained, data, todo, batch_size, keep, measure)
-        att_rows += [dict(r, fold=run.fold) for r in a_rows]
-        for i, maps in kept.items():
-          figure_maps.setdefault(i, {})[run.variant] = dict(
-              maps, attention_model=bool(trained.model.attention))
-      metrics_rows = _read_jsonl(run.run_dir / "metrics.jsonl")
-      if metrics_rows:
-        path = tmp / "curves" / f"{_safe_name(run.variant)}_fold{run.fold}.png"
-        plots.plot_training_curves(metrics_rows, path,
-                                   title=f"{run.variant} fold {run.fold} (training)")
-        curves.append(os.path.join("curves", path.name))
-      del trained
-
-    rows, ens_info = _ensemble(rows, ens_cfg, threshold, search)
-    paper = findings.paper_findings(rows, threshold, edges)
-    rows += _reference_rows(rows, next(iter(datasets.values())), ev_cfg, first.data.hu_window)
-    baseline = "rn34_us"
-    display_rows = [dict(model=r["model"], case_id=r["case_id"], mass_inside=r["mass_inside"],
-                         soft_dice=r["soft_dice"]) for r in att_rows if r["kind"] == "display"]
-    models_present = list(dict.fromkeys(r["model"] for r in rows))
-    models = [m for m in report.DEFAULT_MODELS if m in models_present] + [
-        m for m in models_present if m not in report.DEFAULT_MODELS]
-    networks = [m for m in models if m not in reference.REFERENCE_MODELS]
-    result = report.write_report(
-        rows, tmp, models=models, baseline=baseline,
-        title=f"DSAN evaluation of {workdir}", data_note=data_note or "unknown data",
-        threshold=threshold, ratio_edges=edges, attention=display_rows or None,
-        pairs=report.default_pairs(networks, baseline) if baseline in networks else [])
-    result["findings"] = paper
-    _write_csv(tmp / "findings.csv", paper["effects"])
-    with open(tmp / "report.md", "a") as f:
-      f.write("\n" + findings.markdown(paper, edges))
-
-    att_models = [m for m in models if any(r["model"] == m for r in att_rows)]
-    att_summary = {kind: report.attention_summary(
-        [r for r in att_rows if r["kind"] == kind], att_models, baseline) for kind in MAP_KINDS}
-    for kind in MAP_KINDS:
-      for e in att_summary[kind]:
-        v = np.array([r["mass_in_lung"] for r in att_rows
-                      if r["kind"] == kind and r["model"] == e["model"]], np.float64)
-        v = v[np.isfinite(v)]
-        e["mass_in_lung"] = dict(n=int(v.size), mean=float(np.mean(v)) if v.size else float(
-            "nan"))
-    per_case = {r["case_id"]: r for r in att_rows}
-    lung_chance = [r["ratio"] for r in per_case.values() if np.isfinite(r["ratio"])]
-    att_summary["chance_mass_inside"] = float(np.mean(lung_chance)) if lung_chance else float(
-        "nan")
-    att_summary["chance_mass_inside_volume"] = (float(np.mean(
-        [r["volume_fraction"] for r in per_case.values()])) if per_case else float("nan"))
-    lung_fracs = [r["lung_fraction"] for r in per_case.values() if np.isfinite(r["lung_fraction"])]
-    att_summary["chance_mass_in_lung_volume"] = (float(np.mean(lung_fracs)) if lung_fracs
-                                                 else float("nan"))
-    _write_csv(tmp / "attention_cases.csv", att_rows)
-    _write_csv(tmp / "runs.csv", run_rows)
-    (tmp / "ensemble.json").write_text(json.dumps(files.jsonable(ens_info), indent=1))
-
-    fig_info = []
-    ds_any = next(iter(datasets.values()))
-    run_cfg = {r.variant: r for r in runs}
-    for i, why in figure_cases:
-      per_model = figure_maps.get(i, {})
-      if not per_model:
-        continue
-      case_id = ds_any.dataset.case_ids[i]
-      cfg = run_folder.load_config(run_cfg[next(iter(per_model))].run_dir / "config.json")
-      vols = _display_volumes(ds_any, i, cfg)
-      maps = {}
-      for variant in variants.VARIANTS:
-        if variant in per_model:
-          m = per_model[variant]
-          label = (f"{report.MODEL_TITLES[variant]} T(A)" if m["attention_model"]
-                   else f"{report.MODEL_TITLES[variant]} Grad-CAM")
-          maps[f"{label}\nP(COVID) = {m['prob']:.2f}"] = explanation.display_map(
-              m, m["attention_model"])
-      name = f"attention/{_safe_name(case_id)}.png"
-      label = "COVID" if ds_any.dataset.labels[i] == 1 else "CAP"
-      plots.plot_attention_figure(
-          vols["ct"], vols["lung"], vols["infection"], maps, tmp / name,
-          spacing=vols["spacing"],
-          title=f"{case_id}: {label}, fold {int(ds_any.folds[i])} models ({why})")
-      fig_info.append(dict(case_id=case_id, fold=int(ds_any.folds[i]), why=why, file=name,
-                           label=int(ds_any.dataset.labels[i]),
-                           ratio=float(ds_any.dataset.ratios[i])))
-
-    ev = dict(runs=run_rows, ensemble=ens_info, baseline=baseline,
-              attention_maps=att_summary if att_rows else {},
-              attention_figures=fig_info, training_curves=curves,
-              seconds=time.perf_counter() - t0,
-              settings=settings.to_dict(), workdir=str(workdir))
-    with open(tmp / "report.md", "a") as f:
-      f.write(_extra_markdown(ev))
-    result = dict(result, evaluation=ev)
-    extra_files = ["attention_cases.csv", "runs.csv", "ensemble.json", "findings.csv"] + curves + [
-        f["file"] for f in fig_info]
-    result["files"] = sorted({os.path.relpath(p, tmp) if os.path.isabs(str(p)) else str(p)
-                              for p in list(result["files"]) + extra_files})
-    result["out_dir"] = str(out_dir)
-    result["figures"] = [os.path.relpath(p, tmp) for p in result.get("figures", [])]
-    (tmp / "metrics.json").write_text(json.dumps(files.jsonable(result), indent=1, allow_nan=False))
+    _evaluate_runs(ctx)
+    for name in ctx.names:
+      if EVALUATORS[name].finish is not None:
+        EVALUATORS[name].finish(ctx)
+    result = _write_evaluation(ctx, t0, out_dir)
     if jax.process_index() == 0:  # Two evaluations of one workdir may finish at once.
       with run_lock.locked(out_dir.parent / f".{out_dir.name}.lock"):
         files.replace_dir(tmp, out_dir)
@@ -700,9 +884,9 @@ def _print_summary(result: Mapping[str, Any]) -> None:
     e = t2.get(m, {})
     parts = []
     if report.VAL in e:
-      parts.append(f"val AUC {_fmt(e[report.VAL]['pooled']['auc'])} acc "
-                   f"{_fmt(e[report.VAL]['pooled']['accuracy'])}")
+      parts.append(f"val AUC {fmt(e[report.VAL]['pooled']['auc'])} acc "
+                   f"{fmt(e[report.VAL]['pooled']['accuracy'])}")
     if report.TEST in e:
-      parts.append(f"test AUC {_fmt(e[report.TEST]['mean']['auc'])} ± "
-                   f"{_fmt(e[report.TEST]['std']['auc'])}")
+      parts.append(f"test AUC {fmt(e[report.TEST]['mean']['auc'])} ± "
+                   f"{fmt(e[report.TEST]['std']['auc'])}")
     print(f"  {m:12s} " + " | ".join(parts), flush=True)

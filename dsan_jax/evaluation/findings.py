@@ -43,6 +43,7 @@ import numpy as np
 from dsan_jax.evaluation import metrics
 from dsan_jax.evaluation import report
 from dsan_jax.evaluation import stats
+from dsan_jax.evaluation import text
 
 ALPHA = 0.05
 REPRODUCES, NOT_REPRODUCED, INCONCLUSIVE = "reproduces", "does not reproduce", "inconclusive"
@@ -223,8 +224,7 @@ def markdown(result: dict[str, Any], edges: Sequence[float] = metrics.DEFAULT_RA
            "| Finding | Effect | A vs B | Group | Val A | Val B | n | p (case) | p (t, folds) "
            "| Test A | Test B | n | p (case) | Verdict |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-  f3 = report._fmt  # pylint: disable=protected-access
-  fp = report._fmt_p  # pylint: disable=protected-access
+  f3, fp = text.fmt, text.fmt_p
   for r in result["effects"]:
     group = "all" if r["group"] is None else names[r["group"]]
     lines.append(

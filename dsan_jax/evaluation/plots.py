@@ -126,47 +126,22 @@ def plot_attention_figure(ct: np.ndarray, lung_mask: np.ndarray | None,
   for name, m in (("lung_mask", lung_mask), ("infection_mask", infection_mask)):
     if m is not None and np.shape(m) != ct.shape:
       raise ValueError(f"{name} shape {np.shape(m)} != ct shape {ct.shape}")
-  cz, cy, _ = default_slice_index(infection_mask, lung_mask, ct.shape)
-  if slice_index is not None:
-    if isinstance(slice_index, (tuple, list)):
-      cz, cy = (int(s) for s in slice_index)
-    else:
-      cz = int(slice_index)
-  cz = int(np.clip(cz, 0, ct.shape[0] - 1))
-  cy = int(np.clip(cy, 0, ct.shape[1] - 1))
+  cz, cy = _slice_pair(slice_index, infection_mask, lung_mask, ct.shape)
   dz, dy, dx = (float(s) for s in spacing)
-
-  columns: list[tuple[str, np.ndarray | None, str]] = [("CT", None, "")]
-  columns.append(("lung mask", lung_mask, "mask"))
-  columns.append(("infection mask", infection_mask, "mask"))
-  for name, m in maps.items():
-    m = resize_to(np.asarray(m, np.float32), ct.shape)
-    peak = float(m.max()) if m.size else 0.0
-    columns.append((name, m / peak if peak > 0 else m, "map"))
-
+  columns = _figure_columns(lung_mask, infection_mask, maps, ct.shape)
   ncol = len(columns)
   fig = _new_figure(2.4 * ncol, 2.4 * 2 * max(1.0, ct.shape[0] * dz / (ct.shape[1] * dy)) ** 0.5)
   lo, hi = float(ct.min()), float(ct.max())
   views = [("axial z=%d" % cz, lambda v: _axial(v, cz), dy / dx),
            ("coronal y=%d" % cy, lambda v: _coronal(v, cy), dz / dx)]
+  im = None
   for r, (view_name, take, aspect) in enumerate(views):
     base = take(ct)
     for c, (name, overlay, kind) in enumerate(columns):
       ax = fig.add_subplot(2, ncol, r * ncol + c + 1)
       ax.imshow(base, cmap="gray", vmin=lo, vmax=hi, origin="lower", aspect=aspect,
                 interpolation="nearest")
-      if kind == "mask" and overlay is not None:
-        sl = take(np.asarray(overlay)).astype(bool)
-        color = (0.1, 0.6, 1.0) if name.startswith("lung") else (1.0, 0.2, 0.1)
-        rgba = np.zeros(sl.shape + (4,), np.float32)
-        rgba[sl] = (*color, 0.45)
-        ax.imshow(rgba, origin="lower", aspect=aspect, interpolation="nearest")
-      elif kind == "mask":
-        ax.text(0.5, 0.5, "no mask", color="w", ha="center", va="center",
-                transform=ax.transAxes)
-      elif kind == "map":
-        im = ax.imshow(take(overlay), cmap="jet", vmin=0.0, vmax=1.0, alpha=0.45,
-                       origin="lower", aspect=aspect, interpolation="bilinear")
+      im = _overlay(ax, name, overlay, kind, take, aspect) or im
       ax.set_xticks([])
       ax.set_yticks([])
       if r == 0:
@@ -178,6 +153,46 @@ def plot_attention_figure(ct: np.ndarray, lung_mask: np.ndarray | None,
   if title:
     fig.suptitle(title, fontsize=9)
   _save(fig, path)
+
+
+def _figure_columns(lung_mask, infection_mask, maps: Mapping[str, np.ndarray], shape
+                    ) -> list[tuple[str, np.ndarray | None, str]]:
+  """(title, overlay, kind) per column: the CT, the two masks, each map scaled by its maximum."""
+  columns: list[tuple[str, np.ndarray | None, str]] = [("CT", None, "")]
+  columns.append(("lung mask", lung_mask, "mask"))
+  columns.append(("infection mask", infection_mask, "mask"))
+  for name, m in maps.items():
+    m = resize_to(np.asarray(m, np.float32), shape)
+    peak = float(m.max()) if m.size else 0.0
+    columns.append((name, m / peak if peak > 0 else m, "map"))
+  return columns
+
+
+def _slice_pair(slice_index, infection_mask, lung_mask, shape) -> tuple[int, int]:
+  """(z, y) of the axial and coronal slices (``plot_attention_figure``'s ``slice_index``)."""
+  cz, cy, _ = default_slice_index(infection_mask, lung_mask, shape)
+  if slice_index is not None:
+    if isinstance(slice_index, (tuple, list)):
+      cz, cy = (int(s) for s in slice_index)
+    else:
+      cz = int(slice_index)
+  return int(np.clip(cz, 0, shape[0] - 1)), int(np.clip(cy, 0, shape[1] - 1))
+
+
+def _overlay(ax, name: str, overlay: np.ndarray | None, kind: str, take, aspect: float):
+  """Draws a mask ("mask") or a heat map ("map") over a panel; returns the map's image."""
+  if kind == "mask" and overlay is not None:
+    sl = take(np.asarray(overlay)).astype(bool)
+    color = (0.1, 0.6, 1.0) if name.startswith("lung") else (1.0, 0.2, 0.1)
+    rgba = np.zeros(sl.shape + (4,), np.float32)
+    rgba[sl] = (*color, 0.45)
+    ax.imshow(rgba, origin="lower", aspect=aspect, interpolation="nearest")
+  elif kind == "mask":
+    ax.text(0.5, 0.5, "no mask", color="w", ha="center", va="center", transform=ax.transAxes)
+  elif kind == "map":
+    return ax.imshow(take(overlay), cmap="jet", vmin=0.0, vmax=1.0, alpha=0.45,
+                     origin="lower", aspect=aspect, interpolation="bilinear")
+  return None
 
 
 def plot_training_curves(metrics_rows: Sequence[Mapping[str, Any]], path,

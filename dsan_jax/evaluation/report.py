@@ -28,11 +28,9 @@ What is computed (threshold 0.5, COVID positive, ``prob >= threshold``):
 
 from __future__ import annotations
 
-import csv
 import json
-import math
 import os
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -41,6 +39,7 @@ from dsan_jax.evaluation import ensemble
 from dsan_jax.evaluation import metrics
 from dsan_jax.evaluation import plots
 from dsan_jax.evaluation import stats
+from dsan_jax.evaluation.text import fmt, fmt_p, md_table, pm
 
 VAL = "val"
 TEST = "test"
@@ -146,8 +145,8 @@ def add_ensemble(predictions: Any, us: str = "att_rn34_us", ss: str = "att_rn34_
     predictions: the prediction table (see the module docstring).
     us, ss: names of the uniform- and size-balanced-sampling models.
     name: name of the ensemble model.
-    **weight_kwargs: ``w_extreme``, ``w_middle``, ``low``, ``high``, ``nan_weight`` of
-      ``ensemble.combine`` (the paper's values by default).
+    **weight_kwargs: ``w_extreme``, ``w_middle``, ``low``, ``high`` (required; e.g.
+      ``ensemble.config_weights(config.ensemble)``) and ``nan_weight`` of ``ensemble.combine``.
 
   Returns:
     The table (as columns) with the ensemble's rows added.
@@ -399,54 +398,21 @@ def attention_summary(rows: Sequence[Mapping[str, Any]], models: Sequence[str] |
 # ----------------------------------------------------------------------------- formatting.
 
 
-def _fmt(x: Any, digits: int = 3) -> str:
-  if x is None or (isinstance(x, float) and math.isnan(x)):
-    return "n/a"
-  if isinstance(x, float):
-    return f"{x:.{digits}f}"
-  return str(x)
-
-
-def _fmt_p(p: float) -> str:
-  if p is None or math.isnan(p):
-    return "n/a"
-  return "< 0.001" if p < 0.001 else f"{p:.3f}"
-
-
-def _pm(mean: float, std: float) -> str:
-  if math.isnan(std):
-    return _fmt(mean)
-  return f"{_fmt(mean)} ± {_fmt(std)}"
-
-
-def _md_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-  return lines + [""]
-
-
-def _write_csv(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
-  fields = list(dict.fromkeys(k for r in rows for k in r))
-  with open(path, "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=fields)
-    w.writeheader()
-    for r in rows:
-      w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()})
-
-
 def _title(model: str) -> str:
   return MODEL_TITLES.get(model, model)
 
 
-def _markdown(result: dict[str, Any]) -> str:
-  t2, t3, cmp_ = result["table2"], result["table3"], result["comparisons"]
-  models = result["models"]
+def _header_markdown(result: dict[str, Any]) -> list[str]:
   lines = [f"# {result['title']}", "", f"**Data: {result['data_note']}**", "",
            f"Threshold {result['threshold']} (COVID positive when P >= threshold); "
            f"validation: predictions of the {result['n_folds'][VAL]} validation folds pooled; "
            f"test: mean ± std (ddof = 1) over the {result['n_folds'][TEST]} fold models.", ""]
-  lines += [f"Cases: validation {result['n_cases'][VAL]}, test {result['n_cases'][TEST]}.", ""]
-  lines += ["## Table II: classification results", ""]
+  return lines + [f"Cases: validation {result['n_cases'][VAL]}, test {result['n_cases'][TEST]}.",
+                  ""]
+
+
+def _table2_markdown(t2: Mapping[str, Any], models: Sequence[str]) -> list[str]:
+  lines = ["## Table II: classification results", ""]
   for split, heading in ((VAL, "Validation (pooled over folds)"),
                          (TEST, "Test (mean ± std over fold models)")):
     present = [m for m in models if split in t2.get(m, {})]
@@ -457,11 +423,29 @@ def _markdown(result: dict[str, Any]) -> str:
     for m in present:
       e = t2[m][split]
       if split == VAL:
-        rows.append([_title(m)] + [_fmt(e["pooled"][k]) for k in metrics.METRIC_NAMES])
+        rows.append([_title(m)] + [fmt(e["pooled"][k]) for k in metrics.METRIC_NAMES])
       else:
-        rows.append([_title(m)] + [_pm(e["mean"][k], e["std"][k]) for k in metrics.METRIC_NAMES])
-    lines += _md_table(["Model"] + [METRIC_TITLES[k] for k in metrics.METRIC_NAMES], rows)
-  lines += ["## Table III: results per infection-ratio group", ""]
+        rows.append([_title(m)] + [pm(e["mean"][k], e["std"][k]) for k in metrics.METRIC_NAMES])
+    lines += md_table(["Model"] + [METRIC_TITLES[k] for k in metrics.METRIC_NAMES], rows)
+  return lines
+
+
+def _table3_cells(split: str, per_group: Sequence[Mapping[str, Any]], groups, k: str) -> list[str]:
+  """One Table III row's cells: metric ``k`` of one model in each ratio group."""
+  cells = []
+  for g in groups:
+    r = next((r for r in per_group if r["group"] == g["group"]), None)
+    if r is None:
+      cells.append("n/a")
+    elif split == VAL:
+      cells.append(fmt(r[k]))
+    else:
+      cells.append(pm(r["mean"][k], r["std"][k]))
+  return cells
+
+
+def _table3_markdown(t3: Mapping[str, Any], models: Sequence[str]) -> list[str]:
+  lines = ["## Table III: results per infection-ratio group", ""]
   for split, heading in ((VAL, "Validation (pooled)"),
                          (TEST, "Test (mean ± std over fold models)")):
     if split not in t3:
@@ -473,66 +457,74 @@ def _markdown(result: dict[str, Any]) -> str:
             ["", "Total"] + [g["n_covid"] + g["n_cap"] for g in groups]]
     for k in metrics.METRIC_NAMES:
       for i, m in enumerate(mm for mm in models if mm in t3[split]["models"]):
-        cells = []
-        for g in groups:
-          r = next((r for r in t3[split]["models"][m] if r["group"] == g["group"]), None)
-          if r is None:
-            cells.append("n/a")
-          elif split == VAL:
-            cells.append(_fmt(r[k]))
-          else:
-            cells.append(_pm(r["mean"][k], r["std"][k]))
+        cells = _table3_cells(split, t3[split]["models"][m], groups, k)
         rows.append([METRIC_TITLES[k] if i == 0 else "", _title(m)] + cells)
-    lines += _md_table(["", ""] + [g["name"] for g in groups], rows)
+    lines += md_table(["", ""] + [g["name"] for g in groups], rows)
+  return lines
+
+
+def _pair_name(r: Mapping[str, Any]) -> str:
+  return f"{_title(r['model_a'])} vs {_title(r['model_b'])}"
+
+
+def _ttest_markdown(ttest: Sequence[Mapping[str, Any]]) -> list[str]:
+  lines = ["## Paired comparisons", "",
+           "Paired t-test over the fold models (t > 0: the first model is larger).", ""]
+  rows = [[_pair_name(r), r["split"], METRIC_TITLES[r["metric"]], r["k"], fmt(r["mean_a"]),
+           fmt(r["mean_b"]), fmt(r["t"], 2), fmt_p(r["p"])]
+          for r in ttest if r["group"] == "all"]
+  lines += md_table(["Pair", "Split", "Metric", "Folds", "Mean A", "Mean B", "t", "p"], rows)
+  # The paper tests the groups for DS vs US only; every pair is in ttests.csv.
+  paper_pair = ("att_rn34_ds", "att_rn34_us")
+  shown = {(r["model_a"], r["model_b"]) for r in ttest}
+  shown = {paper_pair} if paper_pair in shown else shown
+  rows = [[_pair_name(r), r["split"], r["group"], METRIC_TITLES[r["metric"]], fmt(r["mean_a"]),
+           fmt(r["mean_b"]), fmt_p(r["p"])]
+          for r in ttest if r["group"] != "all" and (r["model_a"], r["model_b"]) in shown]
+  lines += ["Per infection-ratio group (paired t-test over folds; all pairs in ttests.csv):", ""]
+  return lines + md_table(["Pair", "Split", "Group", "Metric", "Mean A", "Mean B", "p"], rows)
+
+
+def _delong_markdown(delong: Sequence[Mapping[str, Any]]) -> list[str]:
+  lines = ["DeLong's test of the AUCs on the same cases (validation pooled; test per fold "
+           "model):", ""]
+  rows = [[_pair_name(r), r["split"], r["fold"], r["n"], fmt(r["auc_a"]), fmt(r["auc_b"]),
+           fmt(r["z"], 2), fmt_p(r["p"])] for r in delong]
+  return lines + md_table(["Pair", "Split", "Fold", "N", "AUC A", "AUC B", "z", "p"], rows)
+
+
+def _attention_markdown(attention: Sequence[Mapping[str, Any]], baseline: str) -> list[str]:
+  lines = ["## Attention quality (COVID cases with an infection mask)", "",
+           "Mass inside: fraction of the map's mass inside the infection mask. Soft Dice: "
+           "2 sum(map mask) / (sum(map) + sum(mask)) with the map scaled to [0, 1] by its "
+           f"maximum. Paired over cases with `{_title(baseline)}` (paired t-test).",
+           ""]
+  rows = []
+  for e in attention:
+    cells = [_title(e["model"])]
+    for k in ATTENTION_METRICS:
+      s = e[k]
+      cells += [s["n"], pm(s["mean"], s["std"]), fmt(s["median"])]
+      cells += ([f"{s['mean_diff']:+.3f}, higher in {100 * s['frac_higher']:.0f} % of "
+                 f"{s['n_paired']} cases, p {fmt_p(s['p'])}"]
+                if "mean_diff" in s and s["n_paired"] else ["-"])
+    rows.append(cells)
+  return lines + md_table(["Model", "N", "Mass inside (mean ± std)", "median", "vs baseline",
+                           "N", "Soft Dice (mean ± std)", "median", "vs baseline"], rows)
+
+
+def _markdown(result: dict[str, Any]) -> str:
+  """report.md: the header, Tables II and III, the paired tests, attention quality, figures."""
+  models, cmp_ = result["models"], result["comparisons"]
+  lines = _header_markdown(result)
+  lines += _table2_markdown(result["table2"], models)
+  lines += _table3_markdown(result["table3"], models)
   if cmp_["ttest"]:
-    lines += ["## Paired comparisons", "",
-              "Paired t-test over the fold models (t > 0: the first model is larger).", ""]
-    rows = []
-    for r in cmp_["ttest"]:
-      if r["group"] != "all":
-        continue
-      rows.append([f"{_title(r['model_a'])} vs {_title(r['model_b'])}", r["split"],
-                   METRIC_TITLES[r["metric"]], r["k"], _fmt(r["mean_a"]), _fmt(r["mean_b"]),
-                   _fmt(r["t"], 2), _fmt_p(r["p"])])
-    lines += _md_table(["Pair", "Split", "Metric", "Folds", "Mean A", "Mean B", "t", "p"], rows)
-    # The paper tests the groups for DS vs US only; every pair is in ttests.csv.
-    paper_pair = ("att_rn34_ds", "att_rn34_us")
-    shown = {(r["model_a"], r["model_b"]) for r in cmp_["ttest"]}
-    shown = {paper_pair} if paper_pair in shown else shown
-    rows = []
-    for r in cmp_["ttest"]:
-      if r["group"] == "all" or (r["model_a"], r["model_b"]) not in shown:
-        continue
-      rows.append([f"{_title(r['model_a'])} vs {_title(r['model_b'])}", r["split"], r["group"],
-                   METRIC_TITLES[r["metric"]], _fmt(r["mean_a"]), _fmt(r["mean_b"]),
-                   _fmt_p(r["p"])])
-    lines += ["Per infection-ratio group (paired t-test over folds; all pairs in ttests.csv):", ""]
-    lines += _md_table(["Pair", "Split", "Group", "Metric", "Mean A", "Mean B", "p"], rows)
+    lines += _ttest_markdown(cmp_["ttest"])
   if cmp_["delong"]:
-    lines += ["DeLong's test of the AUCs on the same cases (validation pooled; test per fold "
-              "model):", ""]
-    rows = [[f"{_title(r['model_a'])} vs {_title(r['model_b'])}", r["split"], r["fold"], r["n"],
-             _fmt(r["auc_a"]), _fmt(r["auc_b"]), _fmt(r["z"], 2), _fmt_p(r["p"])]
-            for r in cmp_["delong"]]
-    lines += _md_table(["Pair", "Split", "Fold", "N", "AUC A", "AUC B", "z", "p"], rows)
+    lines += _delong_markdown(cmp_["delong"])
   if result.get("attention"):
-    lines += ["## Attention quality (COVID cases with an infection mask)", "",
-              "Mass inside: fraction of the map's mass inside the infection mask. Soft Dice: "
-              "2 sum(map mask) / (sum(map) + sum(mask)) with the map scaled to [0, 1] by its "
-              f"maximum. Paired over cases with `{_title(result['baseline'])}` (paired t-test).",
-              ""]
-    rows = []
-    for e in result["attention"]:
-      cells = [_title(e["model"])]
-      for k in ATTENTION_METRICS:
-        s = e[k]
-        cells += [s["n"], _pm(s["mean"], s["std"]), _fmt(s["median"])]
-        cells += ([f"{s['mean_diff']:+.3f}, higher in {100 * s['frac_higher']:.0f} % of "
-                   f"{s['n_paired']} cases, p {_fmt_p(s['p'])}"]
-                  if "mean_diff" in s and s["n_paired"] else ["-"])
-      rows.append(cells)
-    lines += _md_table(["Model", "N", "Mass inside (mean ± std)", "median", "vs baseline",
-                        "N", "Soft Dice (mean ± std)", "median", "vs baseline"], rows)
+    lines += _attention_markdown(result["attention"], result["baseline"])
   if result.get("figures"):
     lines += ["## Figures", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})"
                                    for p in result["figures"]] + [""]
@@ -635,19 +627,10 @@ def write_report(predictions: Any, out_dir, models: Sequence[str] | None = None,
     The metrics dict: title, data_note, threshold, ratio_edges, models, baseline, n_folds,
     n_cases, table2, table3, comparisons, attention (when given), figures, files.
   """
-  cols = as_columns(predictions)
-  present = list(dict.fromkeys(cols["model"].tolist()))
-  if models is None:
-    models = [m for m in DEFAULT_MODELS if m in present] + [
-        m for m in present if m not in DEFAULT_MODELS]
-  unknown = [m for m in models if m not in present]
-  if unknown:
-    raise ValueError(f"model(s) {unknown} have no predictions; present: {present}")
-  cols = {k: v[np.isin(cols["model"], models)] for k, v in cols.items()}
+  cols, models = _report_models(as_columns(predictions), models)
   if pairs is None:
     pairs = default_pairs(models, baseline) if baseline in models else []
   os.makedirs(out_dir, exist_ok=True)
-
   result: dict[str, Any] = dict(
       title=title, data_note=data_note, threshold=threshold, ratio_edges=list(ratio_edges),
       models=list(models), baseline=baseline,
@@ -661,22 +644,39 @@ def write_report(predictions: Any, out_dir, models: Sequence[str] | None = None,
     att_models = [m for m in models if any(str(r["model"]) == m for r in attention)]
     result["attention"] = attention_summary(attention, att_models, baseline)
   result["figures"] = _roc_figures(cols, models, str(out_dir)) if roc_figures else []
-  out_files = {name: os.path.join(str(out_dir), name) for name in (
+  _write_report_files(result, cols, str(out_dir))
+  return result
+
+
+def _report_models(cols: Columns, models: Sequence[str] | None) -> tuple[Columns, list[str]]:
+  """The models to report (``write_report``'s rule) and the table's rows of those models."""
+  present = list(dict.fromkeys(cols["model"].tolist()))
+  if models is None:
+    models = [m for m in DEFAULT_MODELS if m in present] + [
+        m for m in present if m not in DEFAULT_MODELS]
+  unknown = [m for m in models if m not in present]
+  if unknown:
+    raise ValueError(f"model(s) {unknown} have no predictions; present: {present}")
+  return {k: v[np.isin(cols["model"], models)] for k, v in cols.items()}, list(models)
+
+
+def _write_report_files(result: dict[str, Any], cols: Columns, out_dir: str) -> None:
+  """Writes ``write_report``'s files into ``out_dir`` and lists them in ``result["files"]``."""
+  out_files = {name: os.path.join(out_dir, name) for name in (
       "report.md", "metrics.json", "table2.csv", "table3.csv", "ttests.csv", "delong.csv",
       "predictions.csv")}
-  if attention is not None:
-    out_files["attention.csv"] = os.path.join(str(out_dir), "attention.csv")
-    _write_csv(out_files["attention.csv"], [
+  if "attention" in result:
+    out_files["attention.csv"] = os.path.join(out_dir, "attention.csv")
+    files.write_csv(out_files["attention.csv"], [
         dict(model=e["model"], metric=k, **e[k]) for e in result["attention"]
         for k in ATTENTION_METRICS])
   result["files"] = sorted(list(out_files.values()) + result["figures"])
-  _write_csv(out_files["table2.csv"], _flat_table2(result["table2"]))
-  _write_csv(out_files["table3.csv"], _flat_table3(result["table3"]))
-  _write_csv(out_files["ttests.csv"], result["comparisons"]["ttest"])
-  _write_csv(out_files["delong.csv"], result["comparisons"]["delong"])
-  _write_csv(out_files["predictions.csv"], _rows_of(cols))
+  files.write_csv(out_files["table2.csv"], _flat_table2(result["table2"]))
+  files.write_csv(out_files["table3.csv"], _flat_table3(result["table3"]))
+  files.write_csv(out_files["ttests.csv"], result["comparisons"]["ttest"])
+  files.write_csv(out_files["delong.csv"], result["comparisons"]["delong"])
+  files.write_csv(out_files["predictions.csv"], _rows_of(cols))
   with open(out_files["report.md"], "w") as f:
     f.write(_markdown(result))
   with open(out_files["metrics.json"], "w") as f:
     json.dump(files.jsonable(result), f, indent=1, allow_nan=False)
-  return result

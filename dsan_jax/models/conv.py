@@ -121,11 +121,12 @@ def _conv3d_folded(x, kernel, strides, padding):
   return y.reshape(b, d_out, *y.shape[1:])
 
 
-_IMPL_FNS = {"xla": _conv3d_xla, "folded": _conv3d_folded, "onednn": onednn.conv3d}
+_IMPL_FNS = {"xla": _conv3d_xla, "folded": _conv3d_folded}
 
 
 def conv3d(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
-           padding: Sequence[tuple[int, int]], impl: str = "xla") -> jax.Array:
+           padding: Sequence[tuple[int, int]], impl: str = "xla",
+           partitioned: bool = False) -> jax.Array:
   """3D convolution, channels last.
 
   Args:
@@ -135,6 +136,8 @@ def conv3d(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
     padding: ((lo, hi),) * 3 explicit zero padding on (D, H, W).
     impl: one of ``CONV_IMPLS`` (see the module docstring; "auto" is resolved by
       ``dsan_jax.runtime`` before tracing).
+    partitioned: "onednn" only: batch-partitioned calls (several devices; the runtime's device
+      count decides, see ``models.dsan.model_from_config``).
 
   Returns:
     [B, D', H', W', O] output, D' = (D + lo + hi - kd) // sd + 1 (likewise H', W').
@@ -150,6 +153,8 @@ def conv3d(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
                      f"{x.shape} and {kernel.shape}.")
   strides = tuple(int(s) for s in strides)
   padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  if impl == "onednn":
+    return onednn.conv3d(x, kernel, strides, padding, partitioned)
   return _IMPL_FNS[impl](x, kernel, strides, padding)
 
 
@@ -165,6 +170,7 @@ class Conv3D(nn.Module):
     strides: (sd, sh, sw).
     use_bias: add a bias of shape [O].
     impl: one of ``CONV_IMPLS``.
+    partitioned: see ``conv3d``.
     dtype: compute dtype (None -> the input's).
     param_dtype: parameter dtype.
     kernel_init: kernel initializer.
@@ -174,6 +180,7 @@ class Conv3D(nn.Module):
   strides: Sequence[int] = (1, 1, 1)
   use_bias: bool = False
   impl: str = "xla"
+  partitioned: bool = False
   dtype: Any = None
   param_dtype: Any = jnp.float32
   kernel_init: Any = nn.initializers.kaiming_normal()
@@ -194,7 +201,7 @@ class Conv3D(nn.Module):
     dtype = self.dtype or x.dtype
     x, kernel = x.astype(dtype), kernel.astype(dtype)
     padding = [(k // 2, k // 2) for k in self.kernel_size]
-    y = conv3d(x, kernel, self.strides, padding, self.impl)
+    y = conv3d(x, kernel, self.strides, padding, self.impl, self.partitioned)
     if self.use_bias:
       bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
       y = y + bias.astype(dtype)

@@ -109,6 +109,7 @@ class DSAN(nn.Module):
   remat: str = ""
   stem_pool: str = "slices"
   stem_conv_impl: str = "xla"
+  conv_partitioned: bool = False  # oneDNN calls batch-partitioned (several devices: conv.py).
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
@@ -121,7 +122,8 @@ class DSAN(nn.Module):
         block_cls=resnet3d.BLOCKS[self.depth], width=self.width,
         stage_strides=self.stage_strides, dtype=self.dtype, param_dtype=self.param_dtype,
         conv_impl=self.conv_impl, remat=self.remat, stem_pool=self.stem_pool,
-        stem_conv_impl=self.stem_conv_impl, name="backbone")
+        stem_conv_impl=self.stem_conv_impl, conv_partitioned=self.conv_partitioned,
+        name="backbone")
     # The head (GAP, logit, CAM) runs in at least float32 whatever the backbone's dtype.
     head_dtype = jnp.promote_types(self.dtype, jnp.float32)
     f = backbone(x, train=train).astype(head_dtype)  # [B, d, h, w, C]
@@ -141,9 +143,15 @@ class DSAN(nn.Module):
     return logits, aux
 
 
-def model_from_config(model_config) -> DSAN:
+def model_from_config(model_config, device_count: int = 1) -> DSAN:
   """Builds ``DSAN`` from a ``config.model`` ConfigDict (see ``configs/default.py``) whose
   implementations ``dsan_jax.runtime.resolve_config`` has made concrete.
+
+  Args:
+    model_config: the resolved ``config.model``.
+    device_count: the devices the runtime resolved (``config.runtime.device_count``); more than
+      one makes the oneDNN convolutions batch-partitioned calls (nothing reads the device count
+      while tracing).
 
   Raises:
     ValueError: ``conv_impl`` or ``stem_conv_impl`` is still "auto".
@@ -161,4 +169,5 @@ def model_from_config(model_config) -> DSAN:
       attention_beta=model_config.attention_beta, cam_use_bias=model_config.cam_use_bias,
       dtype=dtype, conv_impl=model_config.conv_impl, remat=model_config.remat,
       stem_pool=model_config.get("stem_pool", "slices"),
-      stem_conv_impl=model_config.get("stem_conv_impl", model_config.conv_impl))
+      stem_conv_impl=model_config.get("stem_conv_impl", model_config.conv_impl),
+      conv_partitioned=int(device_count) > 1)

@@ -228,6 +228,7 @@ class ResNet3D(nn.Module):
     stem_conv_impl: implementation of the stem's 7x7x7 convolution (one input channel), one of
       ``conv.CONV_IMPLS``; its own switch because its best choice can differ (on GPU cuDNN runs
       it on a slow generic kernel: ``dsan_jax.runtime``, docs/benchmarks.md).
+    conv_partitioned: oneDNN convolutions as batch-partitioned calls (``conv.conv3d``).
     bn_momentum: running-average decay (0.9 == PyTorch's momentum 0.1).
   """
   stage_sizes: Sequence[int]
@@ -240,6 +241,7 @@ class ResNet3D(nn.Module):
   remat: str = ""
   stem_pool: str = "slices"
   stem_conv_impl: str = "xla"
+  conv_partitioned: bool = False
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
 
@@ -252,15 +254,15 @@ class ResNet3D(nn.Module):
       raise ValueError(f"stem_pool must be one of {STEM_POOL_OPTIONS}, got {self.stem_pool!r}")
     if len(self.stage_sizes) != len(self.stage_strides):
       raise ValueError("stage_sizes and stage_strides must have the same length")
-    conv = functools.partial(Conv3D, impl=self.conv_impl, dtype=self.dtype,
-                             param_dtype=self.param_dtype)
+    conv = functools.partial(Conv3D, impl=self.conv_impl, partitioned=self.conv_partitioned,
+                             dtype=self.dtype, param_dtype=self.param_dtype)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                              momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                              dtype=self.dtype, param_dtype=self.param_dtype)
     stem_cls = nn.remat(Stem) if self.remat in ("stem", "all") else Stem
     block_cls = nn.remat(self.block_cls) if self.remat in ("blocks", "all") else self.block_cls
     stem_conv = functools.partial(
-        Conv3D, impl=self.stem_conv_impl,
+        Conv3D, impl=self.stem_conv_impl, partitioned=self.conv_partitioned,
         dtype=self.dtype, param_dtype=self.param_dtype)
     x = stem_cls(self.width, conv=stem_conv, norm=norm, pool=self.stem_pool,
                  name="stem")(x.astype(self.dtype))

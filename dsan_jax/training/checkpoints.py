@@ -37,6 +37,7 @@ import uuid
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from dsan_jax import files, run_lock
@@ -163,7 +164,6 @@ class RunCheckpoints:
       if jax.process_index() == 0:  # The primary process owns the files (as Orbax does).
         os.replace(directory / str(step), old)
       if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(f"dsan_jax:replace_step_{step}")
       mngr.reload()
       shutil.rmtree(old, ignore_errors=True)

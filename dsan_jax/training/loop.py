@@ -129,7 +129,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     return _already_complete(rd)
 
   config = runtime.resolve_config(config)  # Concrete implementations; config.json records them.
-  model = model_from_config(config.model)
+  model = model_from_config(config.model, config.runtime.device_count)
   mesh = sharding.make_mesh()
   batch_size = config.train.batch_size
   sharding.check_batch_divisible(batch_size, mesh)

@@ -161,7 +161,7 @@ def load_trained(rd: str | os.PathLike, mesh=None, which: str = "best") -> Train
   if not (rd / "config.json").exists():
     raise DsanError(f"{rd}: not a training run (no config.json)")
   config = runtime.resolve_config(load_config(rd / "config.json"), recorded=True)
-  model = model_from_config(config.model)
+  model = model_from_config(config.model, config.runtime.device_count)
   mesh = mesh or sharding.make_mesh()
   tx = optim.make_optimizer(config.optim, 1)
   input_shape = (1, *config.data.target_shape)

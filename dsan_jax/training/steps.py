@@ -101,32 +101,43 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: DSAN,
   batch = {k: batch[k] for k in ("image", "infection_mask", "label", "has_mask", "weight")}
   grad_fn = jax.value_and_grad(functools.partial(_forward_loss, model, attention_weight),
                                has_aux=True)
-  if grad_accum_steps == 1:
-    (_, (batch_stats, terms)), grads = grad_fn(state.params, state.batch_stats, batch)
-  else:
-    a = grad_accum_steps
-    # Micro-batch i takes rows i, a + i, 2a + i, ...: each keeps rows from every device, so the
-    # leading-axis sharding survives the reshape when a divides the per-device batch.
-    micro = jax.tree_util.tree_map(
-        lambda v: jnp.swapaxes(v.reshape(v.shape[0] // a, a, *v.shape[1:]), 0, 1), batch)
-
-    def body(carry, mb):
-      grads_acc, stats = carry
-      (_, (stats, terms)), g = grad_fn(state.params, stats, mb)
-      return (jax.tree_util.tree_map(jnp.add, grads_acc, g), stats), terms
-
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
-    (grads, batch_stats), terms = jax.lax.scan(body, (zeros, state.batch_stats), micro)
-    grads = jax.tree_util.tree_map(lambda g: g / a, grads)
-    terms = jax.tree_util.tree_map(jnp.mean, terms)
-
-  # One reduction over the gradients serves both the metric and the guard: a NaN or Inf anywhere
-  # makes the sum of squares non-finite (so does a finite gradient whose square overflows
-  # float32, |g| > 1.8e19, which is no usable step either).
+  grads, batch_stats, terms = _gradients(grad_fn, state, batch, grad_accum_steps)
   # The state's dtypes never change (donation, checkpoints): BatchNorm's update promotes the
   # running statistics to the compute dtype.
   batch_stats = jax.tree_util.tree_map(lambda new, old: new.astype(old.dtype), batch_stats,
                                        state.batch_stats)
+  return _apply_if_finite(state, grads, batch_stats, terms)
+
+
+def _gradients(grad_fn, state: TrainState, batch: dict[str, jax.Array], grad_accum_steps: int):
+  """(gradients, new BatchNorm statistics, loss terms) of the batch, over its micro-batches."""
+  if grad_accum_steps == 1:
+    (_, (batch_stats, terms)), grads = grad_fn(state.params, state.batch_stats, batch)
+    return grads, batch_stats, terms
+  a = grad_accum_steps
+  # Micro-batch i takes rows i, a + i, 2a + i, ...: each keeps rows from every device, so the
+  # leading-axis sharding survives the reshape when a divides the per-device batch.
+  micro = jax.tree_util.tree_map(
+      lambda v: jnp.swapaxes(v.reshape(v.shape[0] // a, a, *v.shape[1:]), 0, 1), batch)
+
+  def body(carry, mb):
+    grads_acc, stats = carry
+    (_, (stats, terms)), g = grad_fn(state.params, stats, mb)
+    return (jax.tree_util.tree_map(jnp.add, grads_acc, g), stats), terms
+
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+  (grads, batch_stats), terms = jax.lax.scan(body, (zeros, state.batch_stats), micro)
+  grads = jax.tree_util.tree_map(lambda g: g / a, grads)
+  terms = jax.tree_util.tree_map(jnp.mean, terms)
+  return grads, batch_stats, terms
+
+
+def _apply_if_finite(state: TrainState, grads, batch_stats, terms: dict[str, jax.Array]
+                     ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """The optimiser update when the loss and gradients are finite, else the state unchanged."""
+  # One reduction over the gradients serves both the metric and the guard: a NaN or Inf anywhere
+  # makes the sum of squares non-finite (so does a finite gradient whose square overflows
+  # float32, |g| > 1.8e19, which is no usable step either).
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(terms["loss"]) & jnp.isfinite(grad_norm)
 

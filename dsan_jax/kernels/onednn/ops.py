@@ -221,30 +221,31 @@ def _out_shape(x_shape, k_shape, strides, padding):
   return (x_shape[0], *spatial, k_shape[4])
 
 
-def _conv_call(kind, a, b, out_shape, strides, padding):
-  """One call; with several devices, as a batch-partitioned op (``custom_partitioning``, which
-  has no ``vmap`` rule: the plain call keeps ``vmap`` working on one device)."""
-  if jax.device_count() > 1:
+def _conv_call(kind, a, b, out_shape, strides, padding, partitioned):
+  """One call; ``partitioned`` (several devices), as a batch-partitioned op
+  (``custom_partitioning``, which has no ``vmap`` rule: the plain call keeps ``vmap`` working on
+  one device)."""
+  if partitioned:
     return _PARTITIONED[kind](a, b, tuple(out_shape), strides, padding)
   return _call(_target(kind), out_shape, a, b, strides=strides, padding=padding)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv3d(x, kernel, strides, padding):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv3d(x, kernel, strides, padding, partitioned):
   return _conv_call("fwd", x, kernel, _out_shape(x.shape, kernel.shape, strides, padding),
-                    strides, padding)
+                    strides, padding, partitioned)
 
 
-def _conv3d_fwd(x, kernel, strides, padding):
-  return _conv3d(x, kernel, strides, padding), (x, kernel)
+def _conv3d_fwd(x, kernel, strides, padding, partitioned):
+  return _conv3d(x, kernel, strides, padding, partitioned), (x, kernel)
 
 
-def _conv3d_bwd(strides, padding, residuals, dy):
+def _conv3d_bwd(strides, padding, partitioned, residuals, dy):
   x, kernel = residuals
   # Each gradient is its own custom call, so XLA drops the input gradient where nothing uses
   # it (the stem's input is data).
-  dx = _conv_call("bwd_data", dy, kernel, x.shape, strides, padding)
-  dw = _conv_call("bwd_weights", x, dy, kernel.shape, strides, padding)
+  dx = _conv_call("bwd_data", dy, kernel, x.shape, strides, padding, partitioned)
+  dw = _conv_call("bwd_weights", x, dy, kernel.shape, strides, padding, partitioned)
   return dx, dw
 
 
@@ -252,7 +253,7 @@ _conv3d.defvjp(_conv3d_fwd, _conv3d_bwd)
 
 
 def conv3d(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
-           padding: Sequence[tuple[int, int]]) -> jax.Array:
+           padding: Sequence[tuple[int, int]], partitioned: bool = False) -> jax.Array:
   """3D convolution, channels last, on oneDNN (CPU, float32).
 
   Args:
@@ -260,6 +261,9 @@ def conv3d(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
     kernel: [kd, kh, kw, C, O] float32 kernel.
     strides: (sd, sh, sw).
     padding: ((lo, hi),) * 3 explicit zero padding on (D, H, W).
+    partitioned: each call as a batch-partitioned op (a batch sharded over several devices
+      stays sharded); decided at start-up from the device count (``dsan_jax.runtime``), never
+      probed while tracing.
 
   Returns:
     [B, D', H', W', O] float32 output, as ``lax.conv_general_dilated`` would give.
@@ -273,7 +277,7 @@ def conv3d(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
                      f"{kernel.dtype} (use conv_impl='folded' or 'auto' for other dtypes)")
   strides = tuple(int(s) for s in strides)
   padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-  return _conv3d(x, kernel, strides, padding)
+  return _conv3d(x, kernel, strides, padding, bool(partitioned))
 
 
 def main() -> int:
