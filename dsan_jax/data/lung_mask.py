@@ -66,10 +66,16 @@ lung (its chord runs deep) stay out; docs/data.md gives the measured figures.
 from __future__ import annotations
 
 import sys
+import time
+from typing import Sequence
 
-from absl import app, flags
+from absl import flags
 import numpy as np
 from scipy import ndimage
+
+from dsan_jax import cli_flags
+from dsan_jax.data import io
+from dsan_jax.errors import DsanError
 
 THRESHOLD_HU = -320.0
 WORK_SPACING_MM = (2.5, 1.5, 1.5)  # (z, y, x)
@@ -716,28 +722,33 @@ def save_overlay_png(hu: np.ndarray, mask: np.ndarray, spacing_zyx, path: str,
   plt.close(fig)
 
 
-def define_flags() -> None:
-  """The CLI's flags (defined only when the module runs as a program: importing the library
-  defines none)."""
-  flags.DEFINE_string("out", None, "Write the mask here (NIfTI, the input's grid).")
-  flags.DEFINE_string("png", None, "Write an axial + coronal overlay picture here.")
+def _cli_flags() -> flags.FlagValues:
+  """The command line's flags (a FlagValues of its own: see dsan_jax/cli_flags.py)."""
+  fv = flags.FlagValues()
+  flags.DEFINE_string("out", None, "Write the mask here (NIfTI, the input's grid).",
+                      flag_values=fv)
+  flags.DEFINE_string("png", None, "Write an axial + coronal overlay picture here.",
+                      flag_values=fv)
+  return fv
 
 
-def main(argv) -> int:
-  """``python -m dsan_jax.data.lung_mask IMAGE [--out mask.nii.gz] [--png overlay.png]``.
+def main(argv: Sequence[str] | None = None) -> int:
+  """``python -m dsan_jax.data.lung_mask --image IMAGE [--out mask.nii.gz] [--png overlay.png]``.
 
   IMAGE: a CT in HU (NIfTI file or DICOM series folder). Prints the lung volumes and the
   segmentation time; an expected problem prints one line and exits 1.
   """
-  import time
-
-  from dsan_jax.data import io
-  from dsan_jax.errors import DsanError
-  if len(argv) != 2:
-    raise app.UsageError("expected one IMAGE (a NIfTI file or a DICOM series folder)")
-  image, flag_values = argv[1], flags.FLAGS
+  args = _cli_flags()
+  flags.DEFINE_string("image", None, "The CT in HU: a NIfTI file or a DICOM series folder.",
+                      flag_values=args)
+  flags.mark_flag_as_required("image", flag_values=args)
+  status = cli_flags.parse(args, argv, "python -m dsan_jax.data.lung_mask",
+                           "The classical lung-mask fallback on one CT: lung volumes, and "
+                           "optionally the mask (NIfTI) and an overlay picture (PNG).")
+  if status is not None:
+    return status
   try:
-    vol = io.read_volume(image)
+    vol = io.read_volume(args.image)
     t0 = time.perf_counter()
     mask = segment_lungs(vol.array, vol.spacing_zyx)
     seconds = time.perf_counter() - t0
@@ -746,16 +757,15 @@ def main(argv) -> int:
     return 1
   total = lung_volume_litres(mask, vol.spacing_zyx)
   parts = ", ".join(f"{side} {v:.2f} L" for side, v in left_right_volumes(mask, vol.spacing_zyx))
-  print(f"{image}: lungs {total:.2f} L ({parts}); segmentation {seconds:.2f} s")
-  if flag_values.out:
-    io.write_nifti(flag_values.out, io.to_original_orientation(mask, vol.original_affine),
+  print(f"{args.image}: lungs {total:.2f} L ({parts}); segmentation {seconds:.2f} s")
+  if args.out:
+    io.write_nifti(args.out, io.to_original_orientation(mask, vol.original_affine),
                    vol.original_affine)
-  if flag_values.png:
-    save_overlay_png(vol.array, mask, vol.spacing_zyx, flag_values.png,
-                     title=f"{image}: {total:.2f} L")
+  if args.png:
+    save_overlay_png(vol.array, mask, vol.spacing_zyx, args.png,
+                     title=f"{args.image}: {total:.2f} L")
   return 0
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  sys.exit(main())

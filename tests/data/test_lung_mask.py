@@ -208,3 +208,22 @@ def test_closing_element_has_the_input_grids_length():
   # +-2 slices along z, +-1 coarse voxel (= 2 input voxels) in-plane, nothing diagonal.
   assert e.shape == (5, 3, 3) and e.sum() == 9
   assert e[:, 1, 1].all() and e[2, :, 1].all() and e[2, 1, :].all()
+
+
+def test_cli_prints_volumes_writes_the_mask_and_names_a_bad_file(tmp_path, capsys):
+  spacing = (5.0, 3.0, 3.0)
+  hu, _ = phantom_zyx((88, 87, 110), spacing)
+  affine = np.diag([spacing[2], spacing[1], spacing[0], 1.0])
+  image, out = tmp_path / "ct.nii.gz", tmp_path / "mask.nii.gz"
+  io.write_nifti(image, np.ascontiguousarray(hu.transpose(2, 1, 0)), affine)
+  assert lung_mask.main(["--image", str(image), "--out", str(out)]) == 0
+  printed = capsys.readouterr().out
+  assert printed.startswith(f"{image}: lungs ") and "right" in printed and "left" in printed
+  want = lung_mask.segment_lungs(io.read_volume(image).array, spacing)
+  assert np.array_equal(np.asarray(io.read_volume(out, is_mask=True).array), want)
+  # Expected problems: one line naming the file; a usage error exits 2.
+  missing = tmp_path / "none.nii.gz"
+  assert lung_mask.main(["--image", str(missing)]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: ") and str(missing) in err[0]
+  assert lung_mask.main([]) == 2
