@@ -68,3 +68,33 @@ def test_lesion_contrast_brightens_only_the_lesion_and_its_margin(spec):
   # The lesion's HU change from the parenchyma (>= 250 HU for ground glass) doubles; vessels
   # mixed in afterwards and the window clip take some of it back.
   assert float(np.mean(strong["hu"][inf].astype(np.float64) - ref["hu"][inf])) > 100.0
+
+
+def _testbed_tool():
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "testbed.py"
+  spec = importlib.util.spec_from_file_location("testbed_tool", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_crop_to_lungs_keeps_every_lung_voxel_and_its_hu(tmp_path):
+  manifest = synthetic.generate(tmp_path / "full", 2, seed=0, size_scale=0.3, num_workers=1,
+                                progress=False)
+  cropped = _testbed_tool().crop_to_lungs(manifest, tmp_path / "crop", margin_mm=10.0)
+  assert cropped.read_text() == manifest.read_text()  # Same rows, same relative paths.
+  for case in ("syn00000", "syn00001"):
+    read = {d: [synthetic.read_canonical(tmp_path / d / sub / f"{case}.nii.gz")[0]
+                for sub in ("images", "lung_masks", "infection_masks")] for d in ("full", "crop")}
+    (hu, lung, inf), (hu_c, lung_c, inf_c) = read["full"], read["crop"]
+    assert lung_c.sum() == lung.sum() and inf_c.sum() == inf.sum()
+    assert hu_c.size < hu.size
+    # The crop is a sub-block: find its offset from the lung masks' bounding boxes.
+    lo = [np.flatnonzero(lung.any(axis=tuple(a for a in range(3) if a != k)))[0] -
+          np.flatnonzero(lung_c.any(axis=tuple(a for a in range(3) if a != k)))[0]
+          for k in range(3)]
+    block = tuple(slice(o, o + n) for o, n in zip(lo, hu_c.shape))
+    np.testing.assert_array_equal(hu_c, hu[block])
+    np.testing.assert_array_equal(inf_c, inf[block])
