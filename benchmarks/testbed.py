@@ -103,9 +103,13 @@ def _preprocess_rows(manifest: Path, config, limit: int, with_appearance: bool =
       app = appearance(hu, lung, inf, sp)
     lo, hi = config.data.hu_window
     bright = (p.image * (hi - lo) + lo > -600) & p.lung_mask.astype(bool)
-    mimic = float((bright & ~p.infection_mask.astype(bool)).sum() / p.lung_mask.sum())
+    mimic_vox = bright & ~p.infection_mask.astype(bool)
+    mimic = float(mimic_vox.sum() / p.lung_mask.sum())
+    from scipy import ndimage
+    outer = p.lung_mask.astype(bool) & ~ndimage.binary_erosion(p.lung_mask.astype(bool))
     out.append(dict(label=int(r["label"] == "covid"), ratio=float(r["infection_ratio"]),
-                    mimic=mimic, app=app,
+                    mimic=mimic, app=app, outer=float(outer.sum() / p.lung_mask.sum()),
+                    mimic_outer=float((mimic_vox & outer).sum() / max(mimic_vox.sum(), 1)),
                     feats=features(p.image, p.lung_mask, config.data.hu_window), frac=frac,
                     mm=mm, lung_vox=int(p.lung_mask.sum()),
                     inf_vox=int(p.infection_mask.sum())))
@@ -141,6 +145,10 @@ def calibrate(manifest: Path, config, limit: int = 0, with_appearance: bool = Fa
              auc_features_and_ratio=_cv_auc(np.concatenate([x, np.log(ratio)[:, None]], 1), y),
              frame_frac_median=np.median(frac, 0), lung_mm_median=np.median(mm, 0),
              bright_outside_infection_median=float(np.median([r["mimic"] for r in rows])),
+             # Share of those bright voxels on the lung mask's outer voxel layer; that layer's
+             # share of the lung (partial volume of the chest wall and mediastinum).
+             bright_outside_on_outer_layer_median=float(np.median([r["mimic_outer"] for r in rows])),
+             outer_layer_of_lung_median=float(np.median([r["outer"] for r in rows])),
              ratio_median_covid=float(np.median(ratio[y == 1])),
              ratio_median_cap=float(np.median(ratio[y == 0])),
              lung_vox_median=float(np.median([r["lung_vox"] for r in rows])),
