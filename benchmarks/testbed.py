@@ -9,9 +9,19 @@ Measures, on a phantom manifest (or real CTs), after the project's preprocessing
   (fraction of lung input voxels above -600 HU), and a 5-fold cross-validated logistic regression
   on seven hand-made lung-density features of the network's input (docs/testbed.md).
 
+* ``phantoms``: the config's phantom set (same cases, labels, ratios and splits) rendered with
+  the ablation knobs of ``synthetic.Diagnostic`` (lesion / vessel contrast): a DIAGNOSTIC set
+  for ablations, not the testbed.
+* ``crop``: a copy of a manifest's scans cropped to the lung bounding box plus a margin, so that
+  the preprocessing fits the lungs, not the chest, into the frame (lung-size ablation).
+* ``runs``: one table row per ablation run (AUC per epoch, best / last, final training loss).
+
 Run:
     python benchmarks/testbed.py frame --config configs/quickstart.py ../shared/data/ct/*.nii.gz
     python benchmarks/testbed.py calibrate --config configs/quickstart.py --manifest M.csv
+    python benchmarks/testbed.py phantoms --config configs/quickstart.py --out DIR --vessel-contrast 0
+    python benchmarks/testbed.py crop --manifest M.csv --out DIR [--margin-mm 10]
+    python benchmarks/testbed.py runs RUN_DIR...
 """
 
 from __future__ import annotations
@@ -93,9 +103,13 @@ def _preprocess_rows(manifest: Path, config, limit: int, with_appearance: bool =
       app = appearance(hu, lung, inf, sp)
     lo, hi = config.data.hu_window
     bright = (p.image * (hi - lo) + lo > -600) & p.lung_mask.astype(bool)
-    mimic = float((bright & ~p.infection_mask.astype(bool)).sum() / p.lung_mask.sum())
+    mimic_vox = bright & ~p.infection_mask.astype(bool)
+    mimic = float(mimic_vox.sum() / p.lung_mask.sum())
+    from scipy import ndimage
+    outer = p.lung_mask.astype(bool) & ~ndimage.binary_erosion(p.lung_mask.astype(bool))
     out.append(dict(label=int(r["label"] == "covid"), ratio=float(r["infection_ratio"]),
-                    mimic=mimic, app=app,
+                    mimic=mimic, app=app, outer=float(outer.sum() / p.lung_mask.sum()),
+                    mimic_outer=float((mimic_vox & outer).sum() / max(mimic_vox.sum(), 1)),
                     feats=features(p.image, p.lung_mask, config.data.hu_window), frac=frac,
                     mm=mm, lung_vox=int(p.lung_mask.sum()),
                     inf_vox=int(p.infection_mask.sum())))
@@ -131,6 +145,10 @@ def calibrate(manifest: Path, config, limit: int = 0, with_appearance: bool = Fa
              auc_features_and_ratio=_cv_auc(np.concatenate([x, np.log(ratio)[:, None]], 1), y),
              frame_frac_median=np.median(frac, 0), lung_mm_median=np.median(mm, 0),
              bright_outside_infection_median=float(np.median([r["mimic"] for r in rows])),
+             # Share of those bright voxels on the lung mask's outer voxel layer; that layer's
+             # share of the lung (partial volume of the chest wall and mediastinum).
+             bright_outside_on_outer_layer_median=float(np.median([r["mimic_outer"] for r in rows])),
+             outer_layer_of_lung_median=float(np.median([r["outer"] for r in rows])),
              ratio_median_covid=float(np.median(ratio[y == 1])),
              ratio_median_cap=float(np.median(ratio[y == 0])),
              lung_vox_median=float(np.median([r["lung_vox"] for r in rows])),
@@ -164,17 +182,86 @@ def frame(paths, config) -> list[dict]:
   return out
 
 
+def diagnostic_phantoms(out: Path, config, lesion_contrast: float, vessel_contrast: float,
+                        workers: int) -> Path:
+  """The config's phantom set rendered with ``synthetic.Diagnostic`` knobs; returns the manifest."""
+  from dsan_jax.data import synthetic
+  s = config.data.synthetic
+  return synthetic.generate(out, s.num_cases, s.seed, s.size_scale, test_fraction=s.test_fraction,
+                            num_workers=workers, diagnostic=synthetic.Diagnostic(
+                                lesion_contrast=lesion_contrast, vessel_contrast=vessel_contrast))
+
+
+def crop_to_lungs(manifest: Path, out: Path, margin_mm: float = 10.0) -> Path:
+  """Copies a manifest's scans cropped to the lung bounding box + ``margin_mm`` (all three axes).
+
+  The crop keeps every lung (and so every infection) voxel, so the ratios do not change; the
+  rows are copied with the paths of the copies (``images/``, ``lung_masks/``,
+  ``infection_masks/`` under ``out``). Returns the new manifest.
+  """
+  import nibabel as nib
+  if out.resolve() == manifest.parent.resolve():
+    raise ValueError(f"{out}: the cropped copy needs a folder of its own")
+  with open(manifest, newline="") as f:
+    rows = list(csv.DictReader(f))
+  for r in rows:
+    lung_img = nib.load(manifest.parent / r["lung_mask"])
+    lung = np.asanyarray(lung_img.dataobj) > 0
+    pad = np.ceil(margin_mm / np.asarray(lung_img.header.get_zooms()[:3])).astype(int)
+    box = []
+    for k in range(3):
+      idx = np.flatnonzero(lung.any(axis=tuple(a for a in range(3) if a != k)))
+      box.append(slice(max(int(idx[0]) - pad[k], 0), int(idx[-1]) + 1 + pad[k]))
+    for col in ("image", "lung_mask", "infection_mask"):
+      src, r[col] = manifest.parent / r[col], f"{col}s/{Path(r[col]).name}"
+      (out / r[col]).parent.mkdir(parents=True, exist_ok=True)
+      nib.load(src).slicer[tuple(box)].to_filename(str(out / r[col]))
+  with open(out / "manifest.csv", "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+    w.writeheader()
+    w.writerows(rows)
+  return out / "manifest.csv"
+
+
+def run_rows(run_dirs) -> list[str]:
+  """Markdown rows: run, AUC per epoch, best / last, final training loss (``metrics.csv``)."""
+  out = []
+  for d in run_dirs:
+    for m in sorted(Path(d).rglob("metrics.csv")):
+      with open(m, newline="") as f:
+        rows = list(csv.DictReader(f))
+      auc = [float(r["val_auc"]) for r in rows]
+      out.append(f"| {d} | {', '.join(f'{a:.3f}' for a in auc)} | {max(auc):.3f} / {auc[-1]:.3f}"
+                 f" | {float(rows[-1]['train_loss']):.3f} |")
+  return out
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser()
-  ap.add_argument("what", choices=("frame", "calibrate"))
+  ap.add_argument("what", choices=("frame", "calibrate", "phantoms", "crop", "runs"))
   ap.add_argument("paths", nargs="*")
-  ap.add_argument("--config", required=True)
+  ap.add_argument("--config", default="configs/quickstart.py")
+  ap.add_argument("--out", help="output folder (phantoms, crop)")
+  ap.add_argument("--lesion-contrast", type=float, default=1.0)
+  ap.add_argument("--vessel-contrast", type=float, default=1.0)
+  ap.add_argument("--margin-mm", type=float, default=10.0)
+  ap.add_argument("--workers", type=int, default=2)
   ap.add_argument("--manifest")
   ap.add_argument("--limit", type=int, default=0)
   ap.add_argument("--appearance", action="store_true",
                   help="also the size-free lesion-appearance features (native grid, slower)")
   args = ap.parse_intermixed_args(argv)
+  if args.what == "runs":
+    print("\n".join(run_rows(args.paths)))
+    return 0
+  if args.what == "crop":
+    print(crop_to_lungs(Path(args.manifest), Path(args.out), args.margin_mm))
+    return 0
   config = load_config(args.config)
+  if args.what == "phantoms":
+    print(diagnostic_phantoms(Path(args.out), config, args.lesion_contrast, args.vessel_contrast,
+                              args.workers))
+    return 0
   if args.what == "frame":
     for r in frame(args.paths, config):
       print(r)

@@ -81,6 +81,17 @@ LOBES = ("", "RUL", "RML", "RLL", "LUL", "LLL")  # Lobe ids 1..5 (0 = not lung).
 
 
 @dataclasses.dataclass(frozen=True)
+class Diagnostic:
+  """Contrast changes for ablations (docs/testbed.md, "Ablations (session 6)"): NOT the testbed.
+
+  The defaults change nothing: a knob at 1.0 is skipped, so the committed phantoms stay
+  byte-identical.
+  """
+  lesion_contrast: float = 1.0  # Multiplies the HU change of the lesion and its margin.
+  vessel_contrast: float = 1.0  # Multiplies the vessels' volume fraction (0: no vessels).
+
+
+@dataclasses.dataclass(frozen=True)
 class CaseSpec:
   """Everything needed to render one scan (drawn by ``plan_cases``)."""
   case_id: str
@@ -92,6 +103,7 @@ class CaseSpec:
   case_seed: int  # Per scan: noise, pose and lesions.
   split: str
   size_scale: float
+  diagnostic: Diagnostic | None = None  # Ablations only; None = the testbed.
 
 
 def _truncated_log10_normal(rng: np.random.Generator, mu: float, sigma: float) -> float:
@@ -655,6 +667,7 @@ def _render_case(spec: CaseSpec) -> dict:
   n_target = min(max(1, int(round(spec.target_ratio * n_lung))), n_lung) if n_lung else 0
   les = _lesion(crng, lv, spec.label, spec.target_ratio, n_target) if n_lung else None
   infection = np.zeros(d * h * w, bool)
+  parenchyma = tissue.copy() if spec.diagnostic else None
   if les is not None:
     m = les["mask"]
     infection[lung_idx[m]] = True
@@ -665,6 +678,8 @@ def _render_case(spec: CaseSpec) -> dict:
     tissue[halo] += les["halo"] * (les["ggo_hu"] - tissue[halo])
   fv, fb = _vessels(grid, f, lv.hila, arng)
   fv, fb = fv.reshape(-1)[lung_idx], fb.reshape(-1)[lung_idx]
+  if spec.diagnostic:
+    tissue, fv = _apply_diagnostic(spec.diagnostic, parenchyma, tissue, fv)
   if les is not None and les["pattern"] == "covid":
     fv = np.where(les["mask"], 1.6 * fv, fv)  # Vascular enlargement inside COVID-19 opacities.
   tot = fv + fb
@@ -684,6 +699,26 @@ def _render_case(spec: CaseSpec) -> dict:
   return dict(hu=hu, lung=lung_u8, infection=inf_u8, lobes=lobes.reshape(d, h, w),
               pleura_mm=pl.reshape(d, h, w), spacing=grid.spacing, grid=grid, ratio=ratio,
               pattern=les["pattern"] if les else "none")
+
+
+def _apply_diagnostic(dg: Diagnostic, parenchyma: np.ndarray, tissue: np.ndarray,
+                      fv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Ablation contrasts (``Diagnostic``); a knob at its default 1.0 leaves its array as it is.
+
+  Args:
+    dg: the knobs.
+    parenchyma: float32 [N] lung-voxel HU before the lesion was drawn.
+    tissue: float32 [N] lung-voxel HU with the lesion and its margin.
+    fv: float32 [N] vessel volume fraction of the lung voxels.
+
+  Returns:
+    (tissue float32 [N], fv float32 [N]).
+  """
+  if dg.lesion_contrast != 1.0:
+    tissue = (parenchyma + np.float32(dg.lesion_contrast) * (tissue - parenchyma))
+  if dg.vessel_contrast != 1.0:
+    fv = fv * np.float32(dg.vessel_contrast)
+  return tissue.astype(np.float32), fv.astype(np.float32)
 
 
 def _halo(infection: np.ndarray, lung: np.ndarray) -> np.ndarray:
@@ -773,7 +808,7 @@ MANIFEST_COLUMNS = ("case_id", "patient_id", "label", "image", "lung_mask", "inf
 def generate(out_dir: str | os.PathLike, num_cases: int, seed: int, size_scale: float = 1.0,
              *, covid_fraction: float = COVID_FRACTION, repeat_fraction: float = REPEAT_FRACTION,
              test_fraction: float = 0.0, num_workers: int | None = None,
-             progress: bool = True) -> Path:
+             progress: bool = True, diagnostic: Diagnostic | None = None) -> Path:
   """Writes ``num_cases`` phantoms, their masks and ``manifest.csv`` under ``out_dir``.
 
   Args:
@@ -786,6 +821,7 @@ def generate(out_dir: str | os.PathLike, num_cases: int, seed: int, size_scale: 
     test_fraction: P(a patient is in the independent test split).
     num_workers: processes; None -> ``os.cpu_count()``; 0 or 1 = in process.
     progress: show a tqdm bar.
+    diagnostic: contrast changes for ablations (``Diagnostic``); None (default) = the testbed.
 
   Several processes may call this on one ``out_dir`` at once: the first writes the set while
   holding ``out_dir/.generate.lock``; the others wait, then keep its set when their parameters
@@ -801,12 +837,15 @@ def generate(out_dir: str | os.PathLike, num_cases: int, seed: int, size_scale: 
   params = dict(num_cases=num_cases, seed=seed, size_scale=size_scale,
                 covid_fraction=covid_fraction, repeat_fraction=repeat_fraction,
                 test_fraction=test_fraction)
+  if diagnostic is not None:  # Only then in the parameters: the testbed's stay as they were.
+    params["diagnostic"] = dataclasses.asdict(diagnostic)
   with _generation(out, params) as finished:
     if finished:
       log.info("kept the phantom set that the other process wrote in %s", out)
       return out / "manifest.csv"
     specs = plan_cases(num_cases, seed, size_scale, covid_fraction, repeat_fraction,
                        test_fraction)
+    specs = [dataclasses.replace(s, diagnostic=diagnostic) for s in specs]
     rows = _write_cases(specs, out, num_workers, progress)
     files.write_text(out / PARAMS_FILE, json.dumps(params, sort_keys=True))
     return _write_manifest(out, rows)
