@@ -46,9 +46,11 @@ _CPU_INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 def init_variables(model: DSAN, rng: jax.Array, input_shape: tuple[int, ...]) -> dict:
   """Initialises ``{'params', 'batch_stats'}`` for inputs of shape ``[B, D, H, W]``."""
   x = jnp.zeros((1, *input_shape[1:], 1), jnp.float32)
+  init = functools.partial(model.init, train=False)
+  if isinstance(rng, jax.core.Tracer):  # Inside an outer trace (eval_shape, jit): it compiles.
+    return dict(init(rng, x))
   options = _CPU_INIT_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
-  init = jax.jit(functools.partial(model.init, train=False), compiler_options=options)
-  return dict(init(rng, x))
+  return dict(jax.jit(init, compiler_options=options)(rng, x))
 
 
 def create_train_state(model: DSAN, tx: optax.GradientTransformation, seed: int,
