@@ -48,6 +48,7 @@ import shutil
 import zlib
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from dsan_jax import files, run_lock
 from dsan_jax.data import infection_ratio as ratio_lib
@@ -341,6 +342,25 @@ def build_cache(manifest: manifest_lib.Manifest, data_config, cache_dir: str | o
   settings = preprocess.PreprocessSettings.from_config(data_config)
   cache_dir = Path(cache_dir)
   cases = list(manifest.cases)
+  keys, metas, todo, failures = _plan(cases, settings, cache_dir, verify)
+  _check_resources(cache_dir, len(todo), settings.target_shape)
+  files.remove_stale_temps(cache_dir)  # Left by killed builds.
+  if todo:
+    _preprocess_all(todo, settings, cache_dir, verify, num_workers, progress, metas, failures)
+  if failures and not skip_bad:
+    raise ManifestError(getattr(manifest, "path", None) or cache_dir,
+                        [f"case {cid}: {msg}" for cid, msg in failures.items()])
+  skipped = list(getattr(manifest, "skipped", [])) + sorted(failures.items())
+  return _open(cases, keys, metas, cache_dir, skipped)
+
+
+def _plan(cases, settings, cache_dir: Path, verify: str):
+  """Each case's key (None: its input cannot be read) and what is cached already.
+
+  Returns:
+    (keys, one per case; metas: key -> sidecar of the valid entries; todo: [(case, key)] to
+    preprocess, one per distinct key; failures: case id -> reason).
+  """
   keys, metas, todo, failures, seen = [], {}, [], {}, set()
   for case in cases:
     try:
@@ -357,43 +377,43 @@ def build_cache(manifest: manifest_lib.Manifest, data_config, cache_dir: str | o
       todo.append((case, key))
     else:
       metas[key] = meta
-  _check_resources(cache_dir, len(todo), settings.target_shape)
-  files.remove_stale_temps(cache_dir)  # Left by killed builds.
+  return keys, metas, todo, failures
 
-  if todo:
-    from tqdm.auto import tqdm
-    jobs = [(case, settings, cache_dir, key, verify) for case, key in todo]
-    bar = tqdm(total=len(jobs), desc="preprocessing", unit="case", disable=(
-        None if progress is None else not progress))
-    if num_workers is None:
-      num_workers = os.cpu_count() or 1
-    by_key = {key: case for case, key in todo}
-    try:
-      if num_workers <= 0 or len(jobs) == 1:
-        results = map(_worker, jobs)
-        for key, meta, err in results:
+
+def _preprocess_all(todo, settings, cache_dir: Path, verify: str, num_workers: int | None,
+                    progress: bool | None, metas: dict, failures: dict) -> None:
+  """Preprocesses ``todo`` (in this process or in spawned workers) into ``metas``/``failures``."""
+  jobs = [(case, settings, cache_dir, key, verify) for case, key in todo]
+  bar = tqdm(total=len(jobs), desc="preprocessing", unit="case", disable=(
+      None if progress is None else not progress))
+  if num_workers is None:
+    num_workers = os.cpu_count() or 1
+  by_key = {key: case for case, key in todo}
+  try:
+    if num_workers <= 0 or len(jobs) == 1:
+      for key, meta, err in map(_worker, jobs):
+        _collect(key, meta, err, by_key, metas, failures)
+        bar.update()
+    else:
+      # spawn: the parent may hold JAX/threads, which fork would copy in a broken state.
+      ctx = multiprocessing.get_context("spawn")
+      with concurrent.futures.ProcessPoolExecutor(min(num_workers, len(jobs)),
+                                                  mp_context=ctx) as ex:
+        futures = [ex.submit(_worker, j) for j in jobs]
+        for fut in concurrent.futures.as_completed(futures):
+          key, meta, err = fut.result()
           _collect(key, meta, err, by_key, metas, failures)
           bar.update()
-      else:
-        # spawn: the parent may hold JAX/threads, which fork would copy in a broken state.
-        ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(min(num_workers, len(jobs)),
-                                                    mp_context=ctx) as ex:
-          futures = [ex.submit(_worker, j) for j in jobs]
-          for fut in concurrent.futures.as_completed(futures):
-            key, meta, err = fut.result()
-            _collect(key, meta, err, by_key, metas, failures)
-            bar.update()
-    except concurrent.futures.process.BrokenProcessPool:
-      raise ResourceError(
-          f"{cache_dir}: a preprocessing worker died (killed, e.g. out of memory); entries "
-          "finished so far are kept; retry with fewer workers (num_workers)") from None
-    finally:
-      bar.close()
+  except concurrent.futures.process.BrokenProcessPool:
+    raise ResourceError(
+        f"{cache_dir}: a preprocessing worker died (killed, e.g. out of memory); entries "
+        "finished so far are kept; retry with fewer workers (num_workers)") from None
+  finally:
+    bar.close()
 
-  if failures and not skip_bad:
-    raise ManifestError(getattr(manifest, "path", None) or cache_dir,
-                        [f"case {cid}: {msg}" for cid, msg in failures.items()])
+
+def _open(cases, keys, metas: dict, cache_dir: Path, skipped: list) -> CachedDataset:
+  """The CachedDataset of the cases whose entry exists, in manifest order, with their ratios."""
   kept_cases, kept_keys, shapes, has_masks = [], [], [], []
   for case, key in zip(cases, keys):
     if key is None or key not in metas:
@@ -408,7 +428,6 @@ def build_cache(manifest: manifest_lib.Manifest, data_config, cache_dir: str | o
     kept_keys.append(key)
     shapes.append(tuple(meta["shape"]))
     has_masks.append(bool(meta["has_mask"]))
-  skipped = list(getattr(manifest, "skipped", [])) + sorted(failures.items())
   return CachedDataset(cases=kept_cases, keys=kept_keys, cache_dir=cache_dir, shapes=shapes,
                        has_masks=has_masks, skipped=skipped)
 
