@@ -232,7 +232,7 @@ def _any_process(flag: bool) -> bool:
   if jax.process_count() == 1:
     return flag
   import numpy as np  # Deferred with jax: only a multi-process run gets here.
-  from jax.experimental import multihost_utils
+  from jax.experimental import multihost_utils  # Deferred with jax.
   return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
 
 

@@ -212,7 +212,7 @@ def source_fingerprint(path: str | os.PathLike) -> list:
     OSError: the input cannot be stat-ed.
   """
   if is_dicom_source(path):
-    from dsan_jax.data import dicom
+    from dsan_jax.data import dicom  # Deferred: pydicom only for DICOM input.
     return dicom.fingerprint(path)
   st = os.stat(path)
   return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
@@ -271,7 +271,7 @@ def read_header(path: str | os.PathLike, *, is_mask: bool = False) -> HeaderInfo
       series rule of ``dsan_jax.data.dicom``.
   """
   if is_dicom_source(path):
-    from dsan_jax.data import dicom
+    from dsan_jax.data import dicom  # Deferred: pydicom only for DICOM input.
     return dicom.read_header(path, is_mask=is_mask)
   path = Path(path)
   img = _load(path)
@@ -324,7 +324,7 @@ def read_volume(path: str | os.PathLike, *, is_mask: bool = False) -> Volume:
       ``dsan_jax.data.dicom``).
   """
   if is_dicom_source(path):
-    from dsan_jax.data import dicom
+    from dsan_jax.data import dicom  # Deferred: pydicom only for DICOM input.
     return dicom.read_volume(path, is_mask=is_mask)
   path = Path(path)
   header = read_header(path)

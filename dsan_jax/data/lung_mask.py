@@ -72,6 +72,7 @@ from typing import Sequence
 from absl import flags
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError
 
 from dsan_jax import cli_flags
 from dsan_jax.data import io
@@ -320,7 +321,6 @@ def convex_hull_2d(mask: np.ndarray) -> np.ndarray:
   Returns:
     bool [h, w].
   """
-  from scipy.spatial import ConvexHull, QhullError
   h, w = mask.shape
   rows = np.nonzero(mask.any(axis=1))[0]
   m_rows = mask[rows]
@@ -695,7 +695,7 @@ def save_overlay_png(hu: np.ndarray, mask: np.ndarray, spacing_zyx, path: str,
   Axial is shown in radiological convention (patient's right on the image's left, anterior
   up), coronal with superior up.
   """
-  import matplotlib
+  import matplotlib  # Deferred: only the --png picture needs it.
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 

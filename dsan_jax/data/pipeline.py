@@ -456,6 +456,6 @@ def checkpoint_args(iterator: TrainIterator, step: int | None = None):
 
 def restore_args():
   """``ocp.args.JsonRestore()`` matching ``checkpoint_args``."""
-  import orbax.checkpoint as ocp
+  import orbax.checkpoint as ocp  # Deferred, as above.
 
   return ocp.args.JsonRestore()

@@ -933,7 +933,7 @@ def preview(manifest: str | os.PathLike, png: str | os.PathLike, max_cases: int 
   import matplotlib  # Deferred: plotting is optional.
 
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt  # Deferred with matplotlib.
 
   manifest = Path(manifest)
   with open(manifest, newline="") as f:
