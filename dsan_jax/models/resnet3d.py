@@ -155,12 +155,22 @@ def stem_max_pool(x: jax.Array, impl: str = "slices") -> jax.Array:
   raise ValueError(f"Unknown stem pool {impl!r}; expected 'slices' or 'reduce_window'.")
 
 
-class BasicBlock(nn.Module):
-  """Two 3x3x3 convolutions with a residual connection (ResNet18/34)."""
+class _ResidualBlock(nn.Module):
+  """The fields of a residual block.
+
+  Attributes:
+    features: output channels before the block's expansion.
+    strides: strides of the block's strided convolution (and of its projection shortcut).
+    conv, norm: the convolution and normalisation factories of the network.
+  """
   features: int
   strides: Sequence[int]
   conv: ModuleDef
   norm: ModuleDef
+
+
+class BasicBlock(_ResidualBlock):
+  """Two 3x3x3 convolutions with a residual connection (ResNet18/34)."""
   expansion = 1
 
   @nn.compact
@@ -176,12 +186,8 @@ class BasicBlock(nn.Module):
     return nn.relu(x + y)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_ResidualBlock):
   """1x1x1 -> 3x3x3 -> 1x1x1 bottleneck with 4x expansion (ResNet50 and deeper)."""
-  features: int
-  strides: Sequence[int]
-  conv: ModuleDef
-  norm: ModuleDef
   expansion = 4
 
   @nn.compact

@@ -129,6 +129,20 @@ Arg MakeArg(int id, bool output, const dnnl::memory::desc& user,
   return arg;
 }
 
+// A plan's primitive, scratchpad and its three FFI buffers (activation in, weights, activation
+// out), each with the reorder between the user's layout and the one the primitive chose
+// (``exec_arg_md``: the primitive's memory descriptor of that execution argument).
+template <typename Primitive>
+void SetPlan(Plan* plan, const typename Primitive::primitive_desc& pd, const int (&ids)[3],
+             const dnnl::memory::desc* const (&user)[3]) {
+  plan->compute = Primitive(pd);
+  plan->scratchpad_md = pd.scratchpad_desc();
+  for (int i = 0; i < 3; ++i) {
+    plan->args[i] = MakeArg(ids[i], i == 2, *user[i],
+                            pd.query_md(dnnl::query::exec_arg_md, ids[i]));
+  }
+}
+
 std::mutex cache_mutex;
 std::unordered_map<std::string, std::shared_ptr<Plan>>& Cache() {
   static auto* cache = new std::unordered_map<std::string, std::shared_ptr<Plan>>();
@@ -175,29 +189,23 @@ std::shared_ptr<Plan> GetPlan(Kind kind, const dims& src, const dims& wei, const
   const dnnl::memory::desc any_wei(wei, dt::f32, tag::any);
   auto fwd_pd = ForwardPd(src, wei, dst, st, lo, hi);
   if (kind == Kind::kForward) {
-    plan->compute = dnnl::convolution_forward(fwd_pd);
-    plan->scratchpad_md = fwd_pd.scratchpad_desc();
-    plan->args[0] = MakeArg(DNNL_ARG_SRC, false, user_src, fwd_pd.src_desc());
-    plan->args[1] = MakeArg(DNNL_ARG_WEIGHTS, false, user_wei, fwd_pd.weights_desc());
-    plan->args[2] = MakeArg(DNNL_ARG_DST, true, user_dst, fwd_pd.dst_desc());
+    SetPlan<dnnl::convolution_forward>(plan.get(), fwd_pd,
+                                       {DNNL_ARG_SRC, DNNL_ARG_WEIGHTS, DNNL_ARG_DST},
+                                       {&user_src, &user_wei, &user_dst});
   } else if (kind == Kind::kBackwardData) {
     dnnl::convolution_backward_data::primitive_desc pd(
         Engine(), dnnl::algorithm::convolution_direct, user_src, any_wei, user_dst, st, lo, hi,
         fwd_pd, Attr());
-    plan->compute = dnnl::convolution_backward_data(pd);
-    plan->scratchpad_md = pd.scratchpad_desc();
-    plan->args[0] = MakeArg(DNNL_ARG_DIFF_DST, false, user_dst, pd.diff_dst_desc());
-    plan->args[1] = MakeArg(DNNL_ARG_WEIGHTS, false, user_wei, pd.weights_desc());
-    plan->args[2] = MakeArg(DNNL_ARG_DIFF_SRC, true, user_src, pd.diff_src_desc());
+    SetPlan<dnnl::convolution_backward_data>(
+        plan.get(), pd, {DNNL_ARG_DIFF_DST, DNNL_ARG_WEIGHTS, DNNL_ARG_DIFF_SRC},
+        {&user_dst, &user_wei, &user_src});
   } else {
     dnnl::convolution_backward_weights::primitive_desc pd(
         Engine(), dnnl::algorithm::convolution_direct, user_src, any_wei, user_dst, st, lo, hi,
         fwd_pd, Attr());
-    plan->compute = dnnl::convolution_backward_weights(pd);
-    plan->scratchpad_md = pd.scratchpad_desc();
-    plan->args[0] = MakeArg(DNNL_ARG_SRC, false, user_src, pd.src_desc());
-    plan->args[1] = MakeArg(DNNL_ARG_DIFF_DST, false, user_dst, pd.diff_dst_desc());
-    plan->args[2] = MakeArg(DNNL_ARG_DIFF_WEIGHTS, true, user_wei, pd.diff_weights_desc());
+    SetPlan<dnnl::convolution_backward_weights>(
+        plan.get(), pd, {DNNL_ARG_SRC, DNNL_ARG_DIFF_DST, DNNL_ARG_DIFF_WEIGHTS},
+        {&user_src, &user_dst, &user_wei});
   }
   std::lock_guard<std::mutex> lock(cache_mutex);
   Cache().emplace(key.text, plan);
