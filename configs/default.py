@@ -27,6 +27,9 @@ def get_config() -> ml_collections.ConfigDict:
   data.target_shape = (138, 256, 256)  # (D, H, W) = (z, y, x) after down-sampling + zero padding.
   data.hu_window = (-1350.0, 150.0)  # Window 1500, level -600 -> clip then scale to [0, 1].
   data.apply_lung_mask = True  # Input = windowed CT multiplied by the lung mask.
+  # Mask on the input grid, then resample (True), or resample, then mask (False). The paper
+  # does not say; see preprocess.masked_image.
+  data.mask_on_input_grid = False
   data.lung_mask_fallback = True  # Classical lung segmentation when the manifest gives none.
   # Infection ratio without an infection mask: "mask_or_estimate" (estimate where no mask),
   # "estimate" (every case: no label leak when only one class has masks), "mask" (NaN without).

@@ -286,11 +286,17 @@ def predict_case(workdir: str | os.PathLike, image: str | os.PathLike,
   _check_inputs(inputs, infection_ratio, out_path)
   runs, unfinished, config = _runs_and_config(workdir, fold)
   # Preprocess once without the lung multiplication, so the overview shows the CT itself; the
-  # network input is the same product load_and_preprocess would form (padding is zero in both).
+  # network input is the same product load_and_preprocess would form (padding is zero in both),
+  # except when the lung mask file is applied on the input grid (preprocess.masked_image).
   cfg = ml_collections.ConfigDict(config.to_dict())
   cfg.data.apply_lung_mask = False
   pre = preprocess.load_and_preprocess(image, lung_mask, infection_mask, config=cfg)
   net_image = pre.image * pre.lung_mask if config.data.apply_lung_mask else pre.image
+  if (config.data.apply_lung_mask and lung_mask is not None
+      and config.data.get("mask_on_input_grid", False)):
+    # Trained on CTs masked on the input grid, then resampled: the same order here.
+    net_image = preprocess.load_and_preprocess(image, lung_mask, infection_mask,
+                                               config=config).image
   ratio_info = _ratio_info(pre, infection_ratio, config)
   ratio = ratio_info["ratio"] if ratio_info["ratio"] is not None else float("nan")
   outputs = _predict_runs(runs, net_image)

@@ -3,6 +3,7 @@
 import json
 import pathlib
 
+import ml_collections
 import nibabel as nib
 import numpy as np
 import pytest
@@ -238,3 +239,34 @@ def test_matches_the_evaluation_of_a_validation_case(trained_workdir, tmp_path):
     assert res["models"][v]["prob"] == pytest.approx(expected, abs=5e-3), v
   with pytest.raises(DataError, match="no trained run for fold 2"):
     predict.predict_case(trained_workdir, root / row["image"], fold=2)
+
+
+def test_a_model_trained_masked_on_the_input_grid_gets_that_input(trained_workdir,
+                                                                   monkeypatch):
+  """With ``data.mask_on_input_grid`` the network input is masked first, as in the cache."""
+  from dsan_jax.data import preprocess
+  row = next(iter(read_csv(smoke_manifest(trained_workdir))))
+  root = smoke_manifest(trained_workdir).parent
+  image, lung = root / row["image"], root / row["lung_mask"]
+  runs_and_config, predict_runs = predict._runs_and_config, predict._predict_runs
+  seen = {}
+
+  def masked_first(*args):
+    runs, unfinished, config = runs_and_config(*args)
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.data.mask_on_input_grid = True
+    seen["config"] = config
+    return runs, unfinished, config
+
+  def record(runs, net_image):
+    seen["image"] = np.asarray(net_image)
+    return predict_runs(runs, net_image)
+
+  monkeypatch.setattr(predict, "_runs_and_config", masked_first)
+  monkeypatch.setattr(predict, "_predict_runs", record)
+  predict.predict_case(trained_workdir, image, lung, None, out=None, fold=0)
+  expected = preprocess.load_and_preprocess(image, lung, config=seen["config"]).image
+  np.testing.assert_array_equal(seen["image"], expected)
+  seen["config"].data.mask_on_input_grid = False
+  resampled_first = preprocess.load_and_preprocess(image, lung, config=seen["config"]).image
+  assert not np.array_equal(expected, resampled_first)  # The order matters on this grid.

@@ -214,6 +214,60 @@ def test_masks_ratio_and_lung_masking(ct_case):
   np.testing.assert_allclose(out.image, expected, atol=1e-6)
 
 
+def test_mask_on_input_grid_equals_resample_first_on_an_identity_grid(ct_case):
+  # 10 mm in, 10 mm out: resampling is the identity, so the order cannot matter.
+  cfg = dict(target_shape=(16, 32, 32), target_spacing=(5.0, 5.0, 5.0), apply_lung_mask=True)
+  first = [preprocess.load_and_preprocess(ct_case["image"], ct_case["lung_mask"],
+                                          config=_data_config(mask_on_input_grid=m, **cfg))
+           for m in (False, True)]
+  np.testing.assert_array_equal(first[0].image, first[1].image)
+  np.testing.assert_array_equal(first[0].lung_mask, first[1].lung_mask)
+
+
+_COARSE = dict(target_shape=(8, 16, 16), target_spacing=(5.0, 5.0, 5.0), scale_factor=0.2,
+               apply_lung_mask=True)  # 10 mm in, 25 mm out.
+
+
+def _both_orders(ct_case, lung_file, **cfg):
+  return [preprocess.load_and_preprocess(ct_case["image"], lung_file,
+                                         config=_data_config(mask_on_input_grid=m, **cfg))
+          for m in (False, True)]
+
+
+def test_mask_on_input_grid_darkens_only_the_rim(ct_case):
+  # The outer layer mixes the lung with the chest wall (resample first) or with zeros (mask
+  # first). Linear weights and windowed values are >= 0, so masked-first is never brighter;
+  # where the whole 2x2x2 interpolation stencil lies in the lung both interpolate the same
+  # values (float32 rounding: a few ulp of 1).
+  after, first = _both_orders(ct_case, ct_case["lung_mask"], **_COARSE)
+  np.testing.assert_array_equal(after.lung_mask, first.lung_mask)
+  inside = after.lung_mask.astype(bool)
+  assert inside.sum() > 20
+  np.testing.assert_array_equal(first.image[~inside], 0.0)
+  assert np.all(first.image <= after.image + 1e-6)
+  assert (first.image[inside] < after.image[inside] - 0.05).any()  # The rim got darker.
+  g = after.geometry
+  grid = np.stack(np.meshgrid(*[np.arange(n) for n in g.target_shape], indexing="ij"), -1)
+  src = g.target_to_canonical(grid.reshape(-1, 3).astype(np.float64))
+  lung_in = ct_case["lung"].astype(bool)
+  lo = np.clip(np.floor(src).astype(int), 0, np.array(lung_in.shape) - 1)
+  hi = np.minimum(lo + 1, np.array(lung_in.shape) - 1)
+  stencil_in = np.ones(len(src), bool)
+  for corner in np.ndindex(2, 2, 2):
+    idx = np.where(np.array(corner, bool), hi, lo)
+    stencil_in &= lung_in[idx[:, 0], idx[:, 1], idx[:, 2]]
+  core = stencil_in.reshape(g.target_shape) & inside
+  assert core.sum() > 0
+  np.testing.assert_allclose(first.image[core], after.image[core], atol=1e-6)
+
+
+def test_mask_on_input_grid_without_a_lung_file_resamples_first(ct_case):
+  # The fallback's mask is made on the output grid: there is nothing to mask first.
+  after, first = _both_orders(ct_case, None, lung_mask_fallback=True, **_COARSE)
+  assert after.lung_mask_source == "fallback"
+  np.testing.assert_array_equal(first.image, after.image)
+
+
 def test_mask_grid_mismatch_and_empty_mask(ct_case, tmp_path):
   cfg = _data_config(target_shape=(16, 32, 32), target_spacing=(5.0, 5.0, 5.0))
   small = save_nifti(tmp_path / "small.nii.gz", np.ones((8, 8, 8), np.uint8), ct_case["affine"])
