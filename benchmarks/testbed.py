@@ -15,6 +15,13 @@ Measures, on a phantom manifest (or real CTs), after the project's preprocessing
 * ``crop``: a copy of a manifest's scans cropped to the lung bounding box plus a margin, so that
   the preprocessing fits the lungs, not the chest, into the frame (lung-size ablation).
 * ``runs``: one table row per ablation run (AUC per epoch, best / last, final training loss).
+* ``visibility``: a DIAGNOSTIC copy of a built cache whose images show the lesions differently
+  (``perfect``: 0.31 in the lung, 0.90 on the infection mask, no vessels, rim or noise;
+  ``rimless``: the CT, with the lung mask's outer voxel layer, where not infected, set to the
+  median of the lung's inner non-infected voxels). Training on it separates "the network cannot
+  see the lesions" from "it cannot learn from them" (docs/testbed.md, section 5).
+* ``voxels``: HU percentiles of a cache's infected inner, non-infected inner and non-infected
+  outer-layer lung voxels, and the voxel AUC of lesion against inner lung.
 
 Run:
     python benchmarks/testbed.py frame --config configs/quickstart.py ../shared/data/ct/*.nii.gz
@@ -22,6 +29,8 @@ Run:
     python benchmarks/testbed.py phantoms --config configs/quickstart.py --out DIR --vessel-contrast 0
     python benchmarks/testbed.py crop --manifest M.csv --out DIR [--margin-mm 10]
     python benchmarks/testbed.py runs RUN_DIR...
+    python benchmarks/testbed.py visibility --cache CACHE --out DIR --mode perfect|rimless
+    python benchmarks/testbed.py voxels --cache CACHE [--limit 150]
 """
 
 from __future__ import annotations
@@ -223,6 +232,78 @@ def crop_to_lungs(manifest: Path, out: Path, margin_mm: float = 10.0) -> Path:
   return out / "manifest.csv"
 
 
+def _cache_entries(cache: Path, limit: int = 0):
+  """(key, image uint8 [D, H, W], infection mask bool [D, H, W]) of a cache's entries."""
+  import math
+  sidecars = sorted(cache.glob("*.json"))
+  for js in sidecars[:limit] if limit else sidecars:
+    key = js.name[:-len(".json")]
+    img = np.load(cache / f"{key}.image.npy")
+    mask_path = cache / f"{key}.mask.npy"
+    inf = (np.unpackbits(np.load(mask_path), count=math.prod(img.shape)).reshape(img.shape)
+           .astype(bool) if mask_path.exists() else np.zeros(img.shape, bool))
+    yield key, img, inf
+
+
+def _layers(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(inner, outer layer) of the lung, which is where the cached image is > 0."""
+  from scipy import ndimage
+  lung = img > 0
+  inner = ndimage.binary_erosion(lung)
+  return inner, lung & ~inner
+
+
+def visibility_cache(cache: Path, out: Path, mode: str) -> int:
+  """Writes the diagnostic copy of ``cache`` (see the module docstring); returns the entries.
+
+  Only ``<key>.image.npy`` is new (same shape and dtype, so the sidecar's size check holds);
+  sidecars and masks are hard links, so training finds every entry under its usual key.
+  """
+  import os
+  if out.resolve() == cache.resolve():
+    raise ValueError(f"{out}: the diagnostic copy needs a folder of its own")
+  out.mkdir(parents=True, exist_ok=True)
+  n = 0
+  for key, img, inf in _cache_entries(cache):
+    inner, outer = _layers(img)
+    if mode == "perfect":
+      new = np.where(inf, 230, np.where(img > 0, 80, 0)).astype(np.uint8)
+    elif mode == "rimless":
+      new = img.copy()
+      ref = img[inner & ~inf]
+      new[outer & ~inf] = np.uint8(np.median(ref)) if ref.size else 80
+    else:
+      raise ValueError(f"unknown mode {mode!r} (perfect, rimless)")
+    np.save(out / f"{key}.image.npy", new)
+    for f in (cache / f"{key}.json", cache / f"{key}.mask.npy"):
+      if f.exists() and not (out / f.name).exists():
+        os.link(f, out / f.name)
+    n += 1
+  return n
+
+
+def voxel_stats(cache: Path, hu_window, limit: int = 150) -> dict[str, str]:
+  """HU percentiles (10/50/90) and the share above -600 HU of three kinds of lung voxel."""
+  from sklearn.metrics import roc_auc_score
+  lo, hi = hu_window
+  kinds = {"infected, inner": [], "not infected, inner": [], "not infected, outer layer": []}
+  for _, img, inf in _cache_entries(cache, limit):
+    if not inf.any():
+      continue
+    inner, outer = _layers(img)
+    for k, m in zip(kinds, (inf & inner, inner & ~inf, outer & ~inf)):
+      kinds[k].append(img[m])
+  res = {}
+  for k, v in kinds.items():
+    hu = np.concatenate(v).astype(np.float64) / 255 * (hi - lo) + lo
+    kinds[k] = hu
+    res[k] = (f"n={hu.size}, HU p10/p50/p90 {np.percentile(hu, [10, 50, 90]).round(0)}, "
+              f"> -600 HU {np.mean(hu > -600):.3f}")
+  a, b = kinds["infected, inner"], kinds["not infected, inner"]
+  res["voxel AUC, infected vs not (inner)"] = f"{roc_auc_score(np.r_[np.ones(a.size), np.zeros(b.size)], np.r_[a, b]):.3f}"
+  return res
+
+
 def run_rows(run_dirs) -> list[str]:
   """Markdown rows: run, AUC per epoch, best / last, final training loss (``metrics.csv``)."""
   out = []
@@ -238,7 +319,8 @@ def run_rows(run_dirs) -> list[str]:
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser()
-  ap.add_argument("what", choices=("frame", "calibrate", "phantoms", "crop", "runs"))
+  ap.add_argument("what", choices=("frame", "calibrate", "phantoms", "crop", "runs", "visibility",
+                                   "voxels"))
   ap.add_argument("paths", nargs="*")
   ap.add_argument("--config", default="configs/quickstart.py")
   ap.add_argument("--out", help="output folder (phantoms, crop)")
@@ -247,6 +329,8 @@ def main(argv=None) -> int:
   ap.add_argument("--margin-mm", type=float, default=10.0)
   ap.add_argument("--workers", type=int, default=2)
   ap.add_argument("--manifest")
+  ap.add_argument("--cache", help="a built cache folder (visibility, voxels)")
+  ap.add_argument("--mode", default="perfect", help="visibility: perfect or rimless")
   ap.add_argument("--limit", type=int, default=0)
   ap.add_argument("--appearance", action="store_true",
                   help="also the size-free lesion-appearance features (native grid, slower)")
@@ -257,10 +341,17 @@ def main(argv=None) -> int:
   if args.what == "crop":
     print(crop_to_lungs(Path(args.manifest), Path(args.out), args.margin_mm))
     return 0
+  if args.what == "visibility":
+    print(visibility_cache(Path(args.cache), Path(args.out), args.mode), "entries ->", args.out)
+    return 0
   config = load_config(args.config)
   if args.what == "phantoms":
     print(diagnostic_phantoms(Path(args.out), config, args.lesion_contrast, args.vessel_contrast,
                               args.workers))
+    return 0
+  if args.what == "voxels":
+    for k, v in voxel_stats(Path(args.cache), config.data.hu_window, args.limit or 150).items():
+      print(f"{k}: {v}")
     return 0
   if args.what == "frame":
     for r in frame(args.paths, config):

@@ -98,3 +98,40 @@ def test_crop_to_lungs_keeps_every_lung_voxel_and_its_hu(tmp_path):
     block = tuple(slice(o, o + n) for o, n in zip(lo, hu_c.shape))
     np.testing.assert_array_equal(hu_c, hu[block])
     np.testing.assert_array_equal(inf_c, inf[block])
+
+
+def _fake_cache(folder):
+  """One cache entry: a 2-voxel-thick lung slab (outer layer 140, inner 60) with one lesion."""
+  folder.mkdir()
+  img = np.zeros((6, 8, 8), np.uint8)
+  img[1:5, 1:7, 1:7] = 140
+  img[2:4, 2:6, 2:6] = 60
+  img[2, 3, 3] = 200
+  inf = np.zeros(img.shape, bool)
+  inf[2, 3, 3] = True
+  np.save(folder / "k.image.npy", img)
+  np.save(folder / "k.mask.npy", np.packbits(inf.ravel()))
+  (folder / "k.json").write_text(json.dumps({"shape": list(img.shape)}))
+  return img, inf
+
+
+@pytest.mark.parametrize("mode", ["perfect", "rimless"])
+def test_visibility_cache_rewrites_only_the_image(tmp_path, mode):
+  img, inf = _fake_cache(tmp_path / "cache")
+  tool = _testbed_tool()
+  assert tool.visibility_cache(tmp_path / "cache", tmp_path / mode, mode) == 1
+  new = np.load(tmp_path / mode / "k.image.npy")
+  assert new.shape == img.shape and new.dtype == np.uint8
+  assert (tmp_path / mode / "k.json").samefile(tmp_path / "cache" / "k.json")
+  assert (tmp_path / mode / "k.mask.npy").samefile(tmp_path / "cache" / "k.mask.npy")
+  lung = img > 0
+  np.testing.assert_array_equal(new[~lung], 0)
+  if mode == "perfect":
+    np.testing.assert_array_equal(new[inf], 230)
+    np.testing.assert_array_equal(new[lung & ~inf], 80)
+  else:  # The outer layer takes the inner non-infected median (60); the rest is unchanged.
+    outer = lung & (img == 140)
+    np.testing.assert_array_equal(new[outer], 60)
+    np.testing.assert_array_equal(new[~outer], img[~outer])
+  with pytest.raises(ValueError, match="folder of its own"):
+    tool.visibility_cache(tmp_path / "cache", tmp_path / "cache", mode)
