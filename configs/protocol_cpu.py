@@ -7,8 +7,10 @@ Run:
     python train.py --config configs/protocol_cpu.py --protocol --workdir runs/protocol_cpu
 
 Expect: Tables II/III, the paper's findings with verdicts, comparisons and figures in
-runs/protocol_cpu/evaluation/, in about 80 minutes on 2 cores (measured under load, one seed;
-docs/results.md has the results). Synthetic-data numbers: they check the software and the method
+runs/protocol_cpu/evaluation/, in about 50 minutes on 2 cores (measured: 50 min 43 s at load
+1.6-3.5, one seed; the earlier run, resampling first, took ~80 min under load 5-9;
+docs/results.md has both runs' results). The CT is masked on its own grid before resampling,
+as in the quick start (``data.mask_on_input_grid``). Synthetic-data numbers: they check the software and the method
 on the testbed, they are not clinical results.
 """
 
