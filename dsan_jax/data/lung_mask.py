@@ -76,6 +76,7 @@ from scipy.spatial import ConvexHull, QhullError
 
 from dsan_jax import cli_flags
 from dsan_jax.data import io
+from dsan_jax.data import morphology
 from dsan_jax.errors import DsanError
 
 THRESHOLD_HU = -320.0
@@ -231,13 +232,13 @@ def _refine(labels_c: np.ndarray, air_c: np.ndarray, air: np.ndarray, tissue_ok:
   air_up = _fine(air_c[box_c], shape, f)
   air, tissue_ok = air[box], tissue_ok[box]
   inside = up > 0
-  rim = inside & ~ndimage.binary_erosion(inside, structure=_INPLANE, border_value=1)
+  rim = inside & ~morphology.erode_inplane(inside, border_value=True)
   keep = inside & ~(rim & ~air & air_up)
   # New voxels: fine air beside the mask, and one fine voxel of tissue (no bone) beside the
   # mask's tissue (consolidation, vessels: the coarse grid's share of their rim).
   dense = keep & ~air_up
-  new = ~inside & ((air & ndimage.binary_dilation(inside, structure=_INPLANE))
-                   | (tissue_ok & ndimage.binary_dilation(dense, structure=_INPLANE)))
+  new = ~inside & ((air & morphology.dilate_inplane(inside))
+                   | (tissue_ok & morphology.dilate_inplane(dense)))
   labels = np.where(keep, up, 0)
   zz, yy, xx = np.nonzero(new)
   # Each new voxel takes the label of an in-plane neighbour in the coarse mask; one with

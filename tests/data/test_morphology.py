@@ -1,0 +1,44 @@
+"""Shift-based morphology (dsan_jax.data.morphology) gives exactly ndimage's voxels."""
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from dsan_jax.data import morphology
+
+_INPLANE = np.zeros((3, 3, 3), bool)
+_INPLANE[1] = ndimage.generate_binary_structure(2, 1)
+
+
+def _disk(radius_px):
+  """The ratio estimate's in-plane disk as an ndimage structure [1, k, k] (r^2 + 0.5 rule)."""
+  r = np.arange(-radius_px, radius_px + 1)
+  return ((r[:, None] ** 2 + r[None, :] ** 2) <= radius_px ** 2 + 0.5)[None]
+
+
+def _volumes():
+  rng = np.random.default_rng(0)
+  for density in (0.05, 0.5, 0.9):
+    # Smoothed noise: blobs of several sizes, touching the borders.
+    field = ndimage.uniform_filter(rng.random((9, 23, 31)), 3)
+    yield field > np.quantile(field, 1.0 - density)
+
+
+@pytest.mark.parametrize("radius, z_half", [(1, 0), (2, 1), (3, 0), (4, 2)])
+def test_disk_opening_equals_ndimage(radius, z_half):
+  structure = np.repeat(_disk(radius), 2 * z_half + 1, axis=0)
+  assert [2 * w + 1 for w in morphology.disk_half_widths(radius)] == list(
+      structure[0].sum(axis=1))
+  for mask in _volumes():
+    want = ndimage.binary_opening(mask, structure=structure)
+    assert np.array_equal(morphology.disk_opening(mask, radius, z_half), want)
+
+
+def test_inplane_dilation_and_erosion_equal_ndimage():
+  for mask in _volumes():
+    assert np.array_equal(morphology.dilate_inplane(mask),
+                          ndimage.binary_dilation(mask, structure=_INPLANE))
+    for border in (0, 1):
+      assert np.array_equal(morphology.erode_inplane(mask, border_value=bool(border)),
+                            ndimage.binary_erosion(mask, structure=_INPLANE,
+                                                   border_value=border))
