@@ -441,7 +441,7 @@ def _slice_depth(body2d: np.ndarray, spacing_yx) -> np.ndarray:
   """
   f = 2 if min(body2d.shape) >= 64 and max(spacing_yx) < 2.0 else 1
   coarse = np.pad(_coarse(body2d[None], f)[0], 1)
-  depth = ndimage.distance_transform_edt(coarse, sampling=np.asarray(spacing_yx) * f)
+  depth = morphology.distance_transform(coarse, np.asarray(spacing_yx) * f)
   return _fine(depth[None, 1:-1, 1:-1], (1,) + body2d.shape, f)[0]
 
 
@@ -485,7 +485,7 @@ def _lungs_from_candidates(candidates, body, spacing, voxel_ml, mid_x, width_x, 
   # centred on the midline (trachea, carina).
   f = _coarse_factor(spacing, scale)
   coarse, coarse_spacing = _coarse(lungs, f), spacing * np.array([1, f, f])
-  depth = ndimage.distance_transform_edt(coarse, sampling=coarse_spacing)
+  depth = morphology.distance_transform(coarse, coarse_spacing)
   core_labels, n_cores = ndimage.label(depth > CORE_RADIUS_MM * scale)
   if n_cores > 1:
     # The nearest core of every lung voxel, read off the coarse grid (``_fine``'s mapping).
@@ -577,7 +577,7 @@ def _split_left_right(lungs: np.ndarray, spacing: np.ndarray, scale: float,
   f = _coarse_factor(spacing, scale)
   coarse, coarse_spacing = _coarse(lungs, f), spacing * np.array([1, f, f])
   if depth is None:
-    depth = ndimage.distance_transform_edt(coarse, sampling=coarse_spacing)
+    depth = morphology.distance_transform(coarse, coarse_spacing)
   else:
     depth = np.where(coarse, depth, 0.0)
   x_mid = np.nonzero(coarse)[2].mean()

@@ -17,6 +17,7 @@ equality with ``ndimage`` on random volumes.
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 
 
 def disk_half_widths(radius_px: int) -> np.ndarray:
@@ -105,3 +106,37 @@ def erode_inplane(mask: np.ndarray, border_value: bool = False) -> np.ndarray:
     for shift in (1, -1):
       _combine(out, mask, shift, axis, np.logical_and)
   return out
+
+
+def distance_transform(mask: np.ndarray, sampling) -> np.ndarray:
+  """``ndimage.distance_transform_edt(mask, sampling=sampling)``, bit for bit, in less time.
+
+  ndimage computes the feature transform in C and then the distances in NumPy through a
+  float64 [ndim, ...] array of offsets (~0.2 s of 0.3 s on a 1.1-million-voxel lung box);
+  here the same float64 operations run axis by axis on broadcast coordinates, in the same
+  order (offset x sampling, squared, summed over the axes in order, square root).
+
+  Args:
+    mask: bool [...], True where the distance to the nearest False voxel is wanted.
+    sampling: voxel size per axis.
+
+  Returns:
+    float64, same shape: 0 outside ``mask``.
+  """
+  mask = np.asarray(mask)
+  sampling = np.broadcast_to(np.asarray(sampling, np.float64), (mask.ndim,))
+  ft = ndimage.distance_transform_edt(mask, sampling=sampling, return_distances=False,
+                                      return_indices=True)
+  out = None
+  for axis in range(mask.ndim):
+    shape = [1] * mask.ndim
+    shape[axis] = mask.shape[axis]
+    coord = np.arange(mask.shape[axis], dtype=np.int32).reshape(shape)
+    d = (ft[axis] - coord).astype(np.float64)
+    d *= sampling[axis]
+    np.multiply(d, d, out=d)
+    if out is None:
+      out = d
+    else:
+      out += d
+  return np.sqrt(out, out=out)

@@ -42,3 +42,14 @@ def test_inplane_dilation_and_erosion_equal_ndimage():
       assert np.array_equal(morphology.erode_inplane(mask, border_value=bool(border)),
                             ndimage.binary_erosion(mask, structure=_INPLANE,
                                                    border_value=border))
+
+
+@pytest.mark.parametrize("sampling", [(2.5, 2.87, 2.87), (1.0, 1.0, 1.0)])
+def test_distance_transform_equals_ndimage(sampling):
+  for mask in _volumes():
+    want = ndimage.distance_transform_edt(mask, sampling=sampling)
+    got = morphology.distance_transform(mask, sampling)
+    assert got.dtype == np.float64 and np.array_equal(got, want)
+  flat = next(_volumes())[3]  # 2D.
+  assert np.array_equal(morphology.distance_transform(flat, (1.5, 3.0)),
+                        ndimage.distance_transform_edt(flat, sampling=(1.5, 3.0)))
