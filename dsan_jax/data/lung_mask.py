@@ -158,20 +158,23 @@ def _segment(hu: np.ndarray, spacing: np.ndarray, threshold: float, scale: float
   candidates = keep[labels]
   if not candidates.any():
     return candidates
-  # Everything below happens inside the candidates' bounding box (+1 voxel): 2-3x fewer voxels.
-  box = tuple(slice(max(int(i.min()) - 1, 0), int(i.max()) + 2) for i in np.nonzero(candidates))
+  # Steps 4-6 happen inside the candidates' bounding box (+1 voxel of background: the same
+  # depths, cores, cells and closing as on the whole grid), 2-3x fewer voxels.
+  tight = tuple(slice(max(int(i.min()) - 1, 0), int(i.max()) + 2)
+                for i in np.nonzero(candidates))
   body_x = np.nonzero(body.any(axis=(0, 1)))[0]
   width_x = body_x.max() - body_x.min() + 1
-  # The box grows in-plane by the deepest bay a lung's hull can hold: consolidation may lie
-  # outside the aerated lung's box.
-  grow = [0] + [int(np.ceil(0.25 * (b.stop - b.start))) for b in box[1:]]
-  box = (box[0],) + tuple(slice(max(b.start - g, 0), b.stop + g)
-                          for b, g in zip(box[1:], grow[1:]))
-  mid_x = (body_x.min() + body_x.max()) / 2 - box[2].start
+  mid_x = (body_x.min() + body_x.max()) / 2 - tight[2].start
   out = np.zeros(hu.shape, bool)
-  lungs = _lungs_from_candidates(candidates[box], body[box], spacing, voxel_ml, mid_x,
-                                 width_x, scale, inplane_factor)
-  out[box] = fill_pleural_bays(lungs, hu[box], body[box], spacing, scale) if pleural_bays else lungs
+  out[tight] = _lungs_from_candidates(candidates[tight], body[tight], spacing, voxel_ml, mid_x,
+                                      width_x, scale, inplane_factor)
+  if pleural_bays:
+    # Step 7's box grows in-plane by the deepest bay a lung's hull can hold: consolidation may
+    # lie outside the aerated lung's box.
+    grow = [int(np.ceil(0.25 * (b.stop - b.start))) for b in tight[1:]]
+    box = (tight[0],) + tuple(slice(max(b.start - g, 0), b.stop + g)
+                              for b, g in zip(tight[1:], grow))
+    out[box] = fill_pleural_bays(out[box], hu[box], body[box], spacing, scale)
   return out
 
 
