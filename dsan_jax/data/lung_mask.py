@@ -65,6 +65,7 @@ lung (its chord runs deep) stay out; docs/data.md gives the measured figures.
 
 from __future__ import annotations
 
+from concurrent import futures
 import sys
 import time
 from typing import Sequence
@@ -98,6 +99,9 @@ BAY_MAX_HU = 200.0  # Bays take no bone.
 WALL_DEPTH_FRACTION = 0.55
 BAY_MAX_GROWTH_MM = 9.0  # A bay grows at most this far past its chord (step 7).
 COARSE_SPACING_MM = 3.0  # Steps 2-7 run on an in-plane grid up to this coarse (step 8).
+# Step 7's slices are shared among this many threads (NumPy, qhull and part of ndimage release
+# the GIL; the result does not depend on it). 1: in the calling thread.
+BAY_THREADS = 2
 
 _INPLANE = np.zeros((3, 3, 3), bool)
 _INPLANE[1] = ndimage.generate_binary_structure(2, 1)
@@ -414,27 +418,48 @@ def fill_pleural_bays(lungs: np.ndarray, hu: np.ndarray, body: np.ndarray, spaci
     ext[box][fill_z_gaps(labels[box] == lab, max_gap) & allowed[box] & (ext[box] == 0)] = lab
   pixel_mm = float(min(spacing[1], spacing[2]))
   min_depth_px = BAY_MIN_DEPTH_MM * scale / pixel_mm
-  for z in range(lungs.shape[0]):
-    lab_z = labels[z]
-    present = np.unique(ext[z])
-    present = present[present > 0]
-    if present.size == 0:
-      continue
-    depth = _slice_depth(body[z], spacing[1:])
-    cols = np.nonzero(body[z].any(axis=0))[0]
-    mid_x = (cols.min() + cols.max()) / 2.0 if cols.size else lungs.shape[2] / 2.0
-    free = allowed[z] & (lab_z == 0)
-    for lab in present:
-      # Each piece of the lung in this slice on its own: a hull over two pieces (a lung that
-      # wraps the heart, or both lungs joined) would span the mediastinum.
-      pieces, n_pieces = ndimage.label(ext[z] == lab)
-      for piece in range(1, n_pieces + 1):
-        ext_piece = pieces == piece
-        lung_piece = ext_piece & (lab_z == lab)
-        if lung_piece.any():
-          lab_z[_slice_bays(lung_piece, ext_piece, free, depth, min_depth_px, mid_x,
-                            pixel_mm)] = lab
+  # Slices are independent (each writes only its own slice of ``labels``): with
+  # ``BAY_THREADS`` threads, every thread takes every BAY_THREADS-th slice.
+  todo = [int(z) for z in np.nonzero(ext.any(axis=(1, 2)))[0]]
+
+  def run(zs):
+    for z in zs:
+      _fill_slice_bays(labels[z], ext[z], allowed[z], body[z], spacing, min_depth_px, pixel_mm)
+
+  parts = [todo[i::BAY_THREADS] for i in range(BAY_THREADS)]
+  if BAY_THREADS > 1 and len(todo) > 1:
+    with futures.ThreadPoolExecutor(BAY_THREADS) as pool:
+      list(pool.map(run, parts))  # Re-raises a thread's exception.
+  else:
+    run(todo)
   return (labels > 0) & ~_touching_other_label(labels, lungs)
+
+
+def _fill_slice_bays(lab_z: np.ndarray, ext_z: np.ndarray, allowed_z: np.ndarray,
+                     body_z: np.ndarray, spacing, min_depth_px: float, pixel_mm: float) -> None:
+  """Step 7's bays of one slice, written into ``lab_z`` (int [H, W], the slice's lung labels).
+
+  ``ext_z``: the labels with the craniocaudal gaps filled; ``allowed_z``: pixels a bay may take;
+  ``body_z``: the body.
+  """
+  present = np.nonzero(np.bincount(ext_z.ravel()))[0]
+  present = present[present > 0]
+  if present.size == 0:
+    return
+  depth = _slice_depth(body_z, spacing[1:])
+  cols = np.nonzero(body_z.any(axis=0))[0]
+  mid_x = (cols.min() + cols.max()) / 2.0 if cols.size else lab_z.shape[1] / 2.0
+  free = allowed_z & (lab_z == 0)
+  for lab in present:
+    # Each piece of the lung in this slice on its own: a hull over two pieces (a lung that
+    # wraps the heart, or both lungs joined) would span the mediastinum.
+    pieces, n_pieces = ndimage.label(ext_z == lab)
+    for piece in range(1, n_pieces + 1):
+      ext_piece = pieces == piece
+      lung_piece = ext_piece & (lab_z == lab)
+      if lung_piece.any():
+        lab_z[_slice_bays(lung_piece, ext_piece, free, depth, min_depth_px, mid_x,
+                          pixel_mm)] = lab
 
 
 def _slice_depth(body2d: np.ndarray, spacing_yx) -> np.ndarray:
