@@ -227,3 +227,18 @@ def test_cli_prints_volumes_writes_the_mask_and_names_a_bad_file(tmp_path, capsy
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: ") and str(missing) in err[0]
   assert lung_mask.main([]) == 2
+
+
+def test_bay_threads_do_not_change_the_mask(monkeypatch):
+  """Step 7's slices shared among threads (``BAY_THREADS``) give the single-threaded mask."""
+  from dsan_jax.data import ratio_validation as rv
+  spacing = (5.0, 3.0, 3.0)
+  shape = tuple(int(round(e / s)) for e, s in zip((440.0, 260.0, 330.0), spacing))
+  hu, truth = phantom_zyx(shape, spacing)
+  hu, *_ = rv.add_pleural_consolidation(hu, truth, np.zeros_like(truth), spacing,
+                                        np.random.default_rng(1), side="posterior")
+  masks = []
+  for threads in (1, 3):
+    monkeypatch.setattr(lung_mask, "BAY_THREADS", threads)
+    masks.append(lung_mask.segment_lungs(hu, spacing))
+  assert masks[0].any() and np.array_equal(masks[0], masks[1])
