@@ -518,7 +518,7 @@ def _lungs_from_candidates(candidates, body, spacing, voxel_ml, mid_x, width_x, 
   if n_cores > 1:
     # The nearest core of every lung voxel, read off the coarse grid (``_fine``'s mapping).
     zz, yy, xx = np.nonzero(lungs)
-    cell = _nearest_seed(core_labels, coarse_spacing)[zz, yy // f, xx // f]
+    cell = _nearest_seed(core_labels, coarse_spacing, (zz, yy // f, xx // f))
     vol = np.bincount(cell, minlength=n_cores + 1).astype(np.float64)
     cx = np.bincount(cell, weights=xx, minlength=n_cores + 1) / np.maximum(vol, 1)
     airway = ((np.abs(cx - mid_x) < CENTRAL_FRACTION * width_x)
@@ -577,11 +577,12 @@ def _fine(labels: np.ndarray, shape, f: int) -> np.ndarray:
   return np.repeat(np.repeat(labels, f, axis=1), f, axis=2)[:, :shape[1], :shape[2]]
 
 
-def _nearest_seed(seeds: np.ndarray, spacing) -> np.ndarray:
-  """Label of the nearest non-zero voxel of ``seeds`` for every voxel (a Voronoi partition)."""
+def _nearest_seed(seeds: np.ndarray, spacing, where: tuple[np.ndarray, ...]) -> np.ndarray:
+  """Label of the nearest non-zero voxel of ``seeds`` (a Voronoi partition) at the voxels
+  ``where`` (index arrays, as ``np.nonzero`` gives them)."""
   idx = ndimage.distance_transform_edt(seeds == 0, sampling=spacing, return_distances=False,
                                        return_indices=True)
-  return seeds[tuple(idx)]
+  return seeds[tuple(axis[where] for axis in idx)]
 
 
 def _split_left_right(lungs: np.ndarray, spacing: np.ndarray, scale: float,
@@ -625,7 +626,7 @@ def _split_left_right(lungs: np.ndarray, spacing: np.ndarray, scale: float,
     seeds = np.where(cores == a, 1, 0) + np.where(cores == b, 2, 0)
     zz, yy, xx = np.nonzero(lungs)
     side = np.zeros(lungs.shape, np.uint8)
-    side[zz, yy, xx] = _nearest_seed(seeds, coarse_spacing)[zz, yy // f, xx // f]
+    side[zz, yy, xx] = _nearest_seed(seeds, coarse_spacing, (zz, yy // f, xx // f))
     touching_a = ndimage.binary_dilation(side == 1,
                                          structure=ndimage.generate_binary_structure(3, 1))
     return lungs & ~(touching_a & (side == 2))
