@@ -42,7 +42,8 @@
    deeper below the body's surface than the pleura at the chord's ends (by one pixel): the
    part of the consolidation at the lung's outermost extent, which no chord covers.
    Bays whose chord runs deep into the body are the mediastinum, the heart's notch, the hila
-   and the liver or spleen under a diaphragm dome: they stay out.
+   and the liver or spleen under a diaphragm dome: they stay out. The slices are independent
+   and shared among ``BAY_THREADS`` threads (the same mask with any number).
 8. Boundary on the finer grid (``_refine``, only after the coarse grid of step 1): each
    coarse voxel becomes its 2x2 fine voxels; fine tissue voxels on the mask's rim inside a
    coarse voxel of air (the chest wall's share of a partial-volume voxel) are dropped; fine
@@ -56,11 +57,19 @@ Every length and volume above is for an adult chest; for a field of view narrowe
 ``BAY_MAX_GROWTH_MM``). The depths and nearest cores of steps 4 and 6 are computed on a 2x
 coarser in-plane grid where that grid still resolves the cores (``_coarse_factor``: grids
 of 1.5 mm and finer when the coarse grid of step 1 is not used); step 6 reuses step 4's
-depths.
+depths. Steps 4-6 run inside the candidates' bounding box plus one voxel (the same depths and
+cells as on the whole grid), step 7 inside that box grown in-plane by a quarter of its size.
+Distance maps and the morphology of step 8 use ``dsan_jax.data.morphology`` (ndimage's
+results, voxel for voxel, in less time).
 
 Known limitations: a consolidation that lines the whole costal contour of a slice (no bay,
 the remaining aerated lung is itself convex) and consolidation on the mediastinal side of a
-lung (its chord runs deep) stay out; docs/data.md gives the measured figures.
+lung (its chord runs deep) stay out; docs/data.md gives the measured figures. A thoracic-cavity
+step (soft tissue between the aerated lung and the rib cage, per slice) was prototyped and not
+adopted: each variant that took in the dependent consolidation also took in the chest wall's
+inner lining, the soft tissue around the apices or the liver's rim under the dome (median Dice
+against the phantoms' lungs 0.986 -> 0.965-0.972), or grew the real CTs by ~100 mL;
+docs/data.md ("Thoracic-cavity model: tried, not adopted") has the variants and figures.
 """
 
 from __future__ import annotations
