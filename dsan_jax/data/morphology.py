@@ -20,10 +20,16 @@ import numpy as np
 from scipy import ndimage
 
 
+def disk(radius_px: int) -> np.ndarray:
+  """bool [2 r + 1, 2 r + 1]: the in-plane disk {dy^2 + dx^2 <= r^2 + 0.5} (the ratio
+  estimate's element; as an ndimage structure, ``disk(r)[None]``)."""
+  r = np.arange(-radius_px, radius_px + 1)
+  return (r[:, None] ** 2 + r[None, :] ** 2) <= radius_px ** 2 + 0.5
+
+
 def disk_half_widths(radius_px: int) -> np.ndarray:
-  """int [2 r + 1]: half-width of each row of the disk {dx^2 + dy^2 <= r^2 + 0.5}."""
-  dy = np.arange(-radius_px, radius_px + 1)
-  return np.floor(np.sqrt(np.maximum(radius_px ** 2 + 0.5 - dy ** 2, 0.0))).astype(int)
+  """int [2 r + 1]: half-width of each row of ``disk(r)``."""
+  return (disk(radius_px).sum(axis=1) - 1) // 2
 
 
 def _combine(out: np.ndarray, src: np.ndarray, shift: int, axis: int, op) -> None:
