@@ -200,6 +200,12 @@ def _block_mean(hu: np.ndarray, f: int) -> np.ndarray:
   """float32 [D, ceil(H/f), ceil(W/f)]: mean of each f x f in-plane block (edges replicated)."""
   d, h, w = hu.shape
   padded = np.pad(np.asarray(hu, np.float32), ((0, 0), (0, -h % f), (0, -w % f)), mode="edge")
+  if f == 2:  # (a + b) + (c + d), in half the time of the mean below (and in its order here:
+    # the same bits on P002, cap002 and the 16 phantoms).
+    out = padded[:, 0::2, 0::2] + padded[:, 0::2, 1::2]
+    out += padded[:, 1::2, 0::2] + padded[:, 1::2, 1::2]
+    out /= np.float32(4)
+    return out
   blocks = padded.reshape(d, padded.shape[1] // f, f, padded.shape[2] // f, f)
   return blocks.mean(axis=(2, 4), dtype=np.float32)
 
