@@ -197,13 +197,8 @@ def _parse(path: Path, ds, keep: bool) -> _Image:
     raise DataError(path, f"malformed DICOM tag ({io._short(e)})") from None
 
 
-def _scan(folder: Path, pixels: bool, early=None) -> list[_Image]:
-  """Reads every DICOM image of the folder (headers only unless ``pixels``).
-
-  ``early``: None, or (thread pool, decoder, dict) with pixels: each image's lossless-JPEG
-  decoding (``_fast_pixels``) is submitted to the pool as soon as the image is parsed, its
-  future stored in the dict under its path, so that decoding overlaps the parsing of the rest.
-  """
+def _scan(folder: Path, pixels: bool) -> list[_Image]:
+  """Reads every DICOM image of the folder (headers only unless ``pixels``)."""
   images, ignored = [], []
   files = _files(folder)
   for f in files:
@@ -225,9 +220,6 @@ def _scan(folder: Path, pixels: bool, early=None) -> list[_Image]:
       ignored.append(f.name)
       continue
     images.append(_parse(f, ds, keep=pixels))
-    if early is not None:
-      pool, decode, pending = early
-      pending[images[-1].path] = pool.submit(_fast_pixels, images[-1], decode)
   if ignored:
     log.info("%s: ignored %d file(s) that are not DICOM images: %s", folder, len(ignored),
              ", ".join(ignored[:5]) + (" ..." if len(ignored) > 5 else ""))
@@ -380,11 +372,10 @@ def _geometry(folder: Path, series: list[_Image]):
   return ims, (ims[0].columns, rows, len(ims)), _LPS_TO_RAS @ lps
 
 
-def _series(path, is_mask: bool, pixels: bool, early=None):
-  """Scans, selects and checks a series; returns (sorted images, HeaderInfo). ``early``: see
-  ``_scan``."""
+def _series(path, is_mask: bool, pixels: bool):
+  """Scans, selects and checks a series; returns (sorted images, HeaderInfo)."""
   folder, uid = split_source(path)
-  series = _select(folder, uid, _scan(folder, pixels, early))
+  series = _select(folder, uid, _scan(folder, pixels))
   _check_images(folder, series, is_mask)
   ims, shape, affine = _geometry(folder, series)
   return ims, io.header_from_geometry(Path(path), shape, affine, ims[0].slope, ims[0].intercept)
@@ -442,28 +433,20 @@ def _fast_decoder():
   return imagecodecs.ljpeg_decode
 
 
-def _decode(ims: list[_Image], rows: int, columns: int, pool=None, fast=None,
-            pending=None) -> np.ndarray:
+def _decode(ims: list[_Image], rows: int, columns: int) -> np.ndarray:
   """Decodes and rescales every slice; returns [slices, rows, columns] float32, each slice
   with its rows and columns reversed.
 
   With imagecodecs installed, lossless JPEG is decoded by it (about 3x faster than libjpeg);
   its first slice is checked against pydicom's decoder, and any disagreement sends the whole
   series back to pydicom's decoder. The other slices are decoded by ``DECODE_THREADS``
-  threads (``pool``, or a pool of its own); a failure names the first failing slice in slice
-  order. ``pending``: {path: future of ``_fast_pixels``} submitted while scanning (``_scan``),
-  with their decoder ``fast``.
+  threads; a failure names the first failing slice in slice order.
   """
   out = np.empty((len(ims), rows, columns), np.float32)
-  pending = pending or {}
-  fast = fast if pending else _fast_decoder()
-
-  def fast_pixels(im: _Image) -> np.ndarray | None:
-    return pending[im.path].result() if im.path in pending else _fast_pixels(im, fast)
-
+  fast = _fast_decoder()
   start = 0
   if ims and fast is not None:
-    pixels = fast_pixels(ims[0])
+    pixels = _fast_pixels(ims[0], fast)
     if pixels is not None:
       reference = _pydicom_pixels(ims[0])
       if pixels.shape != reference.shape or not np.array_equal(pixels, reference):
@@ -474,15 +457,13 @@ def _decode(ims: list[_Image], rows: int, columns: int, pool=None, fast=None,
       start = 1
 
   def one(k: int) -> None:
-    pixels = None if fast is None else fast_pixels(ims[k])
+    pixels = None if fast is None else _fast_pixels(ims[k], fast)
     _store(out, k, ims[k], _pydicom_pixels(ims[k]) if pixels is None else pixels)
 
   todo = range(start, len(ims))
-  if pool is not None and len(todo) > 1:
-    list(pool.map(one, todo))  # Re-raises the first failure in slice order.
-  elif DECODE_THREADS > 1 and len(todo) > 1:
-    with futures.ThreadPoolExecutor(DECODE_THREADS) as own:
-      list(own.map(one, todo))
+  if DECODE_THREADS > 1 and len(todo) > 1:
+    with futures.ThreadPoolExecutor(DECODE_THREADS) as pool:
+      list(pool.map(one, todo))  # Re-raises the first failure in slice order.
   else:
     for k in todo:
       one(k)
@@ -525,18 +506,10 @@ def read_volume(path: str | os.PathLike, *, is_mask: bool = False) -> io.Volume:
   Raises:
     DataError: for every rule in the module docstring, and undecodable pixel data.
   """
-  fast = _fast_decoder()
-  with _quiet(), futures.ThreadPoolExecutor(max(DECODE_THREADS, 1)) as pool:
-    pending = {}
-    try:
-      # Lossless JPEG is decoded by the pool while the other files are still being parsed.
-      early = (pool, fast, pending) if fast is not None and DECODE_THREADS > 1 else None
-      ims, header = _series(path, is_mask, pixels=True, early=early)
-      columns, rows, _ = header.shape
-      data = _decode(ims, rows, columns, pool if DECODE_THREADS > 1 else None, fast, pending)
-    finally:
-      for future in pending.values():
-        future.cancel()  # After an error (e.g. a folder of several series): stop at once.
+  with _quiet():
+    ims, header = _series(path, is_mask, pixels=True)
+    columns, rows, _ = header.shape
+    data = _decode(ims, rows, columns)
   # data[k, a, b] = pixel (row R-1-a, column C-1-b) of slice k -> stored (i, j, k) = (column,
   # reversed row, slice) is a view. An axial scan's canonical RAS array is then ``data``
   # itself, so finish_volume makes no second copy (140 MB for a 512x512x133 scan).
