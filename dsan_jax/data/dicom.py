@@ -476,10 +476,19 @@ def _store(out: np.ndarray, k: int, im: _Image, pixels: np.ndarray) -> None:
   if pixels.shape != (rows, columns):
     raise DataError(im.path, f"pixel data of shape {pixels.shape}, the header says "
                     f"{rows}x{columns}")
-  out[k] = pixels[::-1, ::-1]  # Reversed (see read_volume): axial scans need no reordering.
-  if im.slope not in (None, 1.0):
-    out[k] *= np.float32(im.slope)
-  if im.intercept not in (None, 0.0):
+  # Reversed (see read_volume): axial scans need no reordering. The same float32 operations
+  # as ``out[k] = pixels; out[k] *= slope; out[k] += intercept``, but the first one fused with
+  # the conversion (8x faster than a reversed-stride assignment, ~0.3 s of a 133-slice read).
+  reversed_ = pixels[::-1, ::-1]
+  slope = im.slope not in (None, 1.0)
+  intercept = im.intercept not in (None, 0.0)
+  if slope:
+    np.multiply(reversed_, np.float32(im.slope), out=out[k], dtype=np.float32)
+  elif intercept:
+    np.add(reversed_, np.float32(im.intercept), out=out[k], dtype=np.float32)
+  else:
+    out[k] = reversed_
+  if slope and intercept:
     out[k] += np.float32(im.intercept)
 
 

@@ -227,3 +227,34 @@ def test_cli_prints_volumes_writes_the_mask_and_names_a_bad_file(tmp_path, capsy
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: ") and str(missing) in err[0]
   assert lung_mask.main([]) == 2
+
+
+def test_bay_threads_do_not_change_the_mask(monkeypatch):
+  """Step 7's slices shared among threads (``BAY_THREADS``) give the single-threaded mask."""
+  from dsan_jax.data import ratio_validation as rv
+  spacing = (5.0, 3.0, 3.0)
+  shape = tuple(int(round(e / s)) for e, s in zip((440.0, 260.0, 330.0), spacing))
+  hu, truth = phantom_zyx(shape, spacing)
+  hu, *_ = rv.add_pleural_consolidation(hu, truth, np.zeros_like(truth), spacing,
+                                        np.random.default_rng(1), side="posterior")
+  masks = []
+  for threads in (1, 3):
+    monkeypatch.setattr(lung_mask, "BAY_THREADS", threads)
+    masks.append(lung_mask.segment_lungs(hu, spacing))
+  assert masks[0].any() and np.array_equal(masks[0], masks[1])
+
+
+def test_block_mean_equals_numpys_mean():
+  """The 2x2 block mean of the coarse grid (step 1), edges replicated, against NumPy's mean.
+
+  Bound: both sum four float32 values (two roundings each of at most half an ulp of the sum)
+  and divide exactly by 4; NumPy's summation order is its own (the same bits here on P002,
+  cap002 and the phantoms, not promised on every CPU), so they may differ by 2 ulps of 4 |HU|.
+  """
+  hu = np.random.default_rng(3).normal(-500.0, 400.0, (3, 17, 22)).astype(np.float32)
+  padded = np.pad(hu, ((0, 0), (0, 1), (0, 0)), mode="edge")
+  want = padded.reshape(3, 9, 2, 11, 2).mean(axis=(2, 4), dtype=np.float32)
+  got = lung_mask._block_mean(hu, 2)
+  assert got.dtype == np.float32 and got.shape == (3, 9, 11)
+  np.testing.assert_allclose(got, want, rtol=0,
+                             atol=2 * np.spacing(np.float32(4 * np.abs(hu).max())) / 4)

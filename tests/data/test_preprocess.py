@@ -39,11 +39,12 @@ def test_settings_defaults_match_configs_default(repo_root):
 @pytest.mark.parametrize("shape_in,spacing_in", [((13, 40, 37), (2.0, 0.6, 0.55)),
                                                  ((7, 9, 11), (5.0, 3.1, 2.9))],
                          ids=["shrink", "grow"])
-def test_separable_trilinear_equals_affine_transform(shape_in, spacing_in):
+def test_separable_trilinear_equals_affine_transform(shape_in, spacing_in, monkeypatch):
   """The three 1D passes = ndimage.affine_transform (order 1, mode nearest), float32 rounding.
 
   Bound: each output is a convex combination computed in float32 with 3 roundings per pass
   (~4 eps32 relative per pass) against affine_transform's float64 sum: 16 eps32 of max |x|.
+  The bands of rows shared among threads give the single thread's values exactly.
   """
   from scipy import ndimage
   rng = np.random.default_rng(3)
@@ -59,6 +60,8 @@ def test_separable_trilinear_equals_affine_transform(shape_in, spacing_in):
   assert out.dtype == np.float32 and out.shape == ref.shape
   np.testing.assert_allclose(out, ref, rtol=0,
                              atol=16 * np.finfo(np.float32).eps * np.abs(vol.array).max())
+  monkeypatch.setattr(preprocess, "RESAMPLE_THREADS", 1)
+  np.testing.assert_array_equal(preprocess.resample_to_output(vol.array, g), out)
 
 
 def test_window_exact_at_edges():

@@ -19,6 +19,7 @@ from skimage.morphology import convex_hull_image
 from dsan_jax.data import infection_ratio as ir
 from dsan_jax.data import io
 from dsan_jax.data import lung_mask
+from dsan_jax.data import morphology
 from dsan_jax.errors import DataError
 from tests.data.conftest import LAS, affine_for, save_nifti
 
@@ -91,8 +92,8 @@ def test_ratio_estimate_on_the_lung_box_equals_the_whole_volume():
   est = ir.estimate(hu, lung, (2.5, 1.5, 1.5))
   ref = np.zeros_like(lung)
   # GGO: 3 mm -> 2 px in-plane, +-2.5 mm -> 1 slice; dense: 4 mm -> 3 px, in-plane only.
-  for (lo, hi), structure in ((ir.GGO_HU, np.repeat(ir._disk(2), 3, axis=0)),
-                              (ir.DENSE_HU, ir._disk(3))):
+  for (lo, hi), structure in ((ir.GGO_HU, np.repeat(morphology.disk(2)[None], 3, axis=0)),
+                              (ir.DENSE_HU, morphology.disk(3)[None])):
     ref |= ndimage.binary_opening(lung & (hu >= lo) & (hu < hi), structure=structure)
   assert ref.any()
   np.testing.assert_array_equal(est.dense, ref)
