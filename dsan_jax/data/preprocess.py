@@ -443,10 +443,10 @@ def masked_image(canonical_hu: np.ndarray, hu: np.ndarray, lung: np.ndarray,
     canonical_hu: [D, H, W] HU on the canonical input grid.
     hu: [d, h, w] the same resampled to the output grid.
     lung: [d, h, w] uint8 lung mask on the output grid.
-    lung_full: [D, H, W] {0, 1} lung mask on the input grid, or None (the fallback's mask,
-      made on the output grid: masked first, it would give the same image, since every
-      input voxel that an output voxel interpolates maps back into that output voxel; the
-      image is then resampled first).
+    lung_full: [D, H, W] {0, 1} lung mask from a file on the input grid, or None (then the
+      image is resampled first: the fallback's mask is made on the output grid, and mapped
+      back to the input grid it would add only that round trip's error, not a finer
+      boundary).
     geometry, settings: as in ``preprocess_volume``.
 
   Returns:
@@ -476,6 +476,7 @@ def preprocess_volume(image: io.Volume, settings: PreprocessSettings,
     Preprocessed.
   """
   geometry = plan_geometry(image, settings)
+  lung_file = lung_full  # Below, a fallback mask may stand in for it when computing the ratio.
   hu = resample_to_output(image.array, geometry)
   lung, source = _output_lung(hu, geometry, lung_full, settings, image.path, lung_mask_path)
   infection = None
@@ -500,7 +501,7 @@ def preprocess_volume(image: io.Volume, settings: PreprocessSettings,
     ratio, ratio_source = ratio_mask, ratio_lib.SOURCE_MASK
   else:
     ratio, ratio_source = float("nan"), ratio_lib.SOURCE_NONE
-  img = masked_image(image.array, hu, lung, lung_full, geometry, settings)
+  img = masked_image(image.array, hu, lung, lung_file, geometry, settings)
   voxel_ml = float(np.prod(geometry.output_spacing)) / 1000.0
   return Preprocessed(
       image=pad_to_target(img, geometry), lung_mask=pad_to_target(lung, geometry),

@@ -264,9 +264,15 @@ def test_mask_on_input_grid_darkens_only_the_rim(ct_case):
   np.testing.assert_allclose(first.image[core], after.image[core], atol=1e-6)
 
 
-def test_mask_on_input_grid_without_a_lung_file_resamples_first(ct_case):
-  # The fallback's mask is made on the output grid: there is nothing to mask first.
-  after, first = _both_orders(ct_case, None, lung_mask_fallback=True, **_COARSE)
+@pytest.mark.parametrize("with_infection_mask", [False, True])
+def test_mask_on_input_grid_without_a_lung_file_resamples_first(ct_case, with_infection_mask):
+  # The fallback's mask is made on the output grid: there is nothing to mask first (also when
+  # an infection mask makes the fallback's mask go back to the input grid for the ratio).
+  inf = ct_case["infection_mask"] if with_infection_mask else None
+  after, first = [preprocess.load_and_preprocess(
+      ct_case["image"], None, inf,
+      config=_data_config(mask_on_input_grid=m, lung_mask_fallback=True, **_COARSE))
+      for m in (False, True)]
   assert after.lung_mask_source == "fallback"
   np.testing.assert_array_equal(first.image, after.image)
 
