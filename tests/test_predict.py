@@ -241,6 +241,7 @@ def test_matches_the_evaluation_of_a_validation_case(trained_workdir, tmp_path):
     predict.predict_case(trained_workdir, root / row["image"], fold=2)
 
 
+@pytest.mark.slow
 def test_a_model_trained_masked_on_the_input_grid_gets_that_input(trained_workdir,
                                                                    monkeypatch):
   """With ``data.mask_on_input_grid`` the network input is masked first, as in the cache."""
