@@ -19,7 +19,7 @@ Measures, on a phantom manifest (or real CTs), after the project's preprocessing
   (``perfect``: 0.31 in the lung, 0.90 on the infection mask, no vessels, rim or noise;
   ``rimless``: the CT, with the lung mask's outer voxel layer, where not infected, set to the
   median of the lung's inner non-infected voxels). Training on it separates "the network cannot
-  see the lesions" from "it cannot learn from them" (docs/testbed.md, section 5).
+  see the lesions" from "it cannot learn from them" (docs/testbed.md, section 4).
 * ``voxels``: HU percentiles of a cache's infected inner, non-infected inner and non-infected
   outer-layer lung voxels, and the voxel AUC of lesion against inner lung.
 
@@ -235,13 +235,14 @@ def crop_to_lungs(manifest: Path, out: Path, margin_mm: float = 10.0) -> Path:
 def _cache_entries(cache: Path, limit: int = 0):
   """(key, image uint8 [D, H, W], infection mask bool [D, H, W]) of a cache's entries."""
   import math
+  from dsan_jax.data import cache as cache_lib
   sidecars = sorted(cache.glob("*.json"))
   for js in sidecars[:limit] if limit else sidecars:
     key = js.name[:-len(".json")]
-    img = np.load(cache / f"{key}.image.npy")
-    mask_path = cache / f"{key}.mask.npy"
-    inf = (np.unpackbits(np.load(mask_path), count=math.prod(img.shape)).reshape(img.shape)
-           .astype(bool) if mask_path.exists() else np.zeros(img.shape, bool))
+    paths = cache_lib.entry_paths(cache, key)
+    img = np.load(paths["image"])
+    inf = (np.unpackbits(np.load(paths["mask"]), count=math.prod(img.shape)).reshape(img.shape)
+           .astype(bool) if paths["mask"].exists() else np.zeros(img.shape, bool))
     yield key, img, inf
 
 
@@ -260,6 +261,9 @@ def visibility_cache(cache: Path, out: Path, mode: str) -> int:
   sidecars and masks are hard links, so training finds every entry under its usual key.
   """
   import os
+  from dsan_jax.data import cache as cache_lib
+  if mode not in ("perfect", "rimless"):
+    raise ValueError(f"unknown mode {mode!r} (perfect, rimless)")
   if out.resolve() == cache.resolve():
     raise ValueError(f"{out}: the diagnostic copy needs a folder of its own")
   out.mkdir(parents=True, exist_ok=True)
@@ -268,14 +272,13 @@ def visibility_cache(cache: Path, out: Path, mode: str) -> int:
     inner, outer = _layers(img)
     if mode == "perfect":
       new = np.where(inf, 230, np.where(img > 0, 80, 0)).astype(np.uint8)
-    elif mode == "rimless":
+    else:  # rimless
       new = img.copy()
       ref = img[inner & ~inf]
       new[outer & ~inf] = np.uint8(np.median(ref)) if ref.size else 80
-    else:
-      raise ValueError(f"unknown mode {mode!r} (perfect, rimless)")
-    np.save(out / f"{key}.image.npy", new)
-    for f in (cache / f"{key}.json", cache / f"{key}.mask.npy"):
+    np.save(cache_lib.entry_paths(out, key)["image"], new)
+    src = cache_lib.entry_paths(cache, key)
+    for f in (src["meta"], src["mask"]):
       if f.exists() and not (out / f.name).exists():
         os.link(f, out / f.name)
     n += 1
