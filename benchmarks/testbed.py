@@ -22,6 +22,10 @@ Measures, on a phantom manifest (or real CTs), after the project's preprocessing
   see the lesions" from "it cannot learn from them" (docs/testbed.md, section 4).
 * ``voxels``: HU percentiles of a cache's infected inner, non-infected inner and non-infected
   outer-layer lung voxels, and the voxel AUC of lesion against inner lung.
+* ``head``: pooled validation AUCs of logistic regressions (fitted fold by fold, as the
+  reference rows are) on the density features, on subsets of them, and on quantities the
+  paper's GAP -> Dense(1) head can form (``gap_features``: frame means of per-voxel functions of
+  the input), for a workdir whose data is prepared (docs/testbed.md, section 5).
 
 Run:
     python benchmarks/testbed.py frame --config configs/quickstart.py ../shared/data/ct/*.nii.gz
@@ -31,6 +35,7 @@ Run:
     python benchmarks/testbed.py runs RUN_DIR...
     python benchmarks/testbed.py visibility --cache CACHE --out DIR --mode perfect|rimless
     python benchmarks/testbed.py voxels --cache CACHE [--limit 150]
+    python benchmarks/testbed.py head --config configs/protocol_cpu.py --workdir W [--seed S]
 """
 
 from __future__ import annotations
@@ -307,6 +312,67 @@ def voxel_stats(cache: Path, hu_window, limit: int = 150) -> dict[str, str]:
   return res
 
 
+GAP_FEATURES = ("GGO band", "dense band", "bright", "lung", "HU", "HU^2 / 1000",
+                "bright near the pleura", "bright, left half", "bright, right half")
+
+
+def gap_features(image: np.ndarray, hu_window) -> np.ndarray:
+  """Frame means of per-voxel functions of one network input (``GAP_FEATURES``).
+
+  A linear function of these is what GAP -> Dense(1) computes on feature maps that are those
+  functions; unlike ``reference.density_features`` there is no logarithm, ratio or balance.
+
+  Args:
+    image: float [D, H, W] in [0, 1] (windowed CT, times the lung mask; lung = image > 0).
+    hu_window: (low, high) HU of the window.
+
+  Returns:
+    float64 [9]: the GGO band (-750, -300] HU, the dense band > -300 HU and bright > -600 HU,
+    all within the lung; the lung; HU and HU^2 / 1000 within the lung; bright voxels within 2
+    voxels of the lung's surface; bright voxels in the left and right halves of the frame.
+  """
+  from scipy import ndimage
+  lo, hi = hu_window
+  lung = image > 0
+  hu = image.astype(np.float64) * (hi - lo) + lo
+  bright = (hu > -600) & lung
+  near = bright & ~ndimage.binary_erosion(lung, iterations=2)
+  w = image.shape[2] // 2
+  parts = [(hu > -750) & (hu <= -300) & lung, (hu > -300) & lung, bright, lung,
+           np.where(lung, hu, 0.0), np.where(lung, hu * hu / 1e3, 0.0), near,
+           bright[..., :w], bright[..., w:]]
+  return np.array([p.sum() / image.size for p in parts], np.float64)
+
+
+def head_table(config, workdir: Path) -> list[tuple[str, float]]:
+  """(name, pooled validation AUC) of logistic regressions on feature sets (``head``)."""
+  from sklearn.metrics import roc_auc_score
+  from dsan_jax.data import prepare
+  data = prepare.prepare_data(config, workdir, progress=False)
+  ds, folds = data.dataset, data.folds
+  y = np.asarray(ds.labels)
+  images = [ds[i]["image"].astype(np.float32) for i in range(len(y))]
+  f7 = np.stack([reference.density_features(im, im > 0, config.data.hu_window) for im in images])
+  g = np.stack([gap_features(im, config.data.hu_window) for im in images])
+  tv = folds >= 0
+
+  def pooled(x):
+    p = np.zeros(len(y))
+    for k in np.unique(folds[tv]):
+      train, val = tv & (folds != k), folds == k
+      p[val] = reference._fit(x[train], y[train]).predict_proba(x[val])[:, 1]
+    return float(roc_auc_score(y[tv], p[tv]))
+
+  rows = [("size oracle (log true ratio)",
+           pooled(np.log(np.maximum(np.asarray(ds.ratios), 1e-6))[:, None])),
+          ("the 7 density features", pooled(f7))]
+  rows += [(f"density feature alone: {n}", pooled(f7[:, [j]])) for j, n in enumerate(FEATURES)]
+  rows += [("the 7 without the peripheral share", pooled(np.delete(f7, 5, 1))),
+           ("the 9 GAP-representable frame means", pooled(g)),
+           ("the same without the left / right halves", pooled(g[:, :7]))]
+  return rows
+
+
 def run_rows(run_dirs) -> list[str]:
   """Markdown rows: run, AUC per epoch, best / last, final training loss (``metrics.csv``)."""
   out = []
@@ -323,7 +389,7 @@ def run_rows(run_dirs) -> list[str]:
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser()
   ap.add_argument("what", choices=("frame", "calibrate", "phantoms", "crop", "runs", "visibility",
-                                   "voxels"))
+                                   "voxels", "head"))
   ap.add_argument("paths", nargs="*")
   ap.add_argument("--config", default="configs/quickstart.py")
   ap.add_argument("--out", help="output folder (phantoms, crop)")
@@ -335,6 +401,8 @@ def main(argv=None) -> int:
   ap.add_argument("--cache", help="a built cache folder (visibility, voxels)")
   ap.add_argument("--mode", default="perfect", help="visibility: perfect or rimless")
   ap.add_argument("--limit", type=int, default=0)
+  ap.add_argument("--workdir", help="head: a workdir whose data (phantoms, cache) is prepared")
+  ap.add_argument("--seed", type=int, help="head: config.data.synthetic.seed")
   ap.add_argument("--appearance", action="store_true",
                   help="also the size-free lesion-appearance features (native grid, slower)")
   args = ap.parse_intermixed_args(argv)
@@ -355,6 +423,12 @@ def main(argv=None) -> int:
   if args.what == "voxels":
     for k, v in voxel_stats(Path(args.cache), config.data.hu_window, args.limit or 150).items():
       print(f"{k}: {v}")
+    return 0
+  if args.what == "head":
+    if args.seed is not None:
+      config.data.synthetic.seed = args.seed
+    for name, auc in head_table(config, Path(args.workdir)):
+      print(f"| {name} | {auc:.3f} |")
     return 0
   if args.what == "frame":
     for r in frame(args.paths, config):

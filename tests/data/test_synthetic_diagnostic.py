@@ -135,3 +135,18 @@ def test_visibility_cache_rewrites_only_the_image(tmp_path, mode):
     np.testing.assert_array_equal(new[~outer], img[~outer])
   with pytest.raises(ValueError, match="folder of its own"):
     tool.visibility_cache(tmp_path / "cache", tmp_path / "cache", mode)
+
+
+def test_gap_features_count_each_band_in_frame_units():
+  # A 6x6x6 lung cube in an 8x8x8 frame, window [-1000, 0]: parenchyma at -900 HU, one
+  # ground-glass voxel (-500) deep inside, one consolidated voxel (-100) on the surface.
+  lo, hi = -1000.0, 0.0
+  img = np.zeros((8, 8, 8), np.float32)
+  img[1:7, 1:7, 1:7] = 0.1
+  img[3, 3, 3] = 0.5
+  img[1, 4, 5] = 0.9
+  g = _testbed_tool().gap_features(img, (lo, hi))
+  n = img.size
+  hu = np.where(img > 0, img.astype(np.float64) * (hi - lo) + lo, 0.0)
+  np.testing.assert_allclose(g, [1 / n, 1 / n, 2 / n, 216 / n, hu.sum() / n,
+                                 (hu ** 2).sum() / 1e3 / n, 1 / n, 1 / n, 1 / n], rtol=1e-12)
