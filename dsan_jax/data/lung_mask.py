@@ -516,6 +516,9 @@ def _cavity_in_box(lungs, labels, hu, body, depth, spacing, scale, mid_x, half):
   """``fill_pleural_cavity`` inside its box; ``mid_x``: the body's midline (column)."""
   n = int(labels.max())
   bone = body & (hu >= BAY_MAX_HU)
+  # The rib cage: bone up to CAVITY_RIB_Z_MM above or below (a slice between two ribs). (Only
+  # the gaps between two ribs, ``fill_z_gaps``, let runs through the chest wall of P002's and
+  # cap002's upper slices: 2 mL each.)
   bone_z = ndimage.maximum_filter1d(bone, 2 * half + 1, axis=0) if half else bone
   # In-plane chessboard distance to bone, in pixels, capped at CAVITY_MAX_STEPS.
   steps = np.full(lungs.shape, CAVITY_MAX_STEPS, np.int8)
