@@ -44,6 +44,26 @@
    Bays whose chord runs deep into the body are the mediastinum, the heart's notch, the hila
    and the liver or spleen under a diaphragm dome: they stay out. The slices are independent
    and shared among ``BAY_THREADS`` threads (the same mask with any number).
+7b. Dependent consolidation against the rib cage (``fill_pleural_cavity``, after step 7 on the
+   same grid; ``segment_lungs(..., pleural_cavity=...)``, default ``PLEURAL_CAVITY_DEFAULT``):
+   a consolidated posterior half of a lung leaves no bay (the aerated rest is convex), but the
+   lung's physical boundary is still there. Per lung, a voxel of tissue (below ``BAY_MAX_HU``)
+   is added when it lies on a straight posterior run whose anterior end is the lung and whose
+   posterior end is the rib cage: bone over +-``CAVITY_RIB_Z_MM`` in z (the intercostal gaps),
+   no deeper below the body's surface than ``WALL_DEPTH_FRACTION`` of the slice's largest depth
+   (not the vertebral body, nor a contrast-filled or calcified vessel in the mediastinum).
+   It must also be: farther than ``CAVITY_SPINE_MM`` from the body's midline and lateral of
+   the lung's medial edge (the ``CAVITY_MEDIAL_PERCENTILE``-th percentile over the slice's
+   rows, plus a pixel: the mediastinum); at least as far from the rib cage (in-plane pixels)
+   as the lung's own boundary near the wall is in that slice (the chest wall's lining,
+   *measured* where the lung is aerated: its median, the lung's median over all slices where
+   a slice has fewer than ``CAVITY_MIN_PIXELS``); not in a strip one pixel wide (a 3x3
+   opening); on or above the lung's floor (``lung_floor``: the diaphragm continued under the
+   consolidation, a quadratic lower envelope of the lowest slice of each column: the liver and
+   spleen under a dome stay out); and, from the apex down, under the slice above's lung and
+   additions grown by one pixel, in a slice where at least ``CAVITY_TOUCH_FRACTION`` of the
+   lung's boundary touches the wall (the apices taper away from the chest wall inside the soft
+   tissue of the cavity's top). Voxels touching the other lung are dropped.
 8. Boundary on the finer grid (``_refine``, only after the coarse grid of step 1): each
    coarse voxel becomes its 2x2 fine voxels; fine tissue voxels on the mask's rim inside a
    coarse voxel of air (the chest wall's share of a partial-volume voxel) are dropped; fine
@@ -64,12 +84,12 @@ results, voxel for voxel, in less time).
 
 Known limitations: a consolidation that lines the whole costal contour of a slice (no bay,
 the remaining aerated lung is itself convex) and consolidation on the mediastinal side of a
-lung (its chord runs deep) stay out; docs/data.md gives the measured figures. A thoracic-cavity
-step (soft tissue between the aerated lung and the rib cage, per slice) was prototyped and not
-adopted: each variant that took in the dependent consolidation also took in the chest wall's
-inner lining, the soft tissue around the apices or the liver's rim under the dome (median Dice
-against the phantoms' lungs 0.986 -> 0.965-0.972), or grew the real CTs by ~100 mL;
-docs/data.md ("Thoracic-cavity model: tried, not adopted") has the variants and figures.
+lung (its chord runs deep) stay out of step 7; step 7b takes in the posterior (dependent) part
+of the former, not anterior or lateral consolidation without a bay, not consolidation under
+the continued floor, nor a region whose slice above has neither lung nor additions there.
+docs/data.md gives the measured figures ("Juxtapleural consolidation (issue 14)"), including
+an earlier thoracic-cavity prototype without the measured lining, the floor and the rib-cage
+depth test, which was not adopted.
 """
 
 from __future__ import annotations
@@ -664,7 +684,8 @@ def lung_floor(one: np.ndarray, spacing, tolerance: int = 2) -> np.ndarray | Non
       break
     keep = new
   h, w = one.shape[1:]
-  return design(np.arange(h, dtype=np.float64)[:, None], np.arange(w, dtype=np.float64)[None]) @ coef
+  grid = design(np.arange(h, dtype=np.float64)[:, None], np.arange(w, dtype=np.float64)[None])
+  return grid @ coef
 
 
 def _supported_from_above(one: np.ndarray, add: np.ndarray, touching: np.ndarray) -> np.ndarray:

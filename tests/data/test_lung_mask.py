@@ -146,17 +146,22 @@ def test_juxtapleural_consolidation_is_kept(side):
 @pytest.mark.parametrize("name", ["P002", "cap002"])
 def test_real_ct_bay_filling_does_not_grow_the_lungs(real_ct_dir, name):
   """On the network's grid (as the cache runs it): both real CTs have no juxtapleural
-  consolidation, so the bay filling may add at most 0.5 % (measured 5.3 and 1.8 mL of 4 L)."""
+  consolidation, so the bay filling may add at most 0.5 % (measured 5.3 and 1.8 mL of 4 L),
+  and step 7b (issue 14's bound for the real CTs) under 20 mL."""
   from dsan_jax.data import preprocess
   vol = io.read_volume(real_ct_dir / f"{name}.nii.gz")
   g = preprocess.plan_geometry(vol, preprocess.PreprocessSettings())
   hu = preprocess.resample_to_output(vol.array, g)
   before = lung_mask.segment_lungs(hu, g.output_spacing, pleural_bays=False).astype(bool)
-  after = lung_mask.segment_lungs(hu, g.output_spacing).astype(bool)
+  after = lung_mask.segment_lungs(hu, g.output_spacing, pleural_cavity=False).astype(bool)
   assert (after | ~before).all()
   assert (after & ~before).sum() < 0.005 * before.sum()
   sides = lung_mask.left_right_volumes(after, g.output_spacing)
   assert {s for s, _ in sides} == {"left", "right"}
+  # Step 7b (no dependent consolidation here either): under 20 mL more (measured 0.0 mL).
+  cavity = lung_mask.segment_lungs(hu, g.output_spacing, pleural_cavity=True).astype(bool)
+  assert (cavity | ~after).all()
+  assert (cavity & ~after).sum() * np.prod(g.output_spacing) < 20_000.0
 
 
 def _joined_phantom(spacing=(8.0, 1.45, 1.45), shape=(30, 170, 230)):
