@@ -134,7 +134,7 @@ COARSE_SPACING_MM = 3.0  # Steps 2-7 run on an in-plane grid up to this coarse (
 # half-width in an adult); a slice's lining needs CAVITY_MIN_PIXELS boundary pixels near the
 # wall; a slice adds only when CAVITY_TOUCH_FRACTION of its lung's boundary touches the wall;
 # the medial limit is this percentile of the rows' medial edges.
-PLEURAL_CAVITY_DEFAULT = False  # Step 7b in segment_lungs when not asked (docs/data.md).
+PLEURAL_CAVITY_DEFAULT = True  # Step 7b in segment_lungs when not asked (docs/data.md).
 CAVITY_RIB_Z_MM = 10.0
 CAVITY_MAX_STEPS = 5
 CAVITY_SPINE_MM = 25.0
