@@ -563,6 +563,8 @@ def _cavity_in_box(lungs, labels, hu, body, depth, spacing, scale, mid_x, half):
   for lab in range(1, n + 1):
     # The lung's own columns (and one beside them: the opening's neighbourhood).
     cols = np.nonzero((labels == lab).any(axis=(0, 1)))[0]
+    if cols.size == 0:
+      continue  # A label without voxels (all touching the other lung).
     sub = (slice(None), slice(None), slice(max(int(cols[0]) - 1, 0), int(cols[-1]) + 2))
     one, xo = labels[sub] == lab, x_off[sub[2]]
     side = np.sign(cols.mean() - mid_x)
