@@ -86,7 +86,9 @@ Known limitations: a consolidation that lines the whole costal contour of a slic
 the remaining aerated lung is itself convex) and consolidation on the mediastinal side of a
 lung (its chord runs deep) stay out of step 7; step 7b takes in the posterior (dependent) part
 of the former, not anterior or lateral consolidation without a bay, not consolidation under
-the continued floor, nor a region whose slice above has neither lung nor additions there.
+the continued floor, nor a region whose slice above has neither lung nor additions there; it
+can take in part of the heart where an aerated lingula lies in front of it and a consolidated
+lower lobe behind it (a posterior run crosses the heart; measured on one phantom: 18 mL).
 docs/data.md gives the measured figures ("Juxtapleural consolidation (issue 14)"), including
 an earlier thoracic-cavity prototype without the measured lining, the floor and the rib-cage
 depth test, which was not adopted.
