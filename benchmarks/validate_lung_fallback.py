@@ -1,14 +1,16 @@
-"""The lung-mask fallback with juxtapleural consolidation: before (no bay filling) vs after.
+"""The lung-mask fallback with juxtapleural consolidation: before (no bay filling), after, +cavity.
 
 1. Phantoms (``dsan_jax.data.synthetic``, SYNTHETIC), each with a dense blob against the chest
    wall rendered in (``ratio_validation.add_pleural_consolidation``, lateral and posterior in
    turn), on the network's grid (as the cache runs the fallback): the fraction of infection
    voxels (the phantom's lesions and the blob) inside the fallback mask, the same for the blob
    alone, and the Dice against the phantom's true lung mask, with ``pleural_bays=False``
-   (before) and ``True`` (after).
+   (before), ``True`` (after) and ``True`` with step 7b (``pleural_cavity=True``: "+cavity").
 2. Real CTs (``../shared/data/ct``, skipped when absent): lung volumes (both, left, right)
-   before and after, the volume added, and with ``--png-dir`` a picture of the added voxels
-   (red) over the before mask (green) on the six slices that gained most.
+   before, after and +cavity, the volume added (after vs before, +cavity vs after), and with
+   ``--png-dir`` pictures of the added voxels (red) over the mask before them (green) on the
+   six slices that gained most (``*_fallback_added.png``; ``*_fallback_cavity_added.png`` for
+   step 7b, when it added anything).
 
 Usage:
   python benchmarks/validate_lung_fallback.py [--cases 16] [--seed 0] [--ct_dir DIR]
@@ -31,6 +33,12 @@ from dsan_jax.data import preprocess  # pylint: disable=wrong-import-position
 from dsan_jax.data import ratio_validation as rv  # pylint: disable=wrong-import-position
 from validate_ratio_estimate import (  # pylint: disable=wrong-import-position
     phantom_and_ct_parser, phantom_volume)
+
+
+# The fallback without bay filling, with it (step 7), and with step 7b as well.
+VARIANTS = {"before": dict(pleural_bays=False),
+            "after": dict(pleural_bays=True, pleural_cavity=False),
+            "cavity": dict(pleural_bays=True, pleural_cavity=True)}
 
 
 def dice(a, b) -> float:
@@ -57,9 +65,9 @@ def phantom_rows(num_cases: int, seed: int, size_scale: float) -> list[dict]:
     inf_out = preprocess.resample_mask(inf, g).astype(bool)
     blob_out = preprocess.resample_mask(blob, g).astype(bool)
     row = dict(case_id=spec.case_id, side=side, r=float(inf.sum() / max(lung.sum(), 1)))
-    for name, bays in (("before", False), ("after", True)):
+    for name, kw in VARIANTS.items():
       t0 = time.perf_counter()
-      m = lung_mask.segment_lungs(hu_out, g.output_spacing, pleural_bays=bays).astype(bool)
+      m = lung_mask.segment_lungs(hu_out, g.output_spacing, **kw).astype(bool)
       row[name] = dict(seconds=time.perf_counter() - t0, inf_inside=int((m & inf_out).sum()),
                        inf=int(inf_out.sum()), blob_inside=int((m & blob_out).sum()),
                        blob=int(blob_out.sum()), dice=dice(m, truth))
@@ -70,26 +78,27 @@ def phantom_rows(num_cases: int, seed: int, size_scale: float) -> list[dict]:
 def _print_phantoms(rows: list[dict], args) -> None:
   print(f"### Phantoms with a dense blob against the chest wall ({len(rows)} cases, seed "
         f"{args.seed}, SYNTHETIC), on the network's grid\n")
-  print("| case | blob | r (with blob) | infection inside before -> after | blob inside "
-        "before -> after | Dice before -> after |")
+  print("| case | blob | r (with blob) | infection inside before -> after -> +cavity | blob "
+        "inside before -> after -> +cavity | Dice before -> after -> +cavity |")
   print("| --- | --- | --- | --- | --- | --- |")
+  arrow = lambda r, f: " -> ".join(f"{f(r[k]):.3f}" for k in VARIANTS)
   for r in rows:
-    b, a = r["before"], r["after"]
-    print(f"| {r['case_id']} | {r['side']} | {r['r']:.3f} | {b['inf_inside'] / b['inf']:.3f} -> "
-          f"{a['inf_inside'] / a['inf']:.3f} | {b['blob_inside'] / b['blob']:.3f} -> "
-          f"{a['blob_inside'] / a['blob']:.3f} | {b['dice']:.3f} -> {a['dice']:.3f} |")
+    print(f"| {r['case_id']} | {r['side']} | {r['r']:.3f} | "
+          f"{arrow(r, lambda v: v['inf_inside'] / v['inf'])} | "
+          f"{arrow(r, lambda v: v['blob_inside'] / v['blob'])} | "
+          f"{arrow(r, lambda v: v['dice'])} |")
   for label, sel in (("all cases", rows), ("cases with r < 0.4", [r for r in rows
                                                                   if r["r"] < 0.4])):
     if not sel:
       continue
     parts = []
-    for name in ("before", "after"):
+    for name in VARIANTS:
       inf = sum(r[name]["inf_inside"] for r in sel) / sum(r[name]["inf"] for r in sel)
       blob = sum(r[name]["blob_inside"] for r in sel) / sum(r[name]["blob"] for r in sel)
-      d = np.median([r[name]["dice"] for r in sel])
+      d = [r[name]["dice"] for r in sel]
       t = np.median([r[name]["seconds"] for r in sel])
-      parts.append(f"{name}: infection inside {inf:.3f}, blob inside {blob:.3f}, median Dice "
-                   f"{d:.3f}, median {t:.2f} s")
+      parts.append(f"{name}: infection inside {inf:.3f}, blob inside {blob:.3f}, Dice median "
+                   f"{np.median(d):.3f} (min {min(d):.3f}), median {t:.2f} s")
     print(f"\n- pooled over {label} ({len(sel)}): " + "; ".join(parts))
 
 
@@ -104,21 +113,28 @@ def real_rows(ct_dir: str, png_dir: str | None) -> list[dict]:
     vol = io.read_volume(path)
     g = preprocess.plan_geometry(vol, settings)
     hu = preprocess.resample_to_output(vol.array, g)
-    masks = {k: lung_mask.segment_lungs(hu, g.output_spacing, pleural_bays=k == "after")
-             for k in ("before", "after")}
+    masks = {k: lung_mask.segment_lungs(hu, g.output_spacing, **kw)
+             for k, kw in VARIANTS.items()}
     row = dict(case=name)
     for k, m in masks.items():
       row[k] = dict(total=lung_mask.lung_volume_litres(m, g.output_spacing),
                     sides=dict((s, v) for s, v in lung_mask.left_right_volumes(
                         m, g.output_spacing)))
-    added = masks["after"].astype(bool) & ~masks["before"].astype(bool)
-    row["added_ml"] = float(added.sum() * np.prod(g.output_spacing) / 1000.0)
-    row["removed_ml"] = float((masks["before"].astype(bool) & ~masks["after"].astype(bool)).sum()
-                              * np.prod(g.output_spacing) / 1000.0)
+    ml = float(np.prod(g.output_spacing)) / 1000.0
+    m = {k: v.astype(bool) for k, v in masks.items()}
+    added = m["after"] & ~m["before"]
+    row["added_ml"] = float(added.sum() * ml)
+    row["removed_ml"] = float((m["before"] & ~m["after"]).sum() * ml)
+    cavity = m["cavity"] & ~m["after"]
+    row["cavity_added_ml"] = float(cavity.sum() * ml)
+    row["cavity_removed_ml"] = float((m["after"] & ~m["cavity"]).sum() * ml)
     if png_dir:
       os.makedirs(png_dir, exist_ok=True)
       row["png"] = _added_png(hu, masks["before"], added, os.path.join(
           png_dir, f"{name}_fallback_added.png"), name)
+      if cavity.any():
+        _added_png(hu, masks["after"], cavity, os.path.join(
+            png_dir, f"{name}_fallback_cavity_added.png"), name)
       lung_mask.save_overlay_png(hu, masks["after"], g.output_spacing,
                                  os.path.join(png_dir, f"{name}_fallback_overlay.png"),
                                  title=f"{name}: {row['after']['total']:.2f} L (after)")
@@ -140,7 +156,7 @@ def _added_png(hu, before, added, path, name) -> str:
       ax.contour(added[z][::-1, ::-1].astype(float), [0.5], colors="red", linewidths=0.9)
     ax.set_title(f"{name} z={z}: +{int(per[z])} voxels", fontsize=9)
     ax.axis("off")
-  fig.suptitle("green: fallback before; red: added by the bay filling (radiological view)")
+  fig.suptitle("green: fallback before; red: added (radiological view)")
   fig.tight_layout()
   fig.savefig(path, dpi=60)
   plt.close(fig)
@@ -162,14 +178,14 @@ def main(argv=None) -> int:
     else:
       print("\n### Real CTs (no juxtapleural consolidation marked; the volume must not grow "
             "into the mediastinum or the chest wall)\n")
-      print("| CT | before L (right / left) | after L (right / left) | added mL | removed mL |")
-      print("| --- | --- | --- | --- | --- |")
+      print("| CT | before L (right / left) | after L (right / left) | +cavity L (right / "
+            "left) | added mL (removed) | +cavity: added mL (removed) |")
+      print("| --- | --- | --- | --- | --- | --- |")
       for r in rows:
-        b, a = r["before"], r["after"]
-        print(f"| {r['case']} | {b['total']:.3f} ({b['sides'].get('right', 0):.3f} / "
-              f"{b['sides'].get('left', 0):.3f}) | {a['total']:.3f} "
-              f"({a['sides'].get('right', 0):.3f} / {a['sides'].get('left', 0):.3f}) | "
-              f"{r['added_ml']:.1f} | {r['removed_ml']:.1f} |")
+        vols = " | ".join(f"{r[k]['total']:.3f} ({r[k]['sides'].get('right', 0):.3f} / "
+                          f"{r[k]['sides'].get('left', 0):.3f})" for k in VARIANTS)
+        print(f"| {r['case']} | {vols} | {r['added_ml']:.1f} ({r['removed_ml']:.1f}) | "
+              f"{r['cavity_added_ml']:.1f} ({r['cavity_removed_ml']:.1f}) |")
   return 0
 
 

@@ -57,7 +57,7 @@ from dsan_jax.data import manifest as manifest_lib
 from dsan_jax.data import preprocess
 from dsan_jax.errors import DataError, DsanError, ManifestError, ResourceError
 
-CACHE_VERSION = 2  # Bump when the preprocessing code changes its output.
+CACHE_VERSION = 3  # Bump when the preprocessing code changes its output (3: fallback step 7b).
 COMMIT_LOCK = ".commit.lock"
 _ENTRY_OVERHEAD_BYTES = 8192
 

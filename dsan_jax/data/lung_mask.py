@@ -44,6 +44,26 @@
    Bays whose chord runs deep into the body are the mediastinum, the heart's notch, the hila
    and the liver or spleen under a diaphragm dome: they stay out. The slices are independent
    and shared among ``BAY_THREADS`` threads (the same mask with any number).
+7b. Dependent consolidation against the rib cage (``fill_pleural_cavity``, after step 7 on the
+   same grid; ``segment_lungs(..., pleural_cavity=...)``, default ``PLEURAL_CAVITY_DEFAULT``):
+   a consolidated posterior half of a lung leaves no bay (the aerated rest is convex), but the
+   lung's physical boundary is still there. Per lung, a voxel of tissue (below ``BAY_MAX_HU``)
+   is added when it lies on a straight posterior run whose anterior end is the lung and whose
+   posterior end is the rib cage: bone over +-``CAVITY_RIB_Z_MM`` in z (the intercostal gaps),
+   no deeper below the body's surface than ``WALL_DEPTH_FRACTION`` of the slice's largest depth
+   (not the vertebral body, nor a contrast-filled or calcified vessel in the mediastinum).
+   It must also be: farther than ``CAVITY_SPINE_MM`` from the body's midline and lateral of
+   the lung's medial edge (the ``CAVITY_MEDIAL_PERCENTILE``-th percentile over the slice's
+   rows, plus a pixel: the mediastinum); at least as far from the rib cage (in-plane pixels)
+   as the lung's own boundary near the wall is in that slice (the chest wall's lining,
+   *measured* where the lung is aerated: its median, the lung's median over all slices where
+   a slice has fewer than ``CAVITY_MIN_PIXELS``); not in a strip one pixel wide (a 3x3
+   opening); on or above the lung's floor (``lung_floor``: the diaphragm continued under the
+   consolidation, a quadratic lower envelope of the lowest slice of each column: the liver and
+   spleen under a dome stay out); and, from the apex down, under the slice above's lung and
+   additions grown by one pixel, in a slice where at least ``CAVITY_TOUCH_FRACTION`` of the
+   lung's boundary touches the wall (the apices taper away from the chest wall inside the soft
+   tissue of the cavity's top). Voxels touching the other lung are dropped.
 8. Boundary on the finer grid (``_refine``, only after the coarse grid of step 1): each
    coarse voxel becomes its 2x2 fine voxels; fine tissue voxels on the mask's rim inside a
    coarse voxel of air (the chest wall's share of a partial-volume voxel) are dropped; fine
@@ -64,12 +84,14 @@ results, voxel for voxel, in less time).
 
 Known limitations: a consolidation that lines the whole costal contour of a slice (no bay,
 the remaining aerated lung is itself convex) and consolidation on the mediastinal side of a
-lung (its chord runs deep) stay out; docs/data.md gives the measured figures. A thoracic-cavity
-step (soft tissue between the aerated lung and the rib cage, per slice) was prototyped and not
-adopted: each variant that took in the dependent consolidation also took in the chest wall's
-inner lining, the soft tissue around the apices or the liver's rim under the dome (median Dice
-against the phantoms' lungs 0.986 -> 0.965-0.972), or grew the real CTs by ~100 mL;
-docs/data.md ("Thoracic-cavity model: tried, not adopted") has the variants and figures.
+lung (its chord runs deep) stay out of step 7; step 7b takes in the posterior (dependent) part
+of the former, not anterior or lateral consolidation without a bay, not consolidation under
+the continued floor, nor a region whose slice above has neither lung nor additions there; it
+can take in part of the heart where an aerated lingula lies in front of it and a consolidated
+lower lobe behind it (a posterior run crosses the heart; measured on one phantom: 18 mL).
+docs/data.md gives the measured figures ("Juxtapleural consolidation (issue 14)"), including
+an earlier thoracic-cavity prototype without the measured lining, the floor and the rib-cage
+depth test, which was not adopted.
 """
 
 from __future__ import annotations
@@ -108,6 +130,19 @@ BAY_MAX_HU = 200.0  # Bays take no bone.
 WALL_DEPTH_FRACTION = 0.55
 BAY_MAX_GROWTH_MM = 9.0  # A bay grows at most this far past its chord (step 7).
 COARSE_SPACING_MM = 3.0  # Steps 2-7 run on an in-plane grid up to this coarse (step 8).
+# Step 7b (``fill_pleural_cavity``, optional): the rib cage is the bone over this many mm up and
+# down (a slice between two ribs sees them); in-plane distances to it are counted up to
+# CAVITY_MAX_STEPS pixels; posterior runs start this far from the midline (the vertebral body's
+# half-width in an adult); a slice's lining needs CAVITY_MIN_PIXELS boundary pixels near the
+# wall; a slice adds only when CAVITY_TOUCH_FRACTION of its lung's boundary touches the wall;
+# the medial limit is this percentile of the rows' medial edges.
+PLEURAL_CAVITY_DEFAULT = True  # Step 7b in segment_lungs when not asked (docs/data.md).
+CAVITY_RIB_Z_MM = 10.0
+CAVITY_MAX_STEPS = 5
+CAVITY_SPINE_MM = 25.0
+CAVITY_MIN_PIXELS = 5
+CAVITY_TOUCH_FRACTION = 0.1
+CAVITY_MEDIAL_PERCENTILE = 25.0
 # Step 7's slices are shared among this many threads (NumPy, qhull and part of ndimage release
 # the GIL; the result does not depend on it). 1: in the calling thread.
 BAY_THREADS = 2
@@ -154,7 +189,8 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 def _segment(hu: np.ndarray, spacing: np.ndarray, threshold: float, scale: float,
-             pleural_bays: bool = True, inplane_factor: int = 1) -> np.ndarray:
+             pleural_bays: bool = True, inplane_factor: int = 1,
+             pleural_cavity: bool = False) -> np.ndarray:
   voxel_ml = float(np.prod(spacing)) / 1000.0
   min_ml = MIN_COMPONENT_ML * scale ** 3
   tissue = hu >= threshold
@@ -187,7 +223,8 @@ def _segment(hu: np.ndarray, spacing: np.ndarray, threshold: float, scale: float
     grow = [int(np.ceil(0.25 * (b.stop - b.start))) for b in tight[1:]]
     box = (tight[0],) + tuple(slice(max(b.start - g, 0), b.stop + g)
                               for b, g in zip(tight[1:], grow))
-    out[box] = fill_pleural_bays(out[box], hu[box], body[box], spacing, scale)
+    out[box] = fill_pleural_bays(out[box], hu[box], body[box], spacing, scale,
+                                 cavity=pleural_cavity)
   return out
 
 
@@ -211,14 +248,15 @@ def _block_mean(hu: np.ndarray, f: int) -> np.ndarray:
 
 
 def _segment_refined(hu: np.ndarray, spacing: np.ndarray, threshold: float, scale: float,
-                     pleural_bays: bool) -> np.ndarray:
+                     pleural_bays: bool, pleural_cavity: bool = False) -> np.ndarray:
   """Steps 2-7 on the coarse grid, the boundary refined on the input grid (step 8). bool."""
   f = _refine_factor(spacing, scale)
   if f == 1:
-    return _segment(hu, spacing, threshold, scale, pleural_bays)
+    return _segment(hu, spacing, threshold, scale, pleural_bays, pleural_cavity=pleural_cavity)
   hu_c = _block_mean(hu, f)
   labels_c, _ = ndimage.label(_segment(hu_c, spacing * np.array([1, f, f]), threshold, scale,
-                                       pleural_bays, inplane_factor=f))
+                                       pleural_bays, inplane_factor=f,
+                                       pleural_cavity=pleural_cavity))
   hu = np.asarray(hu)
   return _refine(labels_c, hu_c < threshold, hu < threshold, hu < BAY_MAX_HU, f)
 
@@ -408,7 +446,7 @@ def fill_z_gaps(mask: np.ndarray, max_gap: int) -> np.ndarray:
 
 
 def fill_pleural_bays(lungs: np.ndarray, hu: np.ndarray, body: np.ndarray, spacing,
-                      scale: float = 1.0) -> np.ndarray:
+                      scale: float = 1.0, cavity: bool = False) -> np.ndarray:
   """Adds juxtapleural consolidation to a lung mask (step 7 of the module docstring).
 
   Args:
@@ -417,9 +455,11 @@ def fill_pleural_bays(lungs: np.ndarray, hu: np.ndarray, body: np.ndarray, spaci
     body: bool [D, H, W] body mask (outside air excluded).
     spacing: (z, y, x) mm.
     scale: field-of-view scale of the length constants (1 for an adult chest).
+    cavity: also add dependent consolidation against the posterior rib cage (step 7b,
+      ``fill_pleural_cavity``).
 
   Returns:
-    bool [D, H, W]: ``lungs`` plus the accepted bays.
+    bool [D, H, W]: ``lungs`` plus the accepted bays (and step 7b's additions).
   """
   labels, n = ndimage.label(lungs)
   if n == 0:
@@ -436,10 +476,12 @@ def fill_pleural_bays(lungs: np.ndarray, hu: np.ndarray, body: np.ndarray, spaci
   # Slices are independent (each writes only its own slice of ``labels``): with
   # ``BAY_THREADS`` threads, every thread takes every BAY_THREADS-th slice.
   todo = [int(z) for z in np.nonzero(ext.any(axis=(1, 2)))[0]]
+  depth = np.zeros(lungs.shape, np.float32) if cavity else None  # Step 7b reuses the depths.
 
   def run(zs):
     for z in zs:
-      _fill_slice_bays(labels[z], ext[z], allowed[z], body[z], spacing, min_depth_px, pixel_mm)
+      _fill_slice_bays(labels[z], ext[z], allowed[z], body[z], spacing, min_depth_px, pixel_mm,
+                       None if depth is None else depth[z])
 
   parts = [todo[i::BAY_THREADS] for i in range(BAY_THREADS)]
   if BAY_THREADS > 1 and len(todo) > 1:
@@ -447,21 +489,246 @@ def fill_pleural_bays(lungs: np.ndarray, hu: np.ndarray, body: np.ndarray, spaci
       list(pool.map(run, parts))  # Re-raises a thread's exception.
   else:
     run(todo)
-  return (labels > 0) & ~_touching_other_label(labels, lungs)
+  out = (labels > 0) & ~_touching_other_label(labels, lungs)
+  if cavity:
+    out = fill_pleural_cavity(out, labels, hu, body, depth, spacing, scale)
+  return out
+
+
+def fill_pleural_cavity(lungs: np.ndarray, labels: np.ndarray, hu: np.ndarray,
+                        body: np.ndarray, depth: np.ndarray, spacing,
+                        scale: float = 1.0) -> np.ndarray:
+  """Adds dependent consolidation between a lung and the posterior rib cage (step 7b).
+
+  Args:
+    lungs: bool [D, H, W] lung mask after the bays (step 7).
+    labels: int [D, H, W] its lungs' labels (read inside ``lungs`` only).
+    hu: [D, H, W] CT in HU on the same grid.
+    body: bool [D, H, W] body mask.
+    depth: float [D, H, W] distance (mm) to the body's surface, per slice (0 in slices
+      without lung).
+    spacing: (z, y, x) mm.
+    scale: field-of-view scale of the length constants.
+
+  Returns:
+    bool [D, H, W]: ``lungs`` plus, per lung, the tissue on posterior runs from the lung to the
+    rib cage that passes the tests of step 7b (module docstring).
+  """
+  if not lungs.any():
+    return lungs
+  cols = np.nonzero(body.any(axis=(0, 1)))[0]
+  mid_x = (cols.min() + cols.max()) / 2.0
+  # Runs lie in the lungs' columns, posterior of their anterior edge: a box of the lungs (and
+  # the rib cage's bone CAVITY_RIB_Z_MM above and below, CAVITY_MAX_STEPS pixels beside).
+  half = int(round(CAVITY_RIB_Z_MM * scale / float(spacing[0])))
+  (z0, z1), (_, y1), (x0, x1) = [
+      (int(i[0]), int(i[-1]) + 1)
+      for i in (np.nonzero(lungs.any(axis=axes))[0] for axes in ((1, 2), (0, 2), (0, 1)))]
+  m = CAVITY_MAX_STEPS + 1
+  box = (slice(max(z0 - half, 0), z1 + half), slice(0, y1 + 1),
+         slice(max(x0 - m, 0), x1 + m))
+  out = lungs.copy()
+  out[box] = _cavity_in_box(lungs[box], np.where(lungs[box], labels[box], 0).astype(np.int16),
+                            hu[box], body[box], depth[box], spacing, scale,
+                            mid_x - box[2].start, half)
+  return out
+
+
+def _cavity_in_box(lungs, labels, hu, body, depth, spacing, scale, mid_x, half):
+  """``fill_pleural_cavity`` inside its box; ``mid_x``: the body's midline (column)."""
+  n = int(labels.max())
+  bone = body & (hu >= BAY_MAX_HU)
+  # The rib cage: bone up to CAVITY_RIB_Z_MM above or below (a slice between two ribs). (Only
+  # the gaps between two ribs, ``fill_z_gaps``, let runs through the chest wall of P002's and
+  # cap002's upper slices: 2 mL each.)
+  bone_z = ndimage.maximum_filter1d(bone, 2 * half + 1, axis=0) if half else bone
+  # In-plane chessboard distance to bone, in pixels, capped at CAVITY_MAX_STEPS.
+  steps = np.full(lungs.shape, CAVITY_MAX_STEPS, np.int8)
+  grown = bone_z
+  for k in range(CAVITY_MAX_STEPS):
+    steps[grown & (steps > k)] = k
+    if k + 1 < CAVITY_MAX_STEPS:
+      grown = _square3(grown, np.logical_or)
+  slice_max = depth.max(axis=(1, 2), keepdims=True)
+  rib_cage = bone_z & (depth <= WALL_DEPTH_FRACTION * slice_max) & (slice_max > 0)
+  free = body & (hu < BAY_MAX_HU) & ~bone_z & (labels == 0)
+  # What ends a run first on either side along each column: a lung (its label), the rib
+  # cage (n + 1), anything else (n + 2); free voxels are 0.
+  code = np.where(labels > 0, labels, np.where(rib_cage, n + 1, n + 2)).astype(np.int16)
+  code[free] = 0
+  anterior, posterior = _first_stop(code, forward=True), _first_stop(code, forward=False)
+  x_off = np.arange(lungs.shape[2]) - mid_x
+  run = free & (posterior == n + 1) & (
+      np.abs(x_off) >= CAVITY_SPINE_MM * scale / float(spacing[2]))[None, None, :]
+  edge = lungs & ~_square3(lungs, np.logical_and)
+  out = labels.copy()
+  for lab in range(1, n + 1):
+    # The lung's own columns (and one beside them: the opening's neighbourhood).
+    cols = np.nonzero((labels == lab).any(axis=(0, 1)))[0]
+    if cols.size == 0:
+      continue  # A label without voxels (all touching the other lung).
+    sub = (slice(None), slice(None), slice(max(int(cols[0]) - 1, 0), int(cols[-1]) + 2))
+    one, xo = labels[sub] == lab, x_off[sub[2]]
+    side = np.sign(cols.mean() - mid_x)
+    add = run[sub] & (anterior[sub] == lab) & (xo * side > 0)[None, None, :]
+    add &= np.abs(xo)[None, None, :] >= _medial_limit(one, np.abs(xo))[:, None, None] + 1.0
+    lining, touching = _lining(steps[sub], edge[sub] & one)
+    add &= steps[sub] >= lining[:, None, None]
+    add = _square3(_square3(add, np.logical_and), np.logical_or)  # Opening: no strips 1 px wide.
+    floor = lung_floor(one, spacing)
+    if floor is not None:
+      add &= np.arange(lungs.shape[0])[:, None, None] >= floor[None]
+    add = _supported_from_above(one, add, touching)
+    out[sub][add & (out[sub] == 0)] = lab
+  return (out > 0) & ~_touching_other_label(out, lungs)
+
+
+def _square3(mask: np.ndarray, op) -> np.ndarray:
+  """In-plane 3x3 erosion (``np.logical_and``) or dilation (``np.logical_or``) of bool
+  [D, H, W], outside the array background (ndimage's binary erosion and dilation)."""
+  out = mask.copy()
+  for axis in (1, 2):
+    src = out.copy()
+    for shift in (1, -1):
+      morphology._combine(out, src, shift, axis, op)
+  return out
+
+
+def _first_stop(code: np.ndarray, forward: bool) -> np.ndarray:
+  """int16 [D, H, W]: the code of the nearest non-zero voxel strictly beyond each voxel along
+  y (towards higher y when ``forward``), -1 where there is none."""
+  out = np.empty_like(code)
+  cur = np.full(code[:, 0].shape, -1, code.dtype)
+  for y in (range(code.shape[1] - 1, -1, -1) if forward else range(code.shape[1])):
+    out[:, y] = cur
+    c = code[:, y]
+    cur = np.where(c != 0, c, cur)
+  return out
+
+
+def _medial_limit(one: np.ndarray, x_dist: np.ndarray) -> np.ndarray:
+  """float [D]: per slice, the ``CAVITY_MEDIAL_PERCENTILE``-th percentile over the rows with
+  lung of the lung's distance (columns) from the midline in that row (inf without lung)."""
+  rows = np.sort(np.where(one, x_dist[None, None, :], np.inf).min(axis=2), axis=1)  # [D, H]
+  count = np.isfinite(rows).sum(axis=1)
+  # np.percentile's linear interpolation between the sorted finite values of each slice.
+  pos = np.maximum(count - 1, 0) * (CAVITY_MEDIAL_PERCENTILE / 100.0)
+  lo = np.floor(pos).astype(np.int64)
+  hi = np.minimum(lo + 1, np.maximum(count - 1, 0))
+  a = np.take_along_axis(rows, lo[:, None], 1)[:, 0]
+  b = np.take_along_axis(rows, hi[:, None], 1)[:, 0]
+  with np.errstate(invalid="ignore"):
+    out = a + (b - a) * (pos - lo)
+  return np.where(count > 0, out, np.inf)
+
+
+def _lining(steps: np.ndarray, edge: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The chest wall's lining, measured where the lung is aerated (step 7b).
+
+  Args:
+    steps: int [D, H, W] in-plane chessboard distance to the rib cage, capped at
+      ``CAVITY_MAX_STEPS``.
+    edge: bool [D, H, W] the lung's boundary pixels.
+
+  Returns:
+    (lining float [D], touching bool [D]): per slice, the median distance of the lung's
+    boundary pixels near the wall (the lung's median over all slices where a slice has fewer
+    than ``CAVITY_MIN_PIXELS``); whether at least ``CAVITY_TOUCH_FRACTION`` of the slice's
+    boundary touches the wall (no farther from it than the lung's median).
+  """
+  d = edge.shape[0]
+  # hist[z, k]: the slice's boundary pixels at distance k < CAVITY_MAX_STEPS.
+  hist = np.stack([(edge & (steps == k)).sum(axis=(1, 2)) for k in range(CAVITY_MAX_STEPS)], 1)
+  count = hist.sum(axis=1)
+  if count.sum() == 0:
+    return np.full(d, np.inf), np.zeros(d, bool)
+  overall = float(np.median(np.repeat(np.arange(CAVITY_MAX_STEPS), hist.sum(axis=0))))
+  # Each slice's median (np.median's: the mean of the two middle values) from its histogram.
+  cum = np.cumsum(hist, axis=1)
+  middle = [np.argmax(cum > r[:, None], axis=1) for r in ((count - 1) // 2, count // 2)]
+  lining = np.where(count >= CAVITY_MIN_PIXELS, (middle[0] + middle[1]) / 2.0, overall)
+  touch = hist[:, :int(np.floor(overall)) + 1].sum(axis=1)
+  n_edge = edge.sum(axis=(1, 2))
+  return lining, touch >= CAVITY_TOUCH_FRACTION * np.maximum(n_edge, 1)
+
+
+def lung_floor(one: np.ndarray, spacing, tolerance: int = 2) -> np.ndarray | None:
+  """The diaphragm under a lung, continued under its consolidation (step 7b).
+
+  A quadratic surface z(y, x) fitted to the lowest slice of the lung in each (y, x) column, as
+  a lower envelope: columns more than ``tolerance`` slices above the fit (whose lowest aerated
+  voxel lies on consolidation, not on the diaphragm) are dropped and the fit repeated.
+
+  Args:
+    one: bool [D, H, W] one lung.
+    spacing: (z, y, x) mm.
+
+  Returns:
+    float [H, W] the floor's slice index, or None with fewer than 10 columns.
+  """
+  zlow = np.argmax(one, axis=0)
+  ys, xs = np.nonzero(one.any(axis=0) & (zlow > 0))
+  if ys.size < 10:
+    return None
+  z = zlow[ys, xs].astype(np.float64)
+  y0, x0 = ys.mean(), xs.mean()
+
+  def design(y, x):
+    y, x = (y - y0) * spacing[1], (x - x0) * spacing[2]
+    return np.stack(np.broadcast_arrays(np.ones_like(y * x), y, x, y * y, x * x, x * y), -1)
+
+  a = design(ys.astype(np.float64), xs.astype(np.float64))
+  keep = np.ones(z.size, bool)
+  for _ in range(6):
+    ak = a[keep]
+    # The normal equations (6 x 6; lstsq for a rank-deficient set, e.g. one row of columns).
+    coef = np.linalg.lstsq(ak.T @ ak, ak.T @ z[keep], rcond=None)[0]
+    new = z - a @ coef <= tolerance
+    if new.sum() < 10 or (new == keep).all():
+      break
+    keep = new
+  h, w = one.shape[1:]
+  grid = design(np.arange(h, dtype=np.float64)[:, None], np.arange(w, dtype=np.float64)[None])
+  return grid @ coef
+
+
+def _supported_from_above(one: np.ndarray, add: np.ndarray, touching: np.ndarray) -> np.ndarray:
+  """Slice by slice from the top: a slice keeps only the additions under the slice above's lung
+  and additions (grown by one pixel), and none when its lung does not touch the wall
+  (``touching``: the apices taper away from the chest wall)."""
+  out = np.zeros_like(add)
+  support = None
+  for z in range(one.shape[0] - 1, -1, -1):
+    if support is not None and touching[z]:
+      out[z] = add[z] & support
+    grown = one[z] | out[z]
+    if grown.any():
+      support = grown.copy()  # The in-plane 4-neighbourhood dilation.
+      support[1:] |= grown[:-1]
+      support[:-1] |= grown[1:]
+      support[:, 1:] |= grown[:, :-1]
+      support[:, :-1] |= grown[:, 1:]
+    else:
+      support = None
+  return out
 
 
 def _fill_slice_bays(lab_z: np.ndarray, ext_z: np.ndarray, allowed_z: np.ndarray,
-                     body_z: np.ndarray, spacing, min_depth_px: float, pixel_mm: float) -> None:
+                     body_z: np.ndarray, spacing, min_depth_px: float, pixel_mm: float,
+                     depth_out: np.ndarray | None = None) -> None:
   """Step 7's bays of one slice, written into ``lab_z`` (int [H, W], the slice's lung labels).
 
   ``ext_z``: the labels with the craniocaudal gaps filled; ``allowed_z``: pixels a bay may take;
-  ``body_z``: the body.
+  ``body_z``: the body; ``depth_out``: float [H, W] that receives the slice's depth below the
+  body's surface (mm), or None.
   """
   present = np.nonzero(np.bincount(ext_z.ravel()))[0]
   present = present[present > 0]
   if present.size == 0:
     return
   depth = _slice_depth(body_z, spacing[1:])
+  if depth_out is not None:
+    depth_out[...] = depth
   cols = np.nonzero(body_z.any(axis=0))[0]
   mid_x = (cols.min() + cols.max()) / 2.0 if cols.size else lab_z.shape[1] / 2.0
   free = allowed_z & (lab_z == 0)
@@ -649,7 +916,8 @@ def _split_left_right(lungs: np.ndarray, spacing: np.ndarray, scale: float,
 
 
 def segment_lungs(hu: np.ndarray, spacing_zyx, *, threshold_hu: float = THRESHOLD_HU,
-                  pleural_bays: bool = True) -> np.ndarray:
+                  pleural_bays: bool = True,
+                  pleural_cavity: bool | None = None) -> np.ndarray:
   """Segments both lungs in a chest CT (classical method, see module docstring).
 
   Args:
@@ -657,6 +925,8 @@ def segment_lungs(hu: np.ndarray, spacing_zyx, *, threshold_hu: float = THRESHOL
     spacing_zyx: voxel size in mm, (z, y, x).
     threshold_hu: air/tissue threshold.
     pleural_bays: add juxtapleural consolidation (step 7); False gives the mask without it.
+    pleural_cavity: also add dependent consolidation against the posterior rib cage (step 7b;
+      only with ``pleural_bays``). None: ``PLEURAL_CAVITY_DEFAULT``.
 
   Returns:
     uint8 [D, H, W] mask, 1 inside the lungs (all zeros when none is found).
@@ -665,6 +935,7 @@ def segment_lungs(hu: np.ndarray, spacing_zyx, *, threshold_hu: float = THRESHOL
   if hu.ndim != 3:
     raise ValueError(f"expected a [D, H, W] volume, got shape {hu.shape}")
   spacing = np.asarray(spacing_zyx, np.float64)
+  cavity = PLEURAL_CAVITY_DEFAULT if pleural_cavity is None else bool(pleural_cavity)
   # Phantoms and small children: every length and volume constant shrinks with the field of
   # view (a real chest CT's field of view is >= 300 mm wide, so scale = 1 there).
   scale = float(min(1.0, hu.shape[2] * spacing[2] / REFERENCE_FOV_MM))
@@ -673,10 +944,11 @@ def segment_lungs(hu: np.ndarray, spacing_zyx, *, threshold_hu: float = THRESHOL
   work_spacing = np.where(spacing >= 0.8 * work, spacing, work)
   work_shape = np.maximum(np.round(hu.shape * spacing / work_spacing).astype(int), 1)
   if np.array_equal(work_shape, hu.shape):
-    return _segment_refined(hu, spacing, threshold_hu, scale, pleural_bays).astype(np.uint8)
+    return _segment_refined(hu, spacing, threshold_hu, scale, pleural_bays,
+                            cavity).astype(np.uint8)
   work_spacing = hu.shape * spacing / work_shape
   small = _segment_refined(_resample(hu, work_shape), work_spacing, threshold_hu, scale,
-                           pleural_bays)
+                           pleural_bays, cavity)
   # Upsample each component on its own (inside its bounding box) so that the cut between the
   # two lungs survives interpolation; voxels of a later component touching an earlier one are
   # dropped.
