@@ -351,9 +351,12 @@ def head_table(config, workdir: Path) -> list[tuple[str, float]]:
   data = prepare.prepare_data(config, workdir, progress=False)
   ds, folds = data.dataset, data.folds
   y = np.asarray(ds.labels)
-  images = [ds[i]["image"].astype(np.float32) for i in range(len(y))]
-  f7 = np.stack([reference.density_features(im, im > 0, config.data.hu_window) for im in images])
-  g = np.stack([gap_features(im, config.data.hu_window) for im in images])
+  f7, g = [], []
+  for i in range(len(y)):  # One image at a time: a protocol's cache is ~0.9 GB as float32.
+    im = ds[i]["image"].astype(np.float32)
+    f7.append(reference.density_features(im, im > 0, config.data.hu_window))
+    g.append(gap_features(im, config.data.hu_window))
+  f7, g = np.stack(f7), np.stack(g)
   tv = folds >= 0
 
   def pooled(x):

@@ -548,7 +548,7 @@ def _cavity_in_box(lungs, labels, hu, body, depth, spacing, scale, mid_x, half):
   for k in range(CAVITY_MAX_STEPS):
     steps[grown & (steps > k)] = k
     if k + 1 < CAVITY_MAX_STEPS:
-      grown = _square3(grown, np.logical_or)
+      grown = morphology.square3_inplane(grown, np.logical_or)
   slice_max = depth.max(axis=(1, 2), keepdims=True)
   rib_cage = bone_z & (depth <= WALL_DEPTH_FRACTION * slice_max) & (slice_max > 0)
   free = body & (hu < BAY_MAX_HU) & ~bone_z & (labels == 0)
@@ -560,7 +560,7 @@ def _cavity_in_box(lungs, labels, hu, body, depth, spacing, scale, mid_x, half):
   x_off = np.arange(lungs.shape[2]) - mid_x
   run = free & (posterior == n + 1) & (
       np.abs(x_off) >= CAVITY_SPINE_MM * scale / float(spacing[2]))[None, None, :]
-  edge = lungs & ~_square3(lungs, np.logical_and)
+  edge = lungs & ~morphology.square3_inplane(lungs, np.logical_and)
   out = labels.copy()
   for lab in range(1, n + 1):
     # The lung's own columns (and one beside them: the opening's neighbourhood).
@@ -574,24 +574,14 @@ def _cavity_in_box(lungs, labels, hu, body, depth, spacing, scale, mid_x, half):
     add &= np.abs(xo)[None, None, :] >= _medial_limit(one, np.abs(xo))[:, None, None] + 1.0
     lining, touching = _lining(steps[sub], edge[sub] & one)
     add &= steps[sub] >= lining[:, None, None]
-    add = _square3(_square3(add, np.logical_and), np.logical_or)  # Opening: no strips 1 px wide.
+    add = morphology.square3_inplane(  # Opening: no strips one pixel wide.
+        morphology.square3_inplane(add, np.logical_and), np.logical_or)
     floor = lung_floor(one, spacing)
     if floor is not None:
       add &= np.arange(lungs.shape[0])[:, None, None] >= floor[None]
     add = _supported_from_above(one, add, touching)
     out[sub][add & (out[sub] == 0)] = lab
   return (out > 0) & ~_touching_other_label(out, lungs)
-
-
-def _square3(mask: np.ndarray, op) -> np.ndarray:
-  """In-plane 3x3 erosion (``np.logical_and``) or dilation (``np.logical_or``) of bool
-  [D, H, W], outside the array background (ndimage's binary erosion and dilation)."""
-  out = mask.copy()
-  for axis in (1, 2):
-    src = out.copy()
-    for shift in (1, -1):
-      morphology._combine(out, src, shift, axis, op)
-  return out
 
 
 def _first_stop(code: np.ndarray, forward: bool) -> np.ndarray:
@@ -702,14 +692,7 @@ def _supported_from_above(one: np.ndarray, add: np.ndarray, touching: np.ndarray
     if support is not None and touching[z]:
       out[z] = add[z] & support
     grown = one[z] | out[z]
-    if grown.any():
-      support = grown.copy()  # The in-plane 4-neighbourhood dilation.
-      support[1:] |= grown[:-1]
-      support[:-1] |= grown[1:]
-      support[:, 1:] |= grown[:, :-1]
-      support[:, :-1] |= grown[:, 1:]
-    else:
-      support = None
+    support = morphology.dilate_inplane(grown[None])[0] if grown.any() else None
   return out
 
 

@@ -102,6 +102,18 @@ def dilate_inplane(mask: np.ndarray) -> np.ndarray:
   return out
 
 
+def square3_inplane(mask: np.ndarray, op) -> np.ndarray:
+  """In-plane 3x3 erosion (``op`` = ``np.logical_and``) or dilation (``np.logical_or``) of bool
+  [D, H, W], outside the array background (ndimage's binary erosion and dilation with a 3x3
+  square in each slice)."""
+  out = np.asarray(mask, bool).copy()
+  for axis in (1, 2):
+    src = out.copy()
+    for shift in (1, -1):
+      _combine(out, src, shift, axis, op)
+  return out
+
+
 def erode_inplane(mask: np.ndarray, border_value: bool = False) -> np.ndarray:
   """``ndimage.binary_erosion(mask, structure=in-plane 4-neighbourhood, border_value=...)``."""
   mask = np.asarray(mask, bool)

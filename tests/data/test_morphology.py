@@ -38,6 +38,16 @@ def test_inplane_dilation_and_erosion_equal_ndimage():
                                                    border_value=border))
 
 
+def test_inplane_square_erosion_and_dilation_equal_ndimage():
+  square = np.zeros((3, 3, 3), bool)
+  square[1] = True
+  for mask in _volumes():
+    assert np.array_equal(morphology.square3_inplane(mask, np.logical_or),
+                          ndimage.binary_dilation(mask, structure=square))
+    assert np.array_equal(morphology.square3_inplane(mask, np.logical_and),
+                          ndimage.binary_erosion(mask, structure=square))
+
+
 @pytest.mark.parametrize("sampling", [(2.5, 2.87, 2.87), (1.0, 1.0, 1.0)])
 def test_distance_transform_equals_ndimage(sampling):
   for mask in _volumes():
