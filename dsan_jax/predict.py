@@ -285,18 +285,11 @@ def predict_case(workdir: str | os.PathLike, image: str | os.PathLike,
   out_path = pathlib.Path(out) if out is not None else None
   _check_inputs(inputs, infection_ratio, out_path)
   runs, unfinished, config = _runs_and_config(workdir, fold)
-  # Preprocess once without the lung multiplication, so the overview shows the CT itself; the
-  # network input is the same product load_and_preprocess would form (padding is zero in both),
-  # except when the lung mask file is applied on the input grid (preprocess.masked_image).
-  cfg = ml_collections.ConfigDict(config.to_dict())
-  cfg.data.apply_lung_mask = False
-  pre = preprocess.load_and_preprocess(image, lung_mask, infection_mask, config=cfg)
-  net_image = pre.image * pre.lung_mask if config.data.apply_lung_mask else pre.image
-  if (config.data.apply_lung_mask and lung_mask is not None
-      and config.data.get("mask_on_input_grid", False)):
-    # Trained on CTs masked on the input grid, then resampled: the same order here.
-    net_image = preprocess.load_and_preprocess(image, lung_mask, infection_mask,
-                                               config=config).image
+  # One preprocessing, as in training (masking order included); the overview shows the CT
+  # itself (``pre.ct``, the same windowing without the lung multiplication).
+  pre = preprocess.load_and_preprocess(image, lung_mask, infection_mask, config=config,
+                                       keep_ct=True)
+  net_image = pre.image
   ratio_info = _ratio_info(pre, infection_ratio, config)
   ratio = ratio_info["ratio"] if ratio_info["ratio"] is not None else float("nan")
   outputs = _predict_runs(runs, net_image)
@@ -361,7 +354,7 @@ def _write_overview_png(path: pathlib.Path, pre, outputs: _ModelOutputs, result:
       kind = "T(A)" if outputs.is_attention[v] else "Grad-CAM"
       shown[f"{title} {kind}\nP(COVID) = {outputs.prob[v]:.2f}"] = outputs.mean_map[v]
   plots.plot_attention_figure(
-      pre.image, pre.lung_mask, pre.infection_mask, shown, path,
+      pre.ct, pre.lung_mask, pre.infection_mask, shown, path,
       spacing=pre.geometry.output_spacing,
       title=(f"{pathlib.Path(image).name}: {result['label']} (P = {result['probability']:.3f}, "
              f"{result['probability_model']})"))

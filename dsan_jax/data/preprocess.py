@@ -182,6 +182,8 @@ class Preprocessed:
     ratio_per_slice: float64 [d] the estimate per slice of the resampled (unpadded) grid, or
       None when not computed.
     lung_ml: volume of the lung mask on the output grid, mL (NaN without a lung mask).
+    ct: [D, H, W] float32 in [0, 1]: the windowed CT without the lung multiplication,
+      zero-padded (for displays), or None unless asked for (``keep_ct``).
   """
   image: np.ndarray
   lung_mask: np.ndarray
@@ -194,6 +196,7 @@ class Preprocessed:
   ratio_estimate: float = float("nan")
   ratio_per_slice: np.ndarray | None = None
   lung_ml: float = float("nan")
+  ct: np.ndarray | None = None
 
 
 def plan_geometry(volume: io.Volume, settings: PreprocessSettings) -> Geometry:
@@ -373,7 +376,7 @@ def _read_mask_like(path: Path, image: io.Volume, what: str) -> np.ndarray:
 def load_and_preprocess(image_path: str | os.PathLike,
                         lung_mask_path: str | os.PathLike | None = None,
                         infection_mask_path: str | os.PathLike | None = None,
-                        config: Any = None) -> Preprocessed:
+                        config: Any = None, keep_ct: bool = False) -> Preprocessed:
   """Reads one CT (and its masks) and applies the paper's preprocessing.
 
   Args:
@@ -382,6 +385,7 @@ def load_and_preprocess(image_path: str | os.PathLike,
       ``config.data.lung_mask_fallback``, else no masking).
     infection_mask_path: infection mask on the same grid, or None.
     config: full config, its ``data`` section, or None for the paper's defaults.
+    keep_ct: also return the windowed CT without the lung multiplication (``Preprocessed.ct``).
 
   Returns:
     Preprocessed (image [D, H, W] float32 in [0, 1], masks uint8, ratio and its source,
@@ -400,7 +404,7 @@ def load_and_preprocess(image_path: str | os.PathLike,
       raise DataError(lung_mask_path, "lung mask is empty")
   if infection_mask_path is not None:
     inf_full = _read_mask_like(Path(infection_mask_path), image, "infection mask")
-  return preprocess_volume(image, settings, lung_full, inf_full, lung_mask_path)
+  return preprocess_volume(image, settings, lung_full, inf_full, lung_mask_path, keep_ct)
 
 
 def _output_lung(hu: np.ndarray, geometry: Geometry, lung_full: np.ndarray | None,
@@ -463,7 +467,7 @@ def masked_image(canonical_hu: np.ndarray, hu: np.ndarray, lung: np.ndarray,
 
 def preprocess_volume(image: io.Volume, settings: PreprocessSettings,
                       lung_full: np.ndarray | None = None, inf_full: np.ndarray | None = None,
-                      lung_mask_path=None) -> Preprocessed:
+                      lung_mask_path=None, keep_ct: bool = False) -> Preprocessed:
   """``load_and_preprocess`` on volumes in memory (canonical [D, H, W] masks on its grid).
 
   Args:
@@ -471,6 +475,7 @@ def preprocess_volume(image: io.Volume, settings: PreprocessSettings,
     settings: preprocessing settings.
     lung_full, inf_full: {0, 1} [D, H, W] masks on the image's canonical grid, or None.
     lung_mask_path: the lung mask's file, named in errors.
+    keep_ct: also return ``Preprocessed.ct``.
 
   Returns:
     Preprocessed.
@@ -509,4 +514,5 @@ def preprocess_volume(image: io.Volume, settings: PreprocessSettings,
       ratio_source=ratio_source, ratio_mask=ratio_mask,
       ratio_estimate=est.ratio if est is not None else float("nan"),
       ratio_per_slice=est.per_slice if est is not None else None,
-      lung_ml=float(np.count_nonzero(lung)) * voxel_ml if source != "none" else float("nan"))
+      lung_ml=float(np.count_nonzero(lung)) * voxel_ml if source != "none" else float("nan"),
+      ct=pad_to_target(window(hu, settings.hu_window), geometry) if keep_ct else None)

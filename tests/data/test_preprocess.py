@@ -237,6 +237,23 @@ def _both_orders(ct_case, lung_file, **cfg):
           for m in (False, True)]
 
 
+@pytest.mark.parametrize("mask_first", [False, True])
+def test_keep_ct_is_the_windowed_ct_without_the_lung_multiplication(ct_case, mask_first):
+  # What predict's overview shows: the same preprocessing with apply_lung_mask False, while the
+  # network input stays the configured product (both orders of masking).
+  cfg = dict(_COARSE, mask_on_input_grid=mask_first)
+  out = preprocess.load_and_preprocess(ct_case["image"], ct_case["lung_mask"],
+                                       config=_data_config(**cfg), keep_ct=True)
+  plain = preprocess.load_and_preprocess(ct_case["image"], ct_case["lung_mask"],
+                                         config=_data_config(**dict(cfg, apply_lung_mask=False)))
+  default = preprocess.load_and_preprocess(ct_case["image"], ct_case["lung_mask"],
+                                           config=_data_config(**cfg))
+  np.testing.assert_array_equal(out.ct, plain.image)
+  np.testing.assert_array_equal(out.image, default.image)
+  assert default.ct is None
+  assert (out.ct > out.image).any()  # The chest wall is outside the lung.
+
+
 def test_mask_on_input_grid_darkens_only_the_rim(ct_case):
   # The outer layer mixes the lung with the chest wall (resample first) or with zeros (mask
   # first). Linear weights and windowed values are >= 0, so masked-first is never brighter;
