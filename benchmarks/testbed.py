@@ -361,9 +361,8 @@ def head_table(config, workdir: Path) -> list[tuple[str, float]]:
 
   def pooled(x):
     p = np.zeros(len(y))
-    for k in np.unique(folds[tv]):
-      train, val = tv & (folds != k), folds == k
-      p[val] = reference._fit(x[train], y[train]).predict_proba(x[val])[:, 1]
+    for _, _, _, idx, prob in reference.cross_fitted({"x": x}, y, folds, splits=("val",)):
+      p[idx] = prob
     return float(roc_auc_score(y[tv], p[tv]))
 
   rows = [("size oracle (log true ratio)",

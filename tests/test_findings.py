@@ -160,6 +160,23 @@ def test_reference_rows_only_for_the_evaluated_folds():
       ds.case_ids[i] for i in range(50) if i % 5 == 2)
 
 
+def test_cross_fitted_fits_on_the_other_folds_only():
+  rng = np.random.default_rng(0)
+  labels = np.arange(40) % 2
+  x = {"f": labels[:, None] + rng.normal(0, 1, (40, 1))}
+  folds = np.r_[np.arange(30) % 3, -np.ones(10, np.int64)]
+  out = list(reference.cross_fitted(x, labels, folds, splits=("val",)))
+  assert [(name, fold, split) for name, fold, split, _, _ in out] == [
+      ("f", k, "val") for k in range(3)]
+  for _, fold, _, idx, prob in out:
+    np.testing.assert_array_equal(idx, np.flatnonzero(folds == fold))
+    train = (folds >= 0) & (folds != fold)  # Neither the fold itself nor the test split.
+    expected = reference.fit_logistic(x["f"][train], labels[train]).predict_proba(x["f"][idx])
+    np.testing.assert_array_equal(prob, expected[:, 1])
+  one_class = np.where(folds == 0, 0, 1)  # Fold 0's training cases are all class 1: skipped.
+  assert {f for _, f, _, _, _ in reference.cross_fitted(x, one_class, folds)} == {1, 2}
+
+
 def test_density_features_of_an_empty_lung_are_zero():
   assert np.all(reference.density_features(np.zeros((4, 4, 4)), np.zeros((4, 4, 4), bool),
                                            (-1350.0, 150.0)) == 0)

@@ -15,7 +15,7 @@ fold, split, case_id) layout as the networks' (``report.COLUMNS``).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -59,8 +59,49 @@ def density_features(image: np.ndarray, lung: np.ndarray, hu_window) -> np.ndarr
                    np.log(bright.sum() / m.sum() + eps)])
 
 
-def _fit(x_train: np.ndarray, y_train: np.ndarray):
+def fit_logistic(x_train: np.ndarray, y_train: np.ndarray):
+  """The reference rows' classifier: standardised features, logistic regression.
+
+  Args:
+    x_train: float [N, F] features.
+    y_train: int [N] labels (both classes present).
+
+  Returns:
+    The fitted sklearn pipeline (``predict_proba``).
+  """
   return make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(x_train, y_train)
+
+
+def cross_fitted(x: dict[str, np.ndarray], labels: np.ndarray, folds: np.ndarray,
+                 eval_folds: Sequence[int] | None = None,
+                 splits: Sequence[str] = ("val", "test")) -> Iterator[tuple]:
+  """Fold-by-fold predictions of ``fit_logistic`` on each feature set, as the networks are run.
+
+  For fold k a classifier is fitted on the other folds' cases and predicts fold k's cases
+  ("val") and the test split ("test"). Folds whose training cases hold one class are skipped.
+
+  Args:
+    x: name -> float [N, F] features of every case.
+    labels: int [N].
+    folds: int [N] fold of each case, -1 for the test split.
+    eval_folds: the folds to fit and predict; None -> every fold.
+    splits: which of "val", "test" to predict.
+
+  Yields:
+    (name, fold, split, indices int [n], probabilities float [n]), fold by fold.
+  """
+  test = np.flatnonzero(folds == -1)
+  all_folds = np.unique(folds[folds >= 0])
+  for fold in all_folds if eval_folds is None else sorted(set(eval_folds) & set(all_folds)):
+    train = np.flatnonzero((folds >= 0) & (folds != fold))
+    if np.unique(labels[train]).size < 2:
+      continue
+    parts = {"val": np.flatnonzero(folds == fold), "test": test}
+    for name, xm in x.items():
+      clf = fit_logistic(xm[train], labels[train])
+      for split in splits:
+        if parts[split].size:
+          yield name, int(fold), split, parts[split], clf.predict_proba(xm[parts[split]])[:, 1]
 
 
 def reference_rows(dataset: Any, folds: np.ndarray, hu_window: Sequence[float],
@@ -91,20 +132,8 @@ def reference_rows(dataset: Any, folds: np.ndarray, hu_window: Sequence[float],
       feats.append(density_features(img, img > 0, hu_window))
     x["density_features"] = np.stack(feats)
   rows = []
-  test = np.flatnonzero(folds == -1)
-  all_folds = np.unique(folds[folds >= 0])
-  for fold in all_folds if eval_folds is None else sorted(set(eval_folds) & set(all_folds)):
-    train = np.flatnonzero((folds >= 0) & (folds != fold))
-    if np.unique(labels[train]).size < 2:
-      continue
-    val = np.flatnonzero(folds == fold)
-    for model, xm in x.items():
-      clf = _fit(xm[train], labels[train])
-      for split, idx in (("val", val), ("test", test)):
-        if idx.size == 0:
-          continue
-        prob = clf.predict_proba(xm[idx])[:, 1]
-        rows += [dict(model=model, fold=int(fold), split=split, case_id=dataset.case_ids[i],
-                      label=int(labels[i]), ratio=float(ratios[i]), prob=float(p))
-                 for i, p in zip(idx, prob)]
+  for model, fold, split, idx, prob in cross_fitted(x, labels, folds, eval_folds):
+    rows += [dict(model=model, fold=fold, split=split, case_id=dataset.case_ids[i],
+                  label=int(labels[i]), ratio=float(ratios[i]), prob=float(p))
+             for i, p in zip(idx, prob)]
   return rows
