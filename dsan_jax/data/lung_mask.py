@@ -63,7 +63,14 @@
    spleen under a dome stay out); and, from the apex down, under the slice above's lung and
    additions grown by one pixel, in a slice where at least ``CAVITY_TOUCH_FRACTION`` of the
    lung's boundary touches the wall (the apices taper away from the chest wall inside the soft
-   tissue of the cavity's top). Voxels touching the other lung are dropped.
+   tissue of the cavity's top). Below the fitted floor (``floor_under_consolidation``), in a
+   column whose lowest aerated slice lies more than ``FLOOR_TOLERANCE`` slices above the fit
+   (it ends on consolidation, not on the diaphragm), the same candidates are added down to the
+   lowest trusted column's floor anterior of it in its sagittal line (the diaphragm descends
+   posteriorly), but only as unbroken columns hanging from the aerated lung (each voxel
+   directly under the lung or a voxel taken; no in-plane growth, which would creep under the
+   heart's and the domes' edges), without one-pixel strips. Voxels touching the other lung are
+   dropped.
 8. Boundary on the finer grid (``_refine``, only after the coarse grid of step 1): each
    coarse voxel becomes its 2x2 fine voxels; fine tissue voxels on the mask's rim inside a
    coarse voxel of air (the chest wall's share of a partial-volume voxel) are dropped; fine
@@ -86,9 +93,12 @@ Known limitations: a consolidation that lines the whole costal contour of a slic
 the remaining aerated lung is itself convex) and consolidation on the mediastinal side of a
 lung (its chord runs deep) stay out of step 7; step 7b takes in the posterior (dependent) part
 of the former, not anterior or lateral consolidation without a bay, not consolidation under
-the continued floor, nor a region whose slice above has neither lung nor additions there; it
-can take in part of the heart where an aerated lingula lies in front of it and a consolidated
-lower lobe behind it (a posterior run crosses the heart; measured on one phantom: 18 mL).
+the continued floor (consolidation under a flat aerated bottom that continues the lung's
+bottom on the liver is indistinguishable from the liver by shape), nor a region whose slice
+above has neither lung nor additions there; it can take in part of the heart where an aerated
+lingula lies in front of it and a consolidated lower lobe behind it (a posterior run crosses
+the heart; measured on one phantom: 18 mL), and a few mL of the tissue under a consolidation
+whose floor lies above the lowest trusted floor in front of it (one phantom: 8 mL).
 docs/data.md gives the measured figures ("Juxtapleural consolidation (issue 14)"), including
 an earlier thoracic-cavity prototype without the measured lining, the floor and the rib-cage
 depth test, which was not adopted.
