@@ -57,7 +57,8 @@ from dsan_jax.data import manifest as manifest_lib
 from dsan_jax.data import preprocess
 from dsan_jax.errors import DataError, DsanError, ManifestError, ResourceError
 
-CACHE_VERSION = 3  # Bump when the preprocessing code changes its output (3: fallback step 7b).
+CACHE_VERSION = 4  # Bump when the preprocessing code changes its output (3: fallback step 7b;
+# 4: step 7b continues consolidated columns below the fitted floor).
 COMMIT_LOCK = ".commit.lock"
 _ENTRY_OVERHEAD_BYTES = 8192
 

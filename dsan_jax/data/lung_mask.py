@@ -63,7 +63,14 @@
    spleen under a dome stay out); and, from the apex down, under the slice above's lung and
    additions grown by one pixel, in a slice where at least ``CAVITY_TOUCH_FRACTION`` of the
    lung's boundary touches the wall (the apices taper away from the chest wall inside the soft
-   tissue of the cavity's top). Voxels touching the other lung are dropped.
+   tissue of the cavity's top). Below the fitted floor (``floor_under_consolidation``), in a
+   column whose lowest aerated slice lies more than ``FLOOR_TOLERANCE`` slices above the fit
+   (it ends on consolidation, not on the diaphragm), the same candidates are added down to the
+   lowest trusted column's floor anterior of it in its sagittal line (the diaphragm descends
+   posteriorly), but only as unbroken columns hanging from the aerated lung (each voxel
+   directly under the lung or a voxel taken; no in-plane growth, which would creep under the
+   heart's and the domes' edges), without one-pixel strips. Voxels touching the other lung are
+   dropped.
 8. Boundary on the finer grid (``_refine``, only after the coarse grid of step 1): each
    coarse voxel becomes its 2x2 fine voxels; fine tissue voxels on the mask's rim inside a
    coarse voxel of air (the chest wall's share of a partial-volume voxel) are dropped; fine
@@ -86,9 +93,12 @@ Known limitations: a consolidation that lines the whole costal contour of a slic
 the remaining aerated lung is itself convex) and consolidation on the mediastinal side of a
 lung (its chord runs deep) stay out of step 7; step 7b takes in the posterior (dependent) part
 of the former, not anterior or lateral consolidation without a bay, not consolidation under
-the continued floor, nor a region whose slice above has neither lung nor additions there; it
-can take in part of the heart where an aerated lingula lies in front of it and a consolidated
-lower lobe behind it (a posterior run crosses the heart; measured on one phantom: 18 mL).
+the continued floor (consolidation under a flat aerated bottom that continues the lung's
+bottom on the liver is indistinguishable from the liver by shape), nor a region whose slice
+above has neither lung nor additions there; it can take in part of the heart where an aerated
+lingula lies in front of it and a consolidated lower lobe behind it (a posterior run crosses
+the heart; measured on one phantom: 18 mL), and a few mL of the tissue under a consolidation
+whose floor lies above the lowest trusted floor in front of it (one phantom: 8 mL).
 docs/data.md gives the measured figures ("Juxtapleural consolidation (issue 14)"), including
 an earlier thoracic-cavity prototype without the measured lining, the floor and the rib-cage
 depth test, which was not adopted.
@@ -143,6 +153,9 @@ CAVITY_SPINE_MM = 25.0
 CAVITY_MIN_PIXELS = 5
 CAVITY_TOUCH_FRACTION = 0.1
 CAVITY_MEDIAL_PERCENTILE = 25.0
+# Slices above the fitted floor (``lung_floor``) a column's lowest lung slice may lie and still be
+# taken as lying on the diaphragm (``floor_under_consolidation``).
+FLOOR_TOLERANCE = 2
 # Step 7's slices are shared among this many threads (NumPy, qhull and part of ndimage release
 # the GIL; the result does not depend on it). 1: in the calling thread.
 BAY_THREADS = 2
@@ -574,14 +587,16 @@ def _cavity_in_box(lungs, labels, hu, body, depth, spacing, scale, mid_x, half):
     add &= np.abs(xo)[None, None, :] >= _medial_limit(one, np.abs(xo))[:, None, None] + 1.0
     lining, touching = _lining(steps[sub], edge[sub] & one)
     add &= steps[sub] >= lining[:, None, None]
-    add = morphology.square3_inplane(  # Opening: no strips one pixel wide.
-        morphology.square3_inplane(add, np.logical_and), np.logical_or)
-    floor = lung_floor(one, spacing)
-    if floor is not None:
-      add &= np.arange(lungs.shape[0])[:, None, None] >= floor[None]
-    add = _supported_from_above(one, add, touching)
+    add = _open_inplane(add)
+    add = _above_floor(one, add, spacing, touching)
     out[sub][add & (out[sub] == 0)] = lab
   return (out > 0) & ~_touching_other_label(out, lungs)
+
+
+def _open_inplane(mask: np.ndarray) -> np.ndarray:
+  """3x3 in-plane opening of bool [D, H, W]: no strips one pixel wide (step 7b)."""
+  return morphology.square3_inplane(morphology.square3_inplane(mask, np.logical_and),
+                                    np.logical_or)
 
 
 def _first_stop(code: np.ndarray, forward: bool) -> np.ndarray:
@@ -642,7 +657,8 @@ def _lining(steps: np.ndarray, edge: np.ndarray) -> tuple[np.ndarray, np.ndarray
   return lining, touch >= CAVITY_TOUCH_FRACTION * np.maximum(n_edge, 1)
 
 
-def lung_floor(one: np.ndarray, spacing, tolerance: int = 2) -> np.ndarray | None:
+def lung_floor(one: np.ndarray, spacing, tolerance: int = FLOOR_TOLERANCE
+               ) -> np.ndarray | None:
   """The diaphragm under a lung, continued under its consolidation (step 7b).
 
   A quadratic surface z(y, x) fitted to the lowest slice of the lung in each (y, x) column, as
@@ -680,6 +696,71 @@ def lung_floor(one: np.ndarray, spacing, tolerance: int = 2) -> np.ndarray | Non
   h, w = one.shape[1:]
   grid = design(np.arange(h, dtype=np.float64)[:, None], np.arange(w, dtype=np.float64)[None])
   return grid @ coef
+
+
+def _above_floor(one: np.ndarray, cand: np.ndarray, spacing, touching: np.ndarray
+                 ) -> np.ndarray:
+  """Step 7b's floor and support for one lung: which candidates it adds. bool [D, H, W].
+
+  Args:
+    one: bool [D, H, W] the lung.
+    cand: bool [D, H, W] the voxels that passed the run, medial, lining and opening tests.
+    spacing: (z, y, x) mm.
+    touching: bool [D] slices whose lung touches the wall (``_lining``).
+
+  Returns:
+    The candidates on or above ``lung_floor``, from the apex down under the slice above
+    (``_supported_from_above``); and in the columns whose aerated lung ends on consolidation
+    (``floor_under_consolidation``), the candidates below it down to the continued floor that
+    hang from the lung in unbroken columns (``_hanging_columns``), without one-pixel strips.
+  """
+  floor = lung_floor(one, spacing)
+  if floor is None:
+    return _supported_from_above(one, cand, touching)
+  z = np.arange(one.shape[0])[:, None, None]
+  add = _supported_from_above(one, cand & (z >= floor[None]), touching)
+  deep = floor_under_consolidation(one, floor) & cand & touching[:, None, None]
+  return add | _open_inplane(_hanging_columns(one, add | deep) & deep)
+
+
+def floor_under_consolidation(one: np.ndarray, floor: np.ndarray,
+                              tolerance: int = FLOOR_TOLERANCE) -> np.ndarray:
+  """Where a lung's consolidated columns may continue below its fitted floor (step 7b).
+
+  A column whose lowest aerated slice lies more than ``tolerance`` slices above the fitted floor
+  (``lung_floor``) ends on consolidation, not on the diaphragm (untrusted); the others are
+  trusted. Posterior of a dome's top the diaphragm only descends, so under an untrusted column
+  it lies no higher than, and is taken as, the lowest trusted column anterior of it in the same
+  sagittal line (rows of higher y, same x).
+
+  Args:
+    one: bool [D, H, W] one lung.
+    floor: float [H, W] its fitted floor (slice index).
+    tolerance: slices above the fit that a column's lowest slice may lie and be trusted.
+
+  Returns:
+    bool [D, H, W]: in untrusted columns, the voxels below the lowest aerated slice and on or
+    above that continued floor (none in columns without a trusted column anterior of them).
+  """
+  big = np.iinfo(np.int32).max
+  has = one.any(axis=0)
+  low = np.where(has, np.argmax(one, axis=0), big).astype(np.int64)
+  trusted = has & (low - floor <= tolerance)
+  # min over the rows y' >= y of the trusted columns' lowest slice (big where none).
+  cont = np.minimum.accumulate(np.where(trusted, low, big)[::-1], axis=0)[::-1]
+  z = np.arange(one.shape[0])[:, None, None]
+  return (has & ~trusted & (cont < big))[None] & (z < low[None]) & (z >= cont[None])
+
+
+def _hanging_columns(one: np.ndarray, cand: np.ndarray) -> np.ndarray:
+  """From the apex down, the voxels of ``cand`` directly under (the same column, one slice up)
+  the lung or a voxel already taken: unbroken columns hanging from the aerated lung, with no
+  in-plane growth (which would creep under the heart's and the domes' edges). bool [D, H, W]."""
+  out = np.zeros_like(cand)
+  for z in range(one.shape[0] - 2, -1, -1):
+    if cand[z].any():
+      out[z] = cand[z] & (one[z + 1] | out[z + 1])
+  return out
 
 
 def _supported_from_above(one: np.ndarray, add: np.ndarray, touching: np.ndarray) -> np.ndarray:

@@ -309,10 +309,12 @@ def test_dependent_consolidation_is_kept_by_the_cavity_step(basal):
 
   Bounds: the consolidation's voxels against the lining are partial-volume mixes of the
   threshold and noise, and the craniocaudal ends of the consolidated region add no support:
-  >= 0.9 inside (measured 0.97). Down to the floor, the floor is continued from the aerated
-  anterior half (a quadratic lower envelope), which passes above the posterior-basal part of
-  these flat-bottomed lungs: more than half inside (measured 0.55), and nothing under it. The
-  bays alone hold < 0.5 (measured 0.01-0.02).
+  >= 0.9 inside (measured 0.97). Down to the floor, the fitted floor (a quadratic lower
+  envelope of the aerated anterior half) passes above the posterior-basal part of these
+  flat-bottomed lungs; below it only unbroken columns hanging from the aerated lung are added
+  (``floor_under_consolidation``, session 9), and columns broken by the lining or the medial
+  limit stay out: >= 0.7 inside (measured 0.75; 0.55 with the fitted floor alone), and nothing
+  under the floor. The bays alone hold < 0.5 (measured 0.01-0.02).
   """
   spacing = (5.0, 3.0, 3.0)
   hu, truth, consolidation = _dependent_chest(spacing, basal=basal)
@@ -326,7 +328,7 @@ def test_dependent_consolidation_is_kept_by_the_cavity_step(basal):
         f"{_dice(after, truth):.4f}; added {added.sum()}, > 1 voxel outside {outside.sum()}")
   assert (after | ~before).all()
   assert before[consolidation].mean() < 0.5
-  assert after[consolidation].mean() >= (0.5 if basal else 0.9)
+  assert after[consolidation].mean() >= (0.7 if basal else 0.9)
   assert outside.sum() == 0
   assert _dice(after, truth) > _dice(before, truth) + 0.1
   assert len(lung_mask.left_right_volumes(after, spacing)) == 2
@@ -349,3 +351,44 @@ def test_lung_floor_continues_the_diaphragm_under_consolidation():
   assert floor.shape == (h, w)
   assert np.abs(floor - surface).max() < 1.0
   assert lung_mask.lung_floor(np.zeros((d, h, w), bool), (2.5, 3.0, 3.0)) is None
+
+
+def test_floor_under_consolidation_continues_the_trusted_floor_in_front():
+  """``floor_under_consolidation``: on a dome-shaped floor whose posterior fifth of the columns
+  is aerated only 12 slices above it, exactly those columns are untrusted, and each takes, from
+  its lowest aerated slice down, the lowest trusted floor anterior of it (rows of higher y in
+  its sagittal line), computed here column by column; trusted columns take nothing."""
+  d, h, w = 40, 30, 36
+  yy, xx = np.mgrid[:h, :w].astype(np.float64)
+  lowest = np.ceil(14.0 - 0.02 * (yy - 15.0) ** 2 - 0.015 * (xx - 18.0) ** 2).astype(int)
+  lowest[yy < 6] += 12  # Consolidated posterior rows.
+  lowest[0, :3] = d  # Three columns without lung.
+  one = np.arange(d)[:, None, None] >= lowest[None]
+  floor = lung_mask.lung_floor(one, (2.5, 3.0, 3.0))
+  deep = lung_mask.floor_under_consolidation(one, floor)
+  has = one.any(axis=0)
+  trusted = has & (lowest - floor <= lung_mask.FLOOR_TOLERANCE)
+  assert (trusted == (has & (yy >= 6))).all()
+  want = np.zeros_like(deep)
+  for y in range(h):
+    for x in range(w):
+      front = [lowest[v, x] for v in range(y, h) if trusted[v, x]]
+      if has[y, x] and not trusted[y, x] and front:
+        want[min(front):lowest[y, x], y, x] = True
+  assert want.any() and (deep == want).all()
+
+
+def test_hanging_columns_do_not_grow_in_plane():
+  """``_hanging_columns``: a candidate column under the lung is taken to its end, a gap breaks
+  it, and candidates beside it (under tissue, e.g. the heart's lower edge) stay out however
+  they touch it."""
+  one = np.zeros((8, 5, 6), bool)
+  one[6:, 1:3, 1:3] = True  # The lung's lowest slices.
+  cand = np.zeros_like(one)
+  cand[:6, 1:4, 1:5] = True  # Under the lung (x 1-2) and beside it (x 3-4, y 3).
+  cand[3, 2, 2] = False  # A gap in one column.
+  got = lung_mask._hanging_columns(one, cand)
+  want = np.zeros_like(one)
+  want[:6, 1:3, 1:3] = True
+  want[:4, 2, 2] = False  # Below the gap.
+  assert (got == want).all()
