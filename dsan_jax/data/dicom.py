@@ -50,7 +50,9 @@ import warnings
 import numpy as np
 import pydicom
 import pydicom.config
+import pydicom.datadict
 import pydicom.uid
+from pydicom.dataelem import RawDataElement
 from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
 
@@ -71,6 +73,12 @@ HEADER_TAGS = ("SeriesInstanceUID", "SeriesDescription", "Modality", "ImageType"
                "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "Rows",
                "Columns", "NumberOfFrames", "SamplesPerPixel", "RescaleSlope",
                "RescaleIntercept", "GantryDetectorTilt")
+# Tags read with the pixels: the above, the image pixel module (group 0x0028, which pydicom's
+# decoders read) and the pixel data group (0x7FE0). Parsing only these skips the values (and
+# the sequences of defined length) of the rest: 0.19 -> 0.13 s CPU for 133 slices.
+PIXEL_PASS_TAGS = sorted(
+    {pydicom.datadict.tag_for_keyword(k) for k in HEADER_TAGS}
+    | {t for t in pydicom.datadict.DicomDictionary if t >> 16 in (0x0028, 0x7FE0)})
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Lossless JPEG (Process 14, any predictor / selection value 1): decoded by imagecodecs when
 # it is installed (``pip install imagecodecs``; 3-6x faster than pylibjpeg's libjpeg).
@@ -163,7 +171,28 @@ def _quiet():
     settings.reading_validation_mode = mode
 
 
+def _raw_decimals(ds, tag: str, n: int) -> np.ndarray | None:
+  """``n`` finite numbers read straight from a DS element's raw bytes (``float`` of each
+  backslash-separated string: the value pydicom's DSfloat holds, without its ~4x slower
+  conversion), or None where that is not clean (converted already, absent, another VR, not
+  ASCII, empty, malformed, the wrong count): ``_floats`` then asks pydicom."""
+  elem = ds.get_item(tag)
+  if not (isinstance(elem, RawDataElement) and elem.VR in ("DS", None)
+          and isinstance(elem.value, bytes)):
+    return None
+  try:
+    arr = np.asarray([float(v) for v in elem.value.decode("ascii").rstrip(" \x00").split("\\")],
+                     np.float64)
+  except (UnicodeDecodeError, ValueError):
+    return None
+  return arr if arr.shape == (n,) and np.all(np.isfinite(arr)) else None
+
+
 def _floats(ds, tag: str, n: int) -> np.ndarray | None:
+  """The ``n`` numbers of DS element ``tag``; None when absent or empty. ValueError: malformed."""
+  fast = _raw_decimals(ds, tag, n)
+  if fast is not None:
+    return fast
   value = ds.get(tag)
   if value is None or value == "":
     return None
@@ -204,10 +233,7 @@ def _scan(folder: Path, pixels: bool) -> list[_Image]:
   files = _files(folder)
   for f in files:
     try:
-      if pixels:
-        ds = pydicom.dcmread(f)
-      else:
-        ds = pydicom.dcmread(f, specific_tags=list(HEADER_TAGS))
+      ds = pydicom.dcmread(f, specific_tags=PIXEL_PASS_TAGS if pixels else list(HEADER_TAGS))
     except InvalidDicomError:
       ignored.append(f.name)
       continue
