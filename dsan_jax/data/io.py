@@ -26,6 +26,7 @@ cause. The rules (documented in docs/data.md, pinned by tests/data/test_io.py):
 
 from __future__ import annotations
 
+from concurrent import futures
 import dataclasses
 import os
 from pathlib import Path
@@ -48,6 +49,9 @@ HU_PLAUSIBLE_RANGE = (-4000.0, 40000.0)
 AFFINE_ATOL_MM = 1e-2
 # Decompress .nii.gz with ISA-L (the optional ``isal`` package) when it is installed.
 USE_ISAL = True
+# k-slices per slab of a streamed .nii.gz read (``_streamed_canonical``); 0: no streaming
+# (the whole file decompressed in one call, then converted).
+STREAM_SLAB = 4
 
 
 @dataclasses.dataclass
@@ -332,14 +336,94 @@ def read_volume(path: str | os.PathLike, *, is_mask: bool = False) -> Volume:
   path = Path(path)
   header = read_header(path)
   img = _load(path)
+  slope, inter = float(img.dataobj.slope), float(img.dataobj.inter)
   try:
-    data = _stored_voxels(path, img)
+    streamed = _streamed_canonical(path, img, header, slope, inter)
+    data = _stored_voxels(path, img) if streamed is None else None
   except Exception as e:  # nibabel/gzip raise many types for damaged data; all mean the same.
     raise DataError(path, f"cannot read voxel data, truncated or corrupt ({_short(e)})") from None
+  if streamed is not None:
+    array, value_range = streamed
+    return _checked_volume(path, array, header, is_mask=is_mask,
+                           integer=np.dtype(img.dataobj.dtype).kind in "biu",
+                           value_range=value_range)
   # Scaled in float32 after the reorientation, in finish_volume (nibabel would scale in float64:
   # 2x the memory, slower).
   return finish_volume(path, data.reshape(data.shape[:3]), header, is_mask=is_mask,
-                       slope=float(img.dataobj.slope), inter=float(img.dataobj.inter))
+                       slope=slope, inter=inter)
+
+
+def _gzip_open(path: Path):
+  """A binary reader of a .gz file: ISA-L's (``isal``) when installed and enabled, else gzip's."""
+  if USE_ISAL:
+    try:
+      from isal import igzip  # pylint: disable=import-outside-toplevel
+      return igzip.open(path, "rb")
+    except ImportError:
+      pass
+  import gzip  # pylint: disable=import-outside-toplevel
+  return gzip.open(path, "rb")
+
+
+def _read_exactly(f, buffer: memoryview) -> None:
+  n = 0
+  while n < len(buffer):
+    got = f.readinto(buffer[n:])
+    if not got:
+      raise EOFError("the decompressed file ends before the voxel data the header describes")
+    n += got
+
+
+def _streamed_canonical(path: Path, img, header: HeaderInfo, slope: float, inter: float):
+  """A .nii.gz read slab by slab straight into the canonical float32 array, or None.
+
+  Applies when the stored k axis is the canonical z axis (every axial scan) and the voxels are
+  stored in Fortran order: each slab of ``STREAM_SLAB`` k-slices, decompressed into one of two
+  small buffers, is reoriented, converted and scaled (``scale_into``, the same float32
+  operations as ``finish_volume``) by a second thread while the next slab is decompressed
+  (ISA-L and zlib release the GIL). No whole decompressed copy of the file is made, the
+  conversion overlaps the decompression on 2 cores, and the minimum and maximum are taken of
+  each slab while it is in cache. The gzip stream is read to its end (its CRC is checked).
+
+  Returns:
+    (array [D, H, W] float32, (min, max)), or None where the layout does not apply.
+  """
+  proxy = img.dataobj
+  shape = tuple(int(n) for n in proxy.shape)
+  ornt = nib.io_orientation(header.affine)
+  if (STREAM_SLAB < 1 or not str(path).endswith(".gz") or getattr(proxy, "order", "F") != "F"
+      or len(shape) < 3 or any(n != 1 for n in shape[3:]) or int(ornt[2, 0]) != 2):
+    return None
+  ni, nj, nk = shape[:3]
+  dtype = np.dtype(proxy.dtype)
+  canonical = nib.orientations.apply_orientation(
+      np.empty((ni, nj, 1), np.uint8), ornt).transpose(2, 1, 0).shape[1:]
+  out = np.empty((nk,) + canonical, np.float32)
+  per_slice = ni * nj * dtype.itemsize
+  buffers = [np.empty(per_slice * STREAM_SLAB, np.uint8) for _ in range(2)]
+  ranges = []
+
+  def convert(buffer, k0, k1):
+    slab = buffer[:per_slice * (k1 - k0)].view(dtype).reshape(k1 - k0, nj, ni).transpose(2, 1, 0)
+    view = nib.orientations.apply_orientation(slab, ornt).transpose(2, 1, 0)
+    dst = out[nk - k1:nk - k0] if ornt[2, 1] < 0 else out[k0:k1]
+    scale_into(dst, view, slope, inter)
+    ranges.append((float(dst.min()), float(dst.max())))
+
+  with _gzip_open(path) as f, futures.ThreadPoolExecutor(1) as pool:
+    _read_exactly(f, memoryview(bytearray(int(proxy.offset))))
+    pending = None
+    for i, k0 in enumerate(range(0, nk, STREAM_SLAB)):
+      k1 = min(k0 + STREAM_SLAB, nk)
+      _read_exactly(f, memoryview(buffers[i % 2])[:per_slice * (k1 - k0)])
+      if pending is not None:
+        pending.result()  # The other buffer is free again (and a failure is raised).
+      pending = pool.submit(convert, buffers[i % 2], k0, k1)
+    pending.result()
+    while f.read(1 << 20):  # Trailing bytes, and the CRC and length check at the end.
+      pass
+  lo, hi = zip(*ranges)
+  return out, (float(np.min(lo)), float(np.max(hi)))  # NaN propagates (Python's min does not).
 
 
 def _gzip_decompress():
@@ -431,9 +515,16 @@ def finish_volume(path: Path, data: np.ndarray, header: HeaderInfo, *,
     array = np.empty(view.shape, np.float32)
     scale_into(array, view, slope, inter)
   # One min and one max serve every check: NaN propagates through both, and +-Inf shows in one.
-  lo, hi = float(array.min()), float(array.max())
+  return _checked_volume(path, array, header, is_mask=is_mask, integer=data.dtype.kind in "biu",
+                         value_range=(float(array.min()), float(array.max())))
+
+
+def _checked_volume(path: Path, array: np.ndarray, header: HeaderInfo, *, is_mask: bool,
+                    integer: bool, value_range: tuple[float, float]) -> Volume:
+  """``finish_volume``'s checks of a canonical float32 ``array`` (its (min, max) given)."""
+  lo, hi = value_range
   # Integer voxels scaled by a finite slope and intercept are finite: only floats are checked.
-  if data.dtype.kind not in "biu" and not (np.isfinite(lo) and np.isfinite(hi)):
+  if not integer and not (np.isfinite(lo) and np.isfinite(hi)):
     n_bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
     raise DataError(path, f"{n_bad} NaN or Inf voxels")
   if is_mask:
