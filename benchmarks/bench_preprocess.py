@@ -133,7 +133,7 @@ def stage_times(path: str) -> dict:
   def finish():
     img = preprocess.pad_to_target(preprocess.window(hu, settings.hu_window) * lung, geometry)
     with tempfile.TemporaryDirectory() as d:
-      cache._save_npy(pathlib.Path(d) / "x.npy", np.round(img * 255.0).astype(np.uint8))
+      cache._save_npy(pathlib.Path(d) / "x.npy", cache.to_uint8(img))
   _, *t["window, pad, write"] = _timed(finish)
   return t
 

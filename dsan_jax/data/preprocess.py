@@ -298,7 +298,7 @@ def resample_mask(mask: np.ndarray, geometry: Geometry) -> np.ndarray:
 def window(hu: np.ndarray, hu_window: tuple[float, float]) -> np.ndarray:
   """Clips to [low, high] HU and scales linearly to [0, 1]; float32, same shape."""
   lo, hi = hu_window
-  out = np.clip(hu, lo, hi).astype(np.float32)
+  out = np.clip(hu, lo, hi).astype(np.float32, copy=False)
   out -= np.float32(lo)
   out *= np.float32(1.0 / (hi - lo))
   return np.clip(out, 0.0, 1.0, out=out)
