@@ -324,7 +324,13 @@ def _check_stack(folder: Path, series: list[_Image]) -> np.ndarray:
            tuple(np.round(im.spacing, 4))) for im in series]
   # The majority is the stack; the odd image out is the one named.
   ref = series[keys.index(collections.Counter(keys).most_common(1)[0][0])]
-  for im in series:
+  # Every image at once (np.allclose per image: ~30 ms for 133), then the first odd one named.
+  same = (np.isclose(np.stack([im.orientation for im in series]), ref.orientation, rtol=1e-5,
+                     atol=ORIENTATION_ATOL).all(axis=1)
+          & np.isclose(np.stack([im.spacing for im in series]), ref.spacing, rtol=1e-4,
+                       atol=1e-8).all(axis=1)
+          & np.array([(im.rows, im.columns) == (ref.rows, ref.columns) for im in series]))
+  for im in ([] if same.all() else [series[int(np.argmin(same))]]):
     if not np.allclose(im.orientation, ref.orientation, atol=ORIENTATION_ATOL):
       raise DataError(im.path, f"orientation {np.round(im.orientation, 4).tolist()} differs "
                       f"from the rest of the series ({np.round(ref.orientation, 4).tolist()}): a "
