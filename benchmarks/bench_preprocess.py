@@ -130,10 +130,11 @@ def stage_times(path: str) -> dict:
   lung, *t["lung fallback"] = _timed(lung_mask.segment_lungs, hu, geometry.output_spacing)
   _, *t["ratio estimate"] = _timed(infection_ratio.estimate, hu, lung, geometry.output_spacing)
 
-  def finish():
-    img = preprocess.pad_to_target(preprocess.window(hu, settings.hu_window) * lung, geometry)
+  def finish():  # As preprocess_volume(..., uint8_image=True) and cache.preprocess_case.
+    img = preprocess.window(hu, settings.hu_window) * lung
+    img = preprocess.pad_to_target(preprocess.to_uint8(img), geometry)
     with tempfile.TemporaryDirectory() as d:
-      cache._save_npy(pathlib.Path(d) / "x.npy", cache.to_uint8(img))
+      cache._save_npy(pathlib.Path(d) / "x.npy", img)
   _, *t["window, pad, write"] = _timed(finish)
   return t
 

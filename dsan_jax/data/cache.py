@@ -122,27 +122,6 @@ def check_entry(cache_dir: Path, key: str, verify: str = "size") -> dict | None:
   return meta
 
 
-def to_uint8(image: np.ndarray, slab: int = 8) -> np.ndarray:
-  """The cache's quantisation ``round(image * 255)`` as uint8, ``slab`` slices at a time.
-
-  The same float32 operations as ``np.round(image * 255.0).astype(np.uint8)``, without its two
-  full-size float32 temporaries (36 MB each for 138 x 256 x 256: every one a fresh memory map,
-  whose first-touch page faults cost more than the arithmetic).
-
-  Args:
-    image: [D, H, W] float32 in [0, 1].
-
-  Returns:
-    uint8 [D, H, W].
-  """
-  out = np.empty(image.shape, np.uint8)
-  for z in range(0, image.shape[0], slab):
-    part = image[z:z + slab] * 255.0
-    np.round(part, out=part)
-    out[z:z + slab] = part
-  return out
-
-
 def preprocess_case(case: manifest_lib.Case, settings: preprocess.PreprocessSettings,
                     cache_dir: Path, key: str, verify: str = "size") -> dict:
   """Preprocesses one case and writes its cache entry (runs in a worker process).
@@ -156,9 +135,9 @@ def preprocess_case(case: manifest_lib.Case, settings: preprocess.PreprocessSett
   if existing is not None:  # Another process built it since this build's plan.
     return existing
   out = preprocess.load_and_preprocess(case.image, case.lung_mask, case.infection_mask,
-                                       config=_settings_as_config(settings))
+                                       config=_settings_as_config(settings), uint8_image=True)
   paths = entry_paths(cache_dir, key)
-  image_u8 = to_uint8(out.image)
+  image_u8 = out.image
   tmps = {"image": files.temp_path(paths["image"])}
   has_mask = out.infection_mask is not None
   if has_mask:

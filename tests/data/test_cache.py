@@ -262,4 +262,4 @@ def test_to_uint8_equals_the_whole_array_rounding():
   image[3] = 0.0
   want = np.round(image * 255.0).astype(np.uint8)
   for slab in (1, 4, 8, 64):
-    np.testing.assert_array_equal(cache_lib.to_uint8(image, slab), want)
+    np.testing.assert_array_equal(preprocess.to_uint8(image, slab), want)
