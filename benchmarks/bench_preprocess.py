@@ -12,6 +12,9 @@ preprocess_case`` of each CT into a temporary cache (read, resample, lung-mask f
 infection-ratio estimate, window, pad, uint8 + CRC + fsync'd write), and where its time goes,
 stage by stage (wall and CPU seconds: on a shared machine the CPU time is the steadier one).
 
+For a DICOM series, the read split into parsing + checking the headers and decoding +
+rescaling the pixels.
+
 Last, an archive: every CT ``--archive`` times through ``cache.build_cache`` with ``--workers``
 processes (the way a whole archive is preprocessed), wall seconds per scan.
 
@@ -78,6 +81,7 @@ def main(argv=None) -> int:
 
   if args.stages_only:
     print_to_cache(paths, args.reps)
+    print_dicom_read(paths, args.reps)
     if args.archive:
       print_archive(paths, args.archive, args.workers)
     return 0
@@ -105,6 +109,7 @@ def main(argv=None) -> int:
   print(f"\n- {args.reps} repetitions, variants alternated; load average at end: "
         f"{load1[0]:.1f} / {load1[1]:.1f} / {load1[2]:.1f}")
   print_to_cache(paths, args.reps)
+  print_dicom_read(paths, args.reps)
   if args.archive:
     print_archive(paths, args.archive, args.workers)
   return 0
@@ -130,10 +135,11 @@ def stage_times(path: str) -> dict:
   lung, *t["lung fallback"] = _timed(lung_mask.segment_lungs, hu, geometry.output_spacing)
   _, *t["ratio estimate"] = _timed(infection_ratio.estimate, hu, lung, geometry.output_spacing)
 
-  def finish():
-    img = preprocess.pad_to_target(preprocess.window(hu, settings.hu_window) * lung, geometry)
+  def finish():  # As preprocess_volume(..., uint8_image=True) and cache.preprocess_case.
+    img = preprocess.window(hu, settings.hu_window) * lung
+    img = preprocess.pad_to_target(preprocess.to_uint8(img), geometry)
     with tempfile.TemporaryDirectory() as d:
-      cache._save_npy(pathlib.Path(d) / "x.npy", np.round(img * 255.0).astype(np.uint8))
+      cache._save_npy(pathlib.Path(d) / "x.npy", img)
   _, *t["window, pad, write"] = _timed(finish)
   return t
 
@@ -165,8 +171,33 @@ def print_to_cache(paths, reps: int) -> None:
   load = os.getloadavg()
   print(f"\n- {reps} repetitions; load average at end: {load[0]:.1f} / {load[1]:.1f} / "
         f"{load[2]:.1f} (2 cores: above 2 every wall time is inflated by other jobs). The work "
-        "is mostly single-threaded (2 threads: the fallback's step 7, the resampling's bands, "
-        "the DICOM decoding): with a second core free the wall time drops below the CPU time.")
+        "is mostly single-threaded (2 threads: the NIfTI read's conversion beside its "
+        "decompression, the DICOM decoding, the resampling's bands, the fallback's step 7): "
+        "with a second core free the wall time drops below the CPU time.")
+
+
+def print_dicom_read(paths, reps: int) -> None:
+  """Where a DICOM series' read goes: parsing and checking the headers, decoding the pixels."""
+  from dsan_jax.data import dicom, io
+  series = [p for p in paths if io.is_dicom_source(p)]
+  if not series:
+    return
+  print("\n### DICOM read, by part (`dicom._series` with pixel data, then `dicom._decode`: "
+        f"{dicom.DECODE_THREADS} threads, decoder "
+        f"{getattr(dicom._fast_decoder(), '__name__', 'pydicom')})\n")
+  print("| series | parse + check headers: wall / CPU s | decode + rescale: wall / CPU s |")
+  print("| --- | --- | --- |")
+  for path in series:
+    t = {"headers": [], "pixels": []}
+    for _ in range(reps):
+      with dicom._quiet():
+        (ims, header), *w_c = _timed(dicom._series, path, False, True)
+        t["headers"].append(w_c)
+        _, *w_c = _timed(dicom._decode, ims, header.shape[1], header.shape[0])
+        t["pixels"].append(w_c)
+    print(f"| {os.path.basename(path)} | " + " | ".join(
+        f"{statistics.median(w for w, _ in v):.2f} / {statistics.median(c for _, c in v):.2f}"
+        for v in t.values()) + " |", flush=True)
 
 
 def print_archive(paths, copies: int, workers: int) -> None:

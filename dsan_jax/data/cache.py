@@ -136,9 +136,9 @@ def preprocess_case(case: manifest_lib.Case, settings: preprocess.PreprocessSett
   if existing is not None:  # Another process built it since this build's plan.
     return existing
   out = preprocess.load_and_preprocess(case.image, case.lung_mask, case.infection_mask,
-                                       config=_settings_as_config(settings))
+                                       config=_settings_as_config(settings), uint8_image=True)
   paths = entry_paths(cache_dir, key)
-  image_u8 = np.round(out.image * 255.0).astype(np.uint8)
+  image_u8 = out.image
   tmps = {"image": files.temp_path(paths["image"])}
   has_mask = out.infection_mask is not None
   if has_mask:

@@ -321,7 +321,7 @@ def _refine(labels_c: np.ndarray, air_c: np.ndarray, air: np.ndarray, tissue_ok:
   lab = np.max(near, axis=0)
   ok = np.all([(n == 0) | (n == lab) for n in near], axis=0)
   labels[zz[ok], yy[ok], xx[ok]] = lab[ok]
-  out[box] = (labels > 0) & ~_touching_other_label(labels, keep)
+  out[box] = (labels > 0) & ~(morphology.touching_other_label(labels) & ~keep)
   return out
 
 

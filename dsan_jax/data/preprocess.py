@@ -169,7 +169,8 @@ class Preprocessed:
   """One preprocessed case.
 
   Attributes:
-    image: [D, H, W] float32 in [0, 1]: windowed CT times the lung mask, zero-padded.
+    image: [D, H, W] float32 in [0, 1]: windowed CT times the lung mask, zero-padded (uint8
+      ``round(255 x)`` when made with ``uint8_image``).
     lung_mask: [D, H, W] uint8 {0, 1} on the same grid.
     infection_mask: [D, H, W] uint8 {0, 1}, or None without an infection mask.
     ratio: the infection ratio used (``ratio_source`` says which): from the infection mask
@@ -301,10 +302,31 @@ def resample_mask(mask: np.ndarray, geometry: Geometry) -> np.ndarray:
 def window(hu: np.ndarray, hu_window: tuple[float, float]) -> np.ndarray:
   """Clips to [low, high] HU and scales linearly to [0, 1]; float32, same shape."""
   lo, hi = hu_window
-  out = np.clip(hu, lo, hi).astype(np.float32)
+  out = np.clip(hu, lo, hi).astype(np.float32, copy=False)
   out -= np.float32(lo)
   out *= np.float32(1.0 / (hi - lo))
   return np.clip(out, 0.0, 1.0, out=out)
+
+
+def to_uint8(image: np.ndarray, slab: int = 8) -> np.ndarray:
+  """The cache's quantisation ``round(image * 255)`` as uint8, ``slab`` slices at a time.
+
+  The same float32 operations as ``np.round(image * 255.0).astype(np.uint8)``, without its two
+  full-size float32 temporaries (36 MB each for 138 x 256 x 256: every one a fresh memory map,
+  whose first-touch page faults cost more than the arithmetic).
+
+  Args:
+    image: [D, H, W] float32 in [0, 1].
+
+  Returns:
+    uint8 [D, H, W].
+  """
+  out = np.empty(image.shape, np.uint8)
+  for z in range(0, image.shape[0], slab):
+    part = image[z:z + slab] * 255.0
+    np.round(part, out=part)
+    out[z:z + slab] = part
+  return out
 
 
 def pad_to_target(array: np.ndarray, geometry: Geometry) -> np.ndarray:
@@ -376,7 +398,8 @@ def _read_mask_like(path: Path, image: io.Volume, what: str) -> np.ndarray:
 def load_and_preprocess(image_path: str | os.PathLike,
                         lung_mask_path: str | os.PathLike | None = None,
                         infection_mask_path: str | os.PathLike | None = None,
-                        config: Any = None, keep_ct: bool = False) -> Preprocessed:
+                        config: Any = None, *, keep_ct: bool = False,
+                        uint8_image: bool = False) -> Preprocessed:
   """Reads one CT (and its masks) and applies the paper's preprocessing.
 
   Args:
@@ -386,10 +409,12 @@ def load_and_preprocess(image_path: str | os.PathLike,
     infection_mask_path: infection mask on the same grid, or None.
     config: full config, its ``data`` section, or None for the paper's defaults.
     keep_ct: also return the windowed CT without the lung multiplication (``Preprocessed.ct``).
+    uint8_image: return the image quantised as the cache stores it (``to_uint8``; before the
+      padding: the same bytes, a quarter of the padded float32 array's memory).
 
   Returns:
-    Preprocessed (image [D, H, W] float32 in [0, 1], masks uint8, ratio and its source,
-    geometry).
+    Preprocessed (image [D, H, W] float32 in [0, 1], or uint8 with ``uint8_image``; masks
+    uint8, ratio and its source, geometry).
 
   Raises:
     DataError: unreadable or invalid inputs, mismatched masks, empty lung mask, a ratio
@@ -404,7 +429,8 @@ def load_and_preprocess(image_path: str | os.PathLike,
       raise DataError(lung_mask_path, "lung mask is empty")
   if infection_mask_path is not None:
     inf_full = _read_mask_like(Path(infection_mask_path), image, "infection mask")
-  return preprocess_volume(image, settings, lung_full, inf_full, lung_mask_path, keep_ct)
+  return preprocess_volume(image, settings, lung_full, inf_full, lung_mask_path,
+                           keep_ct=keep_ct, uint8_image=uint8_image)
 
 
 def _output_lung(hu: np.ndarray, geometry: Geometry, lung_full: np.ndarray | None,
@@ -467,7 +493,8 @@ def masked_image(canonical_hu: np.ndarray, hu: np.ndarray, lung: np.ndarray,
 
 def preprocess_volume(image: io.Volume, settings: PreprocessSettings,
                       lung_full: np.ndarray | None = None, inf_full: np.ndarray | None = None,
-                      lung_mask_path=None, keep_ct: bool = False) -> Preprocessed:
+                      lung_mask_path=None, *, keep_ct: bool = False,
+                      uint8_image: bool = False) -> Preprocessed:
   """``load_and_preprocess`` on volumes in memory (canonical [D, H, W] masks on its grid).
 
   Args:
@@ -476,6 +503,7 @@ def preprocess_volume(image: io.Volume, settings: PreprocessSettings,
     lung_full, inf_full: {0, 1} [D, H, W] masks on the image's canonical grid, or None.
     lung_mask_path: the lung mask's file, named in errors.
     keep_ct: also return ``Preprocessed.ct``.
+    uint8_image: see ``load_and_preprocess``.
 
   Returns:
     Preprocessed.
@@ -509,7 +537,8 @@ def preprocess_volume(image: io.Volume, settings: PreprocessSettings,
   img = masked_image(image.array, hu, lung, lung_file, geometry, settings)
   voxel_ml = float(np.prod(geometry.output_spacing)) / 1000.0
   return Preprocessed(
-      image=pad_to_target(img, geometry), lung_mask=pad_to_target(lung, geometry),
+      image=pad_to_target(to_uint8(img) if uint8_image else img, geometry),
+      lung_mask=pad_to_target(lung, geometry),
       infection_mask=infection, ratio=ratio, geometry=geometry, lung_mask_source=source,
       ratio_source=ratio_source, ratio_mask=ratio_mask,
       ratio_estimate=est.ratio if est is not None else float("nan"),

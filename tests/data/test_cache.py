@@ -253,3 +253,13 @@ def test_entry_damaged_after_build_raises_data_error(dataset, tmp_path):
   p.write_bytes(p.read_bytes()[:200])
   with pytest.raises(DataError, match="unreadable cache entry of case c1.*rebuild the cache"):
     ds[1]
+
+
+def test_to_uint8_equals_the_whole_array_rounding():
+  rng = np.random.default_rng(0)
+  image = rng.random((19, 6, 5), dtype=np.float32)
+  image[0, 0, :3] = [0.5 / 255, 1.5 / 255, 1.0]  # Rounding ties and the top.
+  image[3] = 0.0
+  want = np.round(image * 255.0).astype(np.uint8)
+  for slab in (1, 4, 8, 64):
+    np.testing.assert_array_equal(preprocess.to_uint8(image, slab), want)

@@ -375,6 +375,27 @@ def test_truncated_file_empty_folder_and_too_few_slices(tmp_path):
   _one_line_error(e, few, "the series has 2 image(s)")
 
 
+def test_decimal_strings_read_from_raw_bytes_equal_pydicoms(tmp_path):
+  """``_raw_decimals`` (the DS fast path) gives pydicom's values, or None where pydicom must
+  decide (then ``_floats`` raises the same "malformed" error as before)."""
+  path = _write_image(tmp_path / "a.dcm", np.zeros((4, 4), np.uint16), (0, 0, 0))
+  for text, n in ((b"-162.1982421875\\-293.1982421875\\-173.7 ", 3), (b"1e-3\\ 2.50", 2),
+                  (b"0.603515625\\0.603515625 ", 2), (b"-1024 ", 1)):
+    ds = pydicom.dcmread(path)
+    ds["PixelSpacing"] = pydicom.dataelem.RawDataElement(
+        pydicom.tag.Tag("PixelSpacing"), "DS", len(text), text, 0, False, True)
+    fast = dicom._raw_decimals(ds, "PixelSpacing", n)
+    np.testing.assert_array_equal(fast, [float(v) for v in (ds.PixelSpacing if n > 1
+                                                            else [ds.PixelSpacing])])
+    assert dicom._raw_decimals(ds, "PixelSpacing", n) is None  # Converted now: pydicom's.
+  for text in (b"abc\\1", b"1\\", b"1\\2\\3", b"nan\\1", b"  ", b"\xb51\\2"):
+    ds = pydicom.dcmread(path)
+    ds["PixelSpacing"] = pydicom.dataelem.RawDataElement(
+        pydicom.tag.Tag("PixelSpacing"), "DS", len(text), text, 0, False, True)
+    assert dicom._raw_decimals(ds, "PixelSpacing", 2) is None, text
+  assert dicom._raw_decimals(pydicom.dcmread(path), "GantryDetectorTilt", 1) is None  # Absent.
+
+
 # ------------------------------------------------------- manifest, cache and preprocessing.
 
 

@@ -57,3 +57,15 @@ def test_distance_transform_equals_ndimage(sampling):
   flat = next(_volumes())[3]  # 2D.
   assert np.array_equal(morphology.distance_transform(flat, (1.5, 3.0)),
                         ndimage.distance_transform_edt(flat, sampling=(1.5, 3.0)))
+
+
+def test_touching_other_label_equals_the_rolled_copies():
+  from dsan_jax.data import lung_mask  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(1)
+  for mask in _volumes():
+    labels = np.where(mask, rng.integers(1, 4, mask.shape), 0).astype(np.int32)
+    keep = rng.random(mask.shape) < 0.3
+    want = lung_mask._touching_other_label(labels, keep)  # pylint: disable=protected-access
+    got = morphology.touching_other_label(labels)
+    assert np.array_equal(got & (labels > 0) & ~keep, want)
+    assert got[labels == 1].any() and not np.array_equal(got, labels > 0)

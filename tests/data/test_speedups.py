@@ -1,8 +1,8 @@
 """Issue 14's speed-ups give the same voxels as the slower code they replace.
 
-* ``io.read_volume``: .nii.gz decompressed in one call (ISA-L or zlib), reoriented in the
-  stored dtype, scaled in float32 -> the same array as nibabel's canonical image scaled in
-  float32, for both decompressors.
+* ``io.read_volume``: .nii.gz decompressed in one call (ISA-L or zlib) or streamed in slabs
+  (``io.STREAM_SLAB``), reoriented in the stored dtype, scaled in float32 -> the same array as
+  nibabel's canonical image scaled in float32, for both decompressors.
 * ``lung_mask.convex_hull_2d`` -> the pixels of ``skimage.morphology.convex_hull_image``.
 * ``infection_ratio.estimate`` on the lung's box -> the openings of the whole volume.
 """
@@ -35,10 +35,24 @@ def decompressor(request, monkeypatch):
   return request.param
 
 
-@pytest.mark.parametrize("orientation", [LAS, PERMUTED], ids=["LAS", "permuted"])
+# k -> y (a coronal stack): not streamed (the k axis is not the canonical z axis).
+CORONAL_STACK = np.array([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, -1.0, 0.0, 0.0],
+                          [0.0, 0.0, 0.0, 1.0]])
+
+
+@pytest.fixture(params=[4, 3, 0], ids=["slabs4", "slabs3", "whole"])
+def stream_slab(request, monkeypatch):
+  """``io.STREAM_SLAB``: streamed .nii.gz reads in slabs of 4 or 3 k-slices, or none."""
+  monkeypatch.setattr(io, "STREAM_SLAB", request.param)
+  return request.param
+
+
+@pytest.mark.parametrize("orientation", [LAS, PERMUTED, CORONAL_STACK],
+                         ids=["LAS", "permuted", "coronal"])
 @pytest.mark.parametrize("dtype,slope,inter", [(np.int16, 1.0, -1024.0), (np.uint16, 0.5, -1024.0),
-                                               (np.float32, 1.0, 0.0)])
-def test_fast_read_equals_nibabel(tmp_path, decompressor, orientation, dtype, slope, inter):
+                                               (np.float32, 1.0, 0.0), (">i2", 2.0, 0.0)])
+def test_fast_read_equals_nibabel(tmp_path, decompressor, stream_slab, orientation, dtype, slope,
+                                  inter):
   rng = np.random.default_rng(0)
   data = (rng.integers(0, 3000, size=(13, 10, 7)) - (1024 if inter == 0 else 0)).astype(dtype)
   path = save_nifti(tmp_path / "ct.nii.gz", data, affine_for((0.7, 0.8, 2.5), orientation),
@@ -52,18 +66,41 @@ def test_fast_read_equals_nibabel(tmp_path, decompressor, orientation, dtype, sl
   ref = np.asarray(nib.as_closest_canonical(nib.Nifti1Image(scaled, img.affine)).dataobj)
   np.testing.assert_array_equal(vol.array, ref.transpose(2, 1, 0))
   assert vol.array.dtype == np.float32 and vol.array.flags.c_contiguous
+  # pylint: disable-next=protected-access
+  streamed = io._streamed_canonical(path, img, io.read_header(path), float(img.dataobj.slope),
+                                    float(img.dataobj.inter))
+  assert (streamed is not None) == (stream_slab > 0 and orientation is not CORONAL_STACK)
 
 
-def test_fast_read_refuses_short_and_damaged_gzip(tmp_path, decompressor):
+def test_fast_read_refuses_short_and_damaged_gzip(tmp_path, decompressor, stream_slab):
   path = save_nifti(tmp_path / "ok.nii.gz", np.zeros((16, 16, 8), np.int16) - 1000, np.eye(4))
   raw = gzip.decompress(path.read_bytes())
   short = tmp_path / "short.nii.gz"  # A valid gzip stream holding too few voxel bytes.
   short.write_bytes(gzip.compress(raw[:-100]))
   damaged = tmp_path / "damaged.nii.gz"  # The gzip stream itself cut short.
   damaged.write_bytes(path.read_bytes()[:-40])
-  for bad in (short, damaged):
+  crc = tmp_path / "crc.nii.gz"  # Every voxel there, the CRC at the end wrong.
+  data = bytearray(path.read_bytes())
+  data[-8] ^= 0xFF
+  crc.write_bytes(bytes(data))
+  for bad in (short, damaged, crc):
     with pytest.raises(DataError, match="cannot read voxel data, truncated or corrupt"):
       io.read_volume(bad)
+
+
+def test_streamed_read_refuses_nan_and_keeps_the_value_checks(tmp_path, stream_slab):
+  data = np.full((12, 10, 9), -800.0, np.float32)
+  data[3, 4, 8] = np.nan  # In the last (short) slab.
+  path = save_nifti(tmp_path / "nan.nii.gz", data, np.eye(4))
+  with pytest.raises(DataError, match="1 NaN or Inf voxels"):
+    io.read_volume(path)
+  raw = save_nifti(tmp_path / "raw.nii.gz", np.full((12, 10, 9), 3000, np.int16), np.eye(4))
+  with pytest.raises(DataError, match="constant image"):
+    io.read_volume(raw)
+  data = np.zeros((12, 10, 9), np.int16)
+  data[..., 8] = 3000  # Raw unsigned values, the maximum in the last slab only.
+  with pytest.raises(DataError, match="raw unsigned scanner values"):
+    io.read_volume(save_nifti(tmp_path / "raw2.nii.gz", data, np.eye(4)))
 
 
 def test_convex_hull_2d_equals_skimage():
