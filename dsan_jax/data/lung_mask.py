@@ -821,15 +821,7 @@ def _slice_depth(body2d: np.ndarray, spacing_yx) -> np.ndarray:
 
 def _touching_other_label(labels: np.ndarray, keep: np.ndarray) -> np.ndarray:
   """Voxels not in ``keep`` with a 6-neighbour of another non-zero label (keeps lungs apart)."""
-  out = np.zeros(labels.shape, bool)
-  for axis in range(3):
-    for step in (1, -1):
-      other = np.roll(labels, step, axis=axis)
-      edge = [slice(None)] * 3
-      edge[axis] = 0 if step == 1 else -1
-      other[tuple(edge)] = 0  # No wrap-around.
-      out |= (other > 0) & (other != labels)
-  return out & (labels > 0) & ~keep
+  return morphology.touching_other_label(labels) & (labels > 0) & ~keep
 
 
 def _lungs_from_candidates(candidates, body, spacing, voxel_ml, mid_x, width_x, scale,
