@@ -353,18 +353,6 @@ def read_volume(path: str | os.PathLike, *, is_mask: bool = False) -> Volume:
                        slope=slope, inter=inter)
 
 
-def _gzip_open(path: Path):
-  """A binary reader of a .gz file: ISA-L's (``isal``) when installed and enabled, else gzip's."""
-  if USE_ISAL:
-    try:
-      from isal import igzip  # pylint: disable=import-outside-toplevel
-      return igzip.open(path, "rb")
-    except ImportError:
-      pass
-  import gzip  # pylint: disable=import-outside-toplevel
-  return gzip.open(path, "rb")
-
-
 def _read_exactly(f, buffer: memoryview) -> None:
   n = 0
   while n < len(buffer):
@@ -410,7 +398,7 @@ def _streamed_canonical(path: Path, img, header: HeaderInfo, slope: float, inter
     scale_into(dst, view, slope, inter)
     ranges.append((float(dst.min()), float(dst.max())))
 
-  with _gzip_open(path) as f, futures.ThreadPoolExecutor(1) as pool:
+  with _gzip_module().open(path, "rb") as f, futures.ThreadPoolExecutor(1) as pool:
     _read_exactly(f, memoryview(bytearray(int(proxy.offset))))
     pending = None
     for i, k0 in enumerate(range(0, nk, STREAM_SLAB)):
@@ -426,29 +414,30 @@ def _streamed_canonical(path: Path, img, header: HeaderInfo, slope: float, inter
   return out, (float(np.min(lo)), float(np.max(hi)))  # NaN propagates (Python's min does not).
 
 
-def _gzip_decompress():
-  """The fastest whole-buffer gzip decompressor installed: ISA-L's (``isal``), else zlib's."""
+def _gzip_module():
+  """The fastest gzip implementation installed: ISA-L's ``igzip`` (``isal``) when enabled,
+  else the standard ``gzip`` (both give ``open`` and ``decompress``)."""
   if USE_ISAL:
     try:
       from isal import igzip  # pylint: disable=import-outside-toplevel
-      return igzip.decompress
+      return igzip
     except ImportError:
       pass
   import gzip  # pylint: disable=import-outside-toplevel
-  return gzip.decompress
+  return gzip
 
 
 def _stored_voxels(path: Path, img) -> np.ndarray:
   """The unscaled voxels of a NIfTI file, in the stored dtype and order (i, j, k[, ...]).
 
-  A ``.nii.gz`` is decompressed in one call (``_gzip_decompress``: about 3x faster with ISA-L,
+  A ``.nii.gz`` is decompressed in one call (``_gzip_module().decompress``: ~3x faster with ISA-L,
   1.4x with zlib, than nibabel's streamed read) and viewed in place; anything else is read by
-  nibabel. Both give the same array (pinned by tests/data/test_io_fast.py).
+  nibabel. Both give the same array (pinned by tests/data/test_speedups.py).
   """
   proxy = img.dataobj
   if not str(path).endswith(".gz"):
     return np.asarray(proxy.get_unscaled())
-  raw = _gzip_decompress()(path.read_bytes())
+  raw = _gzip_module().decompress(path.read_bytes())
   dtype = np.dtype(proxy.dtype)
   count = int(np.prod(proxy.shape))
   if len(raw) < proxy.offset + count * dtype.itemsize:
